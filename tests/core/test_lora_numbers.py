@@ -164,3 +164,27 @@ def test_inference_fold_matches_residual_path():
     torch.testing.assert_close(folded, factored.detach(), rtol=1e-4, atol=1e-4)
     with torch.enable_grad():
         assert not _fold_is_cheaper(layer.base, x)
+
+
+def test_compute_dtype_input_runs_branch_in_bf16_with_fp32_factors():
+    """compute_dtype='input': bf16 matmuls, fp32 factors and fp32 gradients on them."""
+    torch.manual_seed(0)
+    outs = {}
+    for mode in ("adapter", "input"):
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(16, 8)).to(torch.bfloat16)
+        ad = dk.attach(m, dk.LoraConfig(r=2, targets=["0"], compute_dtype=mode))
+        (_, d), = ad.deltas()
+        with torch.no_grad():
+            d.lora_B.normal_()
+        assert d.lora_A.dtype == torch.float32
+        x = torch.randn(3, 16).to(torch.bfloat16)
+        res_dtype = d.residual(m[0].base, x).dtype
+        y = m(x)
+        y.float().sum().backward()
+        assert d.lora_A.grad.dtype == torch.float32 and d.lora_A.grad.abs().sum() > 0
+        outs[mode] = (y.detach().float(), res_dtype)
+    assert outs["adapter"][1] == torch.float32 and outs["input"][1] == torch.bfloat16
+    ref = outs["adapter"][0]
+    # bf16 rounding of the branch: a few ulps (2**-8 relative) of the output's scale
+    assert (outs["input"][0] - ref).abs().max() <= 2 ** -6 * ref.abs().max()

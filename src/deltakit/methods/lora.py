@@ -43,6 +43,11 @@ class LoraConfig(DeltaConfig):
         init: initialisation of A (B is always zero): ``kaiming`` (uniform, a=sqrt(5),
             as ``nn.Linear`` and peft), ``gaussian`` (N(0, 1/r)), ``orthogonal``
             (orthonormal rows).
+        compute_dtype: dtype the low-rank branch runs in. ``adapter`` (default): the
+            factors' own dtype, so fp32 factors under a bf16 base see fp32 inputs.
+            ``input``: the input's dtype, casting the factors per step as autocast
+            does; the factors (and AdamW's state) stay fp32 while the matmuls run at
+            bf16 speed. Gradients reaching the factors are then bf16-rounded.
     """
 
     r: int = 8
@@ -50,6 +55,7 @@ class LoraConfig(DeltaConfig):
     dropout: float = 0.0
     use_rslora: bool = False
     init: Literal["kaiming", "gaussian", "orthogonal"] = "kaiming"
+    compute_dtype: Literal["adapter", "input"] = "adapter"
 
     def validate(self) -> None:
         if not isinstance(self.r, int) or self.r <= 0:
@@ -86,6 +92,7 @@ class LoRA(WeightDelta):
                        else "conv1d" if isinstance(base, Conv1D) else "linear")
         self.r = r
         self.scale = lora_scale(config)
+        self.compute_dtype = getattr(config, "compute_dtype", "adapter")
         self.lora_A = nn.Parameter(torch.empty(a_shape, device=dev, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(b_shape, device=dev, dtype=dtype))
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
@@ -134,8 +141,15 @@ class LoRA(WeightDelta):
         The scale multiplies the rank-r activations ``h``, not the (B, ..., out)
         output: r/out of the elementwise work, forward and backward.
         """
-        h = _down(base, self.dropout(_cast(x, self.lora_A)), self.lora_A) * self.scale  # (B, ..., r)
-        return _up(base, h, self.lora_B)
+        A, B = self._compute_factors(x)
+        h = _down(base, self.dropout(_cast(x, A)), A) * self.scale  # (B, ..., r)
+        return _up(base, h, B)
+
+    def _compute_factors(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        A, B = self.lora_A, self.lora_B
+        if self.compute_dtype == "input" and x.is_floating_point() and x.dtype != A.dtype:
+            return A.to(x.dtype), B.to(x.dtype)
+        return A, B
 
     @classmethod
     def mixed_residual(cls, base: nn.Module, deltas: Sequence["LoRA"], row: Tensor, x: Tensor) -> Tensor:
@@ -146,9 +160,10 @@ class LoRA(WeightDelta):
         x: (B, ...), row: (B,) index into ``deltas`` or -1; cost is one LoRA of rank
         sum(r_k) instead of a Python loop over sub-batches.
         """
-        A = torch.cat([d.lora_A for d in deltas], dim=0)           # (R, in[, kh, kw])
+        pairs = [d._compute_factors(x) for d in deltas]
+        A = torch.cat([a for a, _ in pairs], dim=0)                 # (R, in[, kh, kw])
         dt = A.dtype
-        B = torch.cat([d.lora_B.to(dt) for d in deltas], dim=1)    # (out, R[, 1, 1])
+        B = torch.cat([b.to(dt) for _, b in pairs], dim=1)          # (out, R[, 1, 1])
         ranks = torch.tensor([d.r for d in deltas], device=x.device)
         owner = torch.repeat_interleave(torch.arange(len(deltas), device=x.device), ranks)  # (R,)
         scales = torch.tensor([d.scale for d in deltas], device=x.device, dtype=dt)[owner]
