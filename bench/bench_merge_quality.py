@@ -354,37 +354,21 @@ def normalised(scores: Mapping[str, Mapping], ref: Mapping[str, Mapping]) -> dic
 # ----------------------------------------------------------------------------- merging
 def merge_once(method: str, values: dict, tvs: list[dict[str, torch.Tensor]], cfg: Config,
                stats: list[dict[str, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
-    """Merged encoder dW {name: tensor}. Plain methods go through ``merge_task_vectors``;
-    Fisher / RegMean (statistics in ``ctx.stats``) and OPCM on tall matrices through the same
-    per-tensor ``merge_tensors`` call with our own context.
+    """Merged encoder dW {name: tensor} through ``merge_task_vectors``; Fisher / RegMean get
+    their per-model statistics as ``stats_for`` (``stack_stats``).
 
     Fisher and RegMean are registered with ``inputs="weights"``; with a zero base (task vectors
     in, merged dW out) both give exactly ``theta_0 + merge(tau)`` because they are affine with
     weights summing to one: sum F_k (theta_0 + tau_k) / sum F_k = theta_0 + sum F_k tau_k / sum F_k.
     """
-    from deltakit.merge import MergeContext, build_config, get_merge, layer_index, merge_task_vectors, merge_tensors
-    from deltakit.merge._layers import count_layers
-    from deltakit.merge.executor import tensor_generator
+    from deltakit.merge import build_config, merge_task_vectors, stack_stats
     from deltakit.taskvec import TaskVector
 
-    mcfg = build_config(method, values)
-    names = [n for n in tvs[0] if all(n in tv for tv in tvs[1:])]
-    if method not in DATA_METHODS:
-        tv_objs = [TaskVector.from_mapping(tv) for tv in tvs]
-        merged = merge_task_vectors(method, tv_objs, mcfg, seed=cfg.seed)
-        return {n: merged.dense(n, torch.float32) for n in merged.keys()}
-    m = get_merge(method)
-    num_layers = count_layers(names)
     kind = DATA_METHODS.get(method)
-    out = {}
-    for n in names:
-        st = {}
-        if kind is not None and stats is not None and all(n in s for s in stats):
-            st = {kind: torch.stack([s[n] for s in stats])}
-        ctx = MergeContext(name=n, layer=layer_index(n), num_layers=num_layers, stats=st,
-                           generator=tensor_generator(cfg.seed, n))
-        out[n] = merge_tensors(m, [tv[n] for tv in tvs], None, mcfg, ctx)
-    return out
+    stats_for = stack_stats(kind, stats) if kind is not None and stats is not None else None
+    merged = merge_task_vectors(method, [TaskVector.from_mapping(tv) for tv in tvs], build_config(method, values),
+                                seed=cfg.seed, stats_for=stats_for)
+    return {n: merged.dense(n, torch.float32) for n in merged.keys()}
 
 
 # ----------------------------------------------------------------------------- statistics

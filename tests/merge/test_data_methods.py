@@ -40,6 +40,45 @@ def test_collect_grams_and_fisher_merge_through_executor(tmp_path):
     assert torch.allclose(LazyCheckpoint(out).get("w"), torch.tensor([2.5, 1.5]))
 
 
+def test_collect_grams_drops_padding_rows():
+    """With an attention mask, padded positions do not enter G (they are not real inputs)."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x, attention_mask):
+            return self.lin(x)
+
+    net = Net()
+    x = torch.randn(2, 4, 3)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    g = collect_grams(net, [{"x": x, "attention_mask": mask}])["lin.weight"]
+    real = x[mask.bool()]                                       # (5, 3)
+    torch.testing.assert_close(g, real.T @ real, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(g, x.reshape(-1, 3).T @ x.reshape(-1, 3), atol=1e-3)
+
+
+def test_regmean_without_any_gram_is_an_error(tmp_path):
+    """Without statistics RegMean would be the plain mean under another name: refuse."""
+    from deltakit.merge import MergeConfigError, merge_task_vectors
+
+    a = {"0.weight": torch.randn(2, 3)}
+    b = {"0.weight": torch.randn(2, 3)}
+    tvs = [TaskVector.from_mapping(a), TaskVector.from_mapping(b)]
+    with pytest.raises(MergeConfigError, match="gram"):
+        merge_task_vectors("regmean", tvs)
+    rm = get_merge("regmean")
+    with pytest.raises(MergeConfigError, match="collect_grams"):
+        merge_checkpoints([a, b], tmp_path / "out", MergePlan(method=rm, config_for=lambda n, l, L: rm.config()),
+                          progress=False)
+    assert not (tmp_path / "out").exists()
+    g = stack_stats("gram", [{"0.weight": torch.eye(3)}, {"0.weight": torch.eye(3)}])
+    merged = merge_task_vectors("regmean", tvs, stats_for=g)        # identity Grams: the mean
+    torch.testing.assert_close(merged.dense("0.weight", torch.float32), (a["0.weight"] + b["0.weight"]) / 2)
+
+
 @pytest.mark.parametrize("granularity", ["task", "layer"])
 def test_adamerging_prefers_the_task_vector_that_sharpens_predictions(granularity):
     torch.manual_seed(0)

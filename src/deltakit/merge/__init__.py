@@ -21,13 +21,15 @@ __all__ = [
 
 
 def merge_task_vectors(method: str, task_vectors, cfg=None, *, seed: int | None = None,
-                       lines: tuple[float, float] | None = None):
+                       lines: tuple[float, float] | None = None, stats_for=None):
     """Merge K task vectors lazily into one (base = 0, so the result is the merged dW).
 
     ``lines=(alpha, beta)`` applies LiNeS depth scaling to the merged dW (see :func:`lines_factor`).
 
     ``merge_task_vectors("ties", [tv1, tv2], TiesConfig(density=0.2))`` -> TaskVector; each
     entry is computed on access. Only names present in every task vector are merged.
+    ``stats_for(name) -> {"fisher" | "gram": (K, ...)}`` feeds data-dependent methods
+    (e.g. ``stack_stats("gram", [collect_grams(m, data) for m in models])``).
     """
     from deltakit.taskvec import TaskVector, as_dense
 
@@ -37,12 +39,13 @@ def merge_task_vectors(method: str, task_vectors, cfg=None, *, seed: int | None 
     m = get_merge(method)
     names = [n for n in task_vectors[0].keys() if all(n in tv for tv in task_vectors[1:])]
     num_layers = count_layers(names)
+    m.require_stats(stats_for is not None and any(stats_for(n) for n in names))
 
     def entry(n: str):
         def thunk():
             x = [as_dense(tv.get(n)) for tv in task_vectors]
             ctx = MergeContext(name=n, layer=layer_index(n), num_layers=num_layers,
-                               generator=tensor_generator(seed, n))
+                               generator=tensor_generator(seed, n), stats=stats_for(n) if stats_for else {})
             out = merge_tensors(m, x, None, cfg, ctx)
             return out if lines is None else out * lines_factor(n, ctx.layer, num_layers, *lines)
         return thunk

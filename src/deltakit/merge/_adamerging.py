@@ -52,11 +52,13 @@ def _default_forward(model: nn.Module, batch: Any) -> torch.Tensor:
 
 
 def adamerging(model: nn.Module, task_vectors: Sequence[TaskVector], batches: Iterable[Any], *,
-               granularity: Literal["task", "layer"] = "layer", steps: int = 100, lr: float = 1e-3,
+               granularity: Literal["task", "layer"] = "layer", steps: int = 500, lr: float = 1e-3,
                init: float = 0.3, clamp: tuple[float, float] | None = (0.0, 1.0),
                forward: Callable[[nn.Module, Any], torch.Tensor] = _default_forward) -> AdaMergingResult:
     """Optimise merging coefficients on unlabeled ``batches`` (cycled for ``steps`` Adam steps).
 
+    Defaults are the paper's (Adam, lr 1e-3, 500 steps, every lam starting at 0.3): Adam
+    moves a coefficient by at most ~lr per step, so fewer steps leave the lams near ``init``.
     ``model`` holds the base weights theta_0 and is not modified. Task vectors are
     materialised densely for the parameters they share (AdaMerging needs them all at once).
     """

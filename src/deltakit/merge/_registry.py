@@ -53,6 +53,17 @@ class MergeMethod:
     paper: str
     inputs: Literal["deltas", "weights"]
     needs_stats: tuple[str, ...] = ()
+    uses_stats: tuple[str, ...] = ()
+
+    def require_stats(self, available: bool) -> None:
+        """A method that reads statistics where present (RegMean's Grams exist only for
+        linear layers) still needs them for some tensor: without any it would silently
+        become another method (the plain mean)."""
+        if (self.needs_stats or self.uses_stats) and not available:
+            kind = (self.needs_stats or self.uses_stats)[0]
+            raise MergeConfigError(f"{self.name}: expected {kind!r} statistics from data "
+                                   f"(deltakit.merge.{'collect_grams' if kind == 'gram' else 'estimate_fisher'}),"
+                                   f" found none")
 
     def __call__(self, x: torch.Tensor | list[torch.Tensor], base: torch.Tensor, cfg: Any = None,
                  ctx: MergeContext | None = None) -> torch.Tensor:
@@ -76,15 +87,18 @@ _REGISTRY: dict[str, MergeMethod] = {}
 
 
 def register_merge(name: str, *, paper: str, config: type, inputs: Literal["deltas", "weights"] = "deltas",
-                   needs_stats: tuple[str, ...] = ()) -> Callable:
-    """Register a pure merge function under ``name``; a duplicate name is an error."""
+                   needs_stats: tuple[str, ...] = (), uses_stats: tuple[str, ...] = ()) -> Callable:
+    """Register a pure merge function under ``name``; a duplicate name is an error.
+
+    ``needs_stats``: statistics every tensor must have; ``uses_stats``: statistics read
+    where present, of which a merge run must supply at least some."""
     if not dataclasses.is_dataclass(config) or not config.__dataclass_params__.frozen:  # type: ignore[attr-defined]
         raise TypeError(f"{name}: expected a frozen dataclass config, found {config!r}")
 
     def deco(fn: Callable) -> Callable:
         if name in _REGISTRY:
             raise ValueError(f"merge method {name!r} is already registered (by {_REGISTRY[name].fn.__module__})")
-        _REGISTRY[name] = MergeMethod(name, fn, config, paper, inputs, tuple(needs_stats))
+        _REGISTRY[name] = MergeMethod(name, fn, config, paper, inputs, tuple(needs_stats), tuple(uses_stats))
         return fn
 
     return deco

@@ -268,7 +268,7 @@ def _read_deltakit(d: Mapping, root: Path | None) -> Recipe:
             raise RecipeError(f"recipe.stats.{kind}: expected a list of {len(models)} safetensors files "
                               f"(one per model), found {files!r}")
         stats[kind] = [_path(f, root, f"recipe.stats.{kind}[{i}]") for i, f in enumerate(files)]
-    missing_stats = [s for s in method.needs_stats if s not in stats]
+    missing_stats = [s for s in (*method.needs_stats, *method.uses_stats) if s not in stats]
     if missing_stats:
         raise RecipeError(f"recipe.stats.{missing_stats[0]}: expected per-model statistic files for "
                           f"{method.name}, found nothing")

@@ -50,13 +50,20 @@ def collect_grams(model: nn.Module, batches: Iterable[Any],
     """Input Gram matrices ``G = X^T X`` (in, in) for every ``nn.Linear``, keyed ``<module>.weight``
     (RegMean, Jin et al., 2023, https://arxiv.org/abs/2212.09849). Inputs (..., in) are flattened
     over batch and sequence; G is summed over all batches (fp64 accumulation, fp32 result).
+    Padding does not count: when a batch is a mapping with an ``attention_mask`` (B, T),
+    a linear layer's (B, T, in) inputs keep only the rows where the mask is set.
     """
     grams: dict[str, torch.Tensor] = {}
     hooks = []
+    current: dict[str, torch.Tensor | None] = {"mask": None}
 
     def hook(name: str):
         def fn(mod: nn.Module, args: tuple) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double().cpu()
+            x = args[0].detach()
+            mask = current["mask"]
+            if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+                x = x[mask.to(x.device).bool()]  # (tokens, in), padding dropped
+            x = x.reshape(-1, x.shape[-1]).double().cpu()
             g = x.T @ x
             grams[name] = grams[name] + g if name in grams else g
         return fn
@@ -68,6 +75,7 @@ def collect_grams(model: nn.Module, batches: Iterable[Any],
     try:
         with torch.no_grad():
             for batch in batches:
+                current["mask"] = batch.get("attention_mask") if isinstance(batch, Mapping) else None
                 fwd(model, batch)
     finally:
         for h in hooks:

@@ -3,7 +3,8 @@
 For a linear layer y = x W^T with W (out, in) and input Gram G_k = X_k^T X_k (in, in):
 ``W = (sum_k W_k G~_k)(sum_k G~_k)^-1`` with ``G~ = alpha G + (1 - alpha) diag(G)``
 (``ctx.stats["gram"]`` (K, in, in); collect with :func:`deltakit.merge.collect_grams`).
-Tensors without a Gram (biases, norms, embeddings) fall back to the plain mean.
+Tensors without a Gram (biases, norms, embeddings) fall back to the plain mean; a merge
+run with no Gram at all is an error (it would be plain averaging under another name).
 """
 from dataclasses import dataclass
 
@@ -17,7 +18,8 @@ class RegMeanConfig:
     alpha: float = 0.9  # off-diagonal shrinkage; the paper's default range is 0.1..1
 
 
-@register_merge("regmean", paper="https://arxiv.org/abs/2212.09849", config=RegMeanConfig, inputs="weights")
+@register_merge("regmean", paper="https://arxiv.org/abs/2212.09849", config=RegMeanConfig, inputs="weights",
+                uses_stats=("gram",))
 def regmean(x: torch.Tensor, base: torch.Tensor, cfg: RegMeanConfig, ctx: MergeContext) -> torch.Tensor:
     g = ctx.stats.get("gram")
     if g is None or x.dim() != 3:
