@@ -48,6 +48,8 @@ def _magnitude_sort(x: torch.Tensor, density: float, gen, gamma: float, epsilon:
     a full ``torch.argsort(descending=True)`` orders them - mergekit's choice, bit for bit. That
     order is implementation-defined for large tensors; this costs an O(n log n) sort."""
     k = max(1, int(density * x.numel()))
+    if k >= x.numel():
+        return torch.ones_like(x, dtype=torch.bool)
     mask = torch.zeros_like(x, dtype=torch.bool)
     mask[torch.argsort(x.abs().float(), descending=True)[:k]] = True
     return mask

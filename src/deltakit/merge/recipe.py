@@ -290,7 +290,9 @@ _GTA_PARAMS = {"weight": "weights", "density": "density", "lambda": "lam", "norm
 MERGEKIT_METHODS: dict[str, tuple[str, dict[str, Any], dict[str, str | None]]] = {
     "linear": ("linear", {"normalize": True}, {"weight": "weights", "normalize": "normalize"}),
     "task_arithmetic": ("task_arithmetic", {"normalize": False}, _GTA_PARAMS),
-    "ties": ("ties", {"density": 1.0, "normalize": True}, _GTA_PARAMS),
+    # magnitude_sort: entries tied at the trim threshold are kept in argsort's order, as
+    # mergekit keeps them, so a mergekit recipe gives mergekit's tensors exactly
+    "ties": ("ties", {"density": 1.0, "normalize": True, "sparsify": "magnitude_sort"}, _GTA_PARAMS),
     "dare_ties": ("dare_ties", {"density": 1.0, "normalize": False, "rescale": "l1"}, _GTA_PARAMS),
     "dare_linear": ("dare_linear", {"density": 1.0, "normalize": False, "rescale": "l1"}, _GTA_PARAMS),
     "breadcrumbs": ("breadcrumbs", {"density": 1.0, "normalize": False}, _GTA_PARAMS),
