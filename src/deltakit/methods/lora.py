@@ -141,15 +141,9 @@ class LoRA(WeightDelta):
         The scale multiplies the rank-r activations ``h``, not the (B, ..., out)
         output: r/out of the elementwise work, forward and backward.
         """
-        A, B = self._compute_factors(x)
+        A, B = _compute_factors(self, x)
         h = _down(base, self.dropout(_cast(x, A)), A) * self.scale  # (B, ..., r)
         return _up(base, h, B)
-
-    def _compute_factors(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        A, B = self.lora_A, self.lora_B
-        if self.compute_dtype == "input" and x.is_floating_point() and x.dtype != A.dtype:
-            return A.to(x.dtype), B.to(x.dtype)
-        return A, B
 
     @classmethod
     def mixed_residual(cls, base: nn.Module, deltas: Sequence["LoRA"], row: Tensor, x: Tensor) -> Tensor:
@@ -160,7 +154,7 @@ class LoRA(WeightDelta):
         x: (B, ...), row: (B,) index into ``deltas`` or -1; cost is one LoRA of rank
         sum(r_k) instead of a Python loop over sub-batches.
         """
-        pairs = [d._compute_factors(x) for d in deltas]
+        pairs = [_compute_factors(d, x) for d in deltas]
         A = torch.cat([a for a, _ in pairs], dim=0)                 # (R, in[, kh, kw])
         dt = A.dtype
         B = torch.cat([b.to(dt) for _, b in pairs], dim=1)          # (out, R[, 1, 1])
@@ -174,6 +168,15 @@ class LoRA(WeightDelta):
         else:
             h = h * mask.view(mask.shape[0], *([1] * (h.dim() - 2)), mask.shape[1])
         return _up(base, h, B)
+
+
+def _compute_factors(d, x: Tensor) -> tuple[Tensor, Tensor]:
+    """(A, B) in the dtype the branch runs in (see ``LoraConfig.compute_dtype``); ``d`` may be
+    any object with ``lora_A`` / ``lora_B`` (bank methods pass views)."""
+    A, B = d.lora_A, d.lora_B
+    if getattr(d, "compute_dtype", "adapter") == "input" and x.is_floating_point() and x.dtype != A.dtype:
+        return A.to(x.dtype), B.to(x.dtype)
+    return A, B
 
 
 def _cast(x: Tensor, like: Tensor) -> Tensor:
