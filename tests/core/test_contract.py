@@ -117,3 +117,17 @@ def test_contract(name, kind, tmp_path):
     for k, v in model.state_dict().items():
         assert torch.equal(v, base_state[k]), k
     assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("name,kind", [(n, k) for n, k in CASES if k in ("bert", "llama")])
+def test_trains_under_bf16_autocast(name, kind):
+    """Mixed-precision training (torch.autocast, fp32 master weights) works for every method:
+    autocast makes matmuls return bf16, which breaks methods that mix the result with fp32."""
+    spec, cfg, model, x, base_state, y_base, adapter = _setup(name, kind)
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = run(model, x).float().pow(2).mean()
+    loss.backward()
+    grads = [p.grad for p in adapter.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert all(p.dtype == torch.float32 for p in adapter.parameters() if p.is_floating_point())

@@ -62,7 +62,7 @@ def tucker_to_tensor(core: Tensor, factors: list[Tensor]) -> Tensor:
     out = core
     for n, U in enumerate(factors):
         # contract mode n of ``out`` with U's rank dim, then put the new d_n axis back at n
-        out = torch.movedim(torch.tensordot(out, U, dims=([n], [1])), -1, n)
+        out = torch.movedim(torch.tensordot(out, U.to(out.dtype), dims=([n], [1])), -1, n)  # autocast: mm may return bf16
     return out
 
 

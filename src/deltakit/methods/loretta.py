@@ -96,7 +96,7 @@ def tt_full(cores: nn.ParameterList | list[Tensor]) -> Tensor:
     """Contract cores ``(r_{k-1}, n_k, r_k)`` into the full ``(n_1, ..., n_K)`` tensor."""
     out = cores[0]
     for c in cores[1:]:
-        out = torch.tensordot(out, c, dims=([-1], [0]))
+        out = torch.tensordot(out, c.to(out.dtype), dims=([-1], [0]))  # autocast: mm may return bf16
     return out.squeeze(0).squeeze(-1)
 
 
