@@ -130,7 +130,8 @@ class Config:
 
     def key(self) -> str:
         """What a cached run depends on (not the scheduling knobs)."""
-        keep = {k: v for k, v in dataclasses.asdict(self).items()
+        keep = {"protocol": 2}  # 2: autocast per step (1 trained plain Linear weights in a stale cast)
+        keep |= {k: v for k, v in dataclasses.asdict(self).items()
                 if k not in ("methods", "workers", "budget_min", "tasks", "budgets", "data_dir", "threads")}
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -304,11 +305,13 @@ def run_one(cfg: Config, job: dict) -> dict:
     metric = TASK_METRIC[task]
     params, callbacks = ad.training_hooks(loader=train_loader, total_steps=cfg.steps) if ad else (None, [])
     torch.manual_seed(cfg.seed)
+    # autocast per step (fit's argument), not one block around fit: a block caches each
+    # weight's bf16 cast, so plain nn.Linear weights would never change in the forward
+    res = fit(model, train_loader, lr=job["lr"], max_steps=cfg.steps, warmup_steps=max(1, cfg.steps // 10),
+              schedule="linear", seed=cfg.seed, progress=False, params=params, callbacks=callbacks,
+              log_every=max(1, cfg.steps // 5), autocast=torch.bfloat16 if cfg.bf16 else None)
+    train_s = time.perf_counter() - t0
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-        res = fit(model, train_loader, lr=job["lr"], max_steps=cfg.steps, warmup_steps=max(1, cfg.steps // 10),
-                  schedule="linear", seed=cfg.seed, progress=False, params=params, callbacks=callbacks,
-                  log_every=max(1, cfg.steps // 5))
-        train_s = time.perf_counter() - t0
         scores = evaluate(model, eval_loader, metric=sorted({metric, "accuracy"}))
     peak_mb = _status_kb("VmHWM") / 1024
     losses = [h["loss"] for h in res.history if "loss" in h]
@@ -395,6 +398,7 @@ def run(quick: bool = False, out_dir: str | os.PathLike | None = None, cache_dir
         tqdm.write(line)
 
     torch.set_num_threads(max(1, cfg.threads))
+    _seed_cache(cfg, out / "methods.json", cache / "runs", log)
     methods = _methods(cfg)
     points = _points(cfg, methods, cache, log)
 
@@ -477,13 +481,37 @@ def run(quick: bool = False, out_dir: str | os.PathLike | None = None, cache_dir
     pool.shutdown()
 
     runs = [done[_job_key(cfg, j)] for j in main_jobs + budget_jobs if _job_key(cfg, j) in done]
-    result = {"config": dataclasses.asdict(cfg), "machine": _machine(), "points": points, "adapted": ADAPTED,
+    lr_runs = [done[_job_key(cfg, j)] for j in lr_jobs if _job_key(cfg, j) in done]
+    result = {"config": dataclasses.asdict(cfg), "key": cfg.key(), "machine": _machine(), "points": points,
+              "adapted": ADAPTED, "lr_runs": lr_runs,
               "lr_selection": lr_table, "best_lr": best_lr, "runs": runs,
               "skipped": [{k: j[k] for k in ("method", "label", "task")} for j in skipped],
               "unreachable": [{"method": m, **p} for m, ps in points.items() for p in ps if not p["reachable"]],
               "wall_s": time.time() - t_start, "log": logs}
     write_report(result, out)
     return result
+
+
+def _seed_cache(cfg: Config, previous: Path, runs_dir: Path, log) -> None:
+    """Runs recorded in an earlier report with the same configuration count as done, so a
+    benchmark cut by its time budget resumes on another machine from the committed JSON."""
+    if not previous.exists():
+        return
+    try:
+        old = json.loads(previous.read_text())
+    except (OSError, ValueError):
+        return
+    if old.get("key") != cfg.key():
+        return
+    n = 0
+    for r in [*old.get("lr_runs", []), *old.get("runs", [])]:
+        if "error" in r:
+            continue  # failures are retried
+        f = runs_dir / f"{_job_key(cfg, r)}.json"
+        if not f.exists():
+            f.write_text(json.dumps(r))
+            n += 1
+    log(f"resumed {n} finished runs from {previous}")
 
 
 def _machine() -> dict:

@@ -157,3 +157,27 @@ def test_resume_with_other_batch_size_warns_and_continues(tmp_path, rows):
         res = fit(_model(), DataLoader(rows, batch_size=4), lr=1e-3, max_steps=4, ckpt_dir=tmp_path,
                   progress=False, log_every=1)
     assert res.steps == 4 and [h["step"] for h in res.history] == [2, 3, 4]
+
+
+@pytest.mark.parametrize("how", ["argument", "outer_block"])
+def test_autocast_forward_sees_the_updated_weights(how):
+    """torch.autocast caches the bf16 cast of each leaf weight for the whole block; a training
+    loop inside one block would keep running the initial weights (a flat loss). fit's
+    ``autocast=`` casts per step, and an outer block has its cache cleared after each step."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    x, y = torch.randn(16, 8), torch.randint(0, 2, (16,))
+    loader = DataLoader([{"x": x[i], "labels": y[i]} for i in range(16)], batch_size=16)  # one full batch
+
+    def loss_fn(m, b):
+        return torch.nn.functional.cross_entropy(m(b["x"]).float(), b["labels"])
+
+    kw = dict(lr=1e-2, max_steps=30, log_every=1, progress=False, schedule="constant", loss_fn=loss_fn)
+    if how == "argument":
+        res = fit(model, loader, autocast=torch.bfloat16, **kw)
+    else:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            res = fit(model, loader, **kw)
+    losses = [h["loss"] for h in res.history if "loss" in h]
+    assert losses[-1] < 0.7 * losses[0]   # stale weights would give the same loss at every step
+    assert all(p.dtype == torch.float32 for p in model.parameters())

@@ -23,6 +23,7 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import warnings
@@ -198,6 +199,7 @@ def fit(
     loss_fn: Callable[[torch.nn.Module, Batch], torch.Tensor] | None = None,
     params: Mapping[str, torch.nn.Parameter] | None = None,
     callbacks: Sequence[Any] = (),
+    autocast: torch.dtype | None = None,
 ) -> TrainResult:
     """Train the ``requires_grad`` parameters of ``model`` on ``train_loader``.
 
@@ -214,6 +216,13 @@ def fit(
     ``dict(adapter.named_parameters())``). Each of ``callbacks`` has
     ``on_step(step, model)`` called after every optimiser step (AdaLoRA / IncreLoRA
     budgets, LISA's layer sampling).
+
+    ``autocast=torch.bfloat16`` (or float16) runs each forward and loss under
+    ``torch.autocast`` with fp32 master weights; backward and the optimiser step run
+    outside it. Calling ``fit`` inside your own ``torch.autocast`` block also works:
+    autocast caches the low-precision copy of every weight for the life of the block,
+    so ``fit`` clears that cache after each optimiser step; without that, the forward
+    would keep using the weights as they were before training.
 
     Under ``torchrun`` gradients of the trainable parameters are averaged over processes
     (see :mod:`deltakit.train.distributed` for why not DDP), only rank 0 prints and writes
@@ -290,13 +299,15 @@ def fit(
         loss_step = 0.0
         for _ in range(grad_accum):
             batch = to_device(next(stream), device)
-            loss = compute_loss(model, batch, loss_fn) / grad_accum
+            with (torch.autocast(device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()):
+                loss = compute_loss(model, batch, loss_fn).float() / grad_accum
             loss.backward()
             loss_step += loss.item()
         ddp.all_reduce_gradients(params.values())
         if max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params.values(), max_grad_norm)
         optimizer.step()
+        torch.clear_autocast_cache()  # casts of the old weights, if an outer autocast block made any
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         for cb in callbacks:
