@@ -41,7 +41,7 @@ def test_train_inspect_export_roundtrip(tiny_model_dir, data_file, tmp_path, cap
     out = tmp_path / "ad"
     assert main(["train", "--model", str(tiny_model_dir), "--train", str(data_file / "train.tsv"),
                  "--dev", str(data_file / "dev.tsv"), "--steps", "4", "--set", "r=2",
-                 "--set", "targets=query,value", "--max-length", "32", "-o", str(out)]) == 0
+                 "--set", "targets=query,value", "--max-length", "32", "--autocast", "bf16", "-o", str(out)]) == 0
     assert (out / "adapter.safetensors").is_file()
     assert main(["inspect", str(out)]) == 0
     text = capsys.readouterr().out

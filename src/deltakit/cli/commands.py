@@ -228,6 +228,8 @@ def add_train(sub) -> None:
     p.add_argument("--metric", default="accuracy", choices=["accuracy", "f1", "f1_macro", "mcc"],
                    help="evaluation metric (default accuracy)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--autocast", default=None, choices=["bf16", "fp16"],
+                   help="mixed precision: forward under torch.autocast, fp32 master weights (default off)")
     p.add_argument("--ckpt-dir", default=None, help="checkpoint directory; training resumes from it")
     p.add_argument("-o", "--out", required=True, help="adapter output directory")
     p.set_defaults(func=run_train)
@@ -243,6 +245,8 @@ def _read_split(path: str, split: str, max_rows=None, seed=0):
 
 
 def run_train(args) -> int:
+    import torch
+
     from .. import attach, param_counts
     from ..io.models import head_modules, load_classifier
     from ..train import fit
@@ -266,7 +270,8 @@ def run_train(args) -> int:
     params, callbacks = adapter.training_hooks(loader=train_loader, total_steps=args.steps)
     result = fit(model, train_loader, eval_loader=dev_loader, metric=args.metric, lr=args.lr,
                  max_steps=args.steps, warmup_steps=max(1, args.steps // 10), seed=args.seed,
-                 ckpt_dir=args.ckpt_dir, eval_every=None, params=params, callbacks=callbacks)
+                 ckpt_dir=args.ckpt_dir, eval_every=None, params=params, callbacks=callbacks,
+                 autocast={"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.autocast))
     adapter.save(args.out)
     shown = {k: round(v, 4) for k, v in result.metrics.items()}
     print(f"saved {args.out}  {json.dumps(shown)}")
