@@ -344,7 +344,7 @@ def _methods(cfg: Config) -> list[str]:
     names = list(dk.list_methods()) if not cfg.methods else list(cfg.methods)
     # the registered "full" method is the trainable-copy helper behind modules_to_save; the
     # full fine-tuning reference is the plain model with every parameter trained ("full_ft")
-    return [n for n in names if n not in ("full", FULL)] + [FULL]
+    return [FULL] + [n for n in names if n not in ("full", FULL)]  # the reference runs first
 
 
 def _points(cfg: Config, methods: list[str], cache_dir: Path, log) -> dict[str, list[dict]]:
@@ -633,7 +633,8 @@ def write_report(result: dict, out_dir: Path) -> None:
     if result["skipped"]:
         md += [f"Not run (time budget): {len(result['skipped'])} runs: " + ", ".join(
             f"{s['method']}/{s['label']}/{s['task']}" for s in result["skipped"]), ""]
-    atomic_write(out_dir / "methods.md", "\n".join(md).encode())
+    with atomic_write(out_dir / "methods.md", "w") as f:
+        f.write("\n".join(md) + "\n")
     plot(result, out_dir / "methods.png")
     print("\n".join(md))
 
