@@ -175,10 +175,7 @@ def _base(num_labels: int = 2):
 def _settings(method: str, extra: dict, model) -> dict:
     from deltakit.io.models import head_modules
 
-    s = dict(extra)
-    if method != "full":
-        s.setdefault("modules_to_save", head_modules(model))
-    return s
+    return {"modules_to_save": head_modules(model), **extra}
 
 
 def _head_params(model) -> int:

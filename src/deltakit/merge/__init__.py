@@ -39,7 +39,7 @@ def merge_task_vectors(method: str, task_vectors, cfg=None, *, seed: int | None 
     m = get_merge(method)
     names = [n for n in task_vectors[0].keys() if all(n in tv for tv in task_vectors[1:])]
     num_layers = count_layers(names)
-    m.require_stats(stats_for is not None and any(stats_for(n) for n in names))
+    m.require_stats(stats_for, names)
 
     def entry(n: str):
         def thunk():

@@ -15,7 +15,7 @@ executor passes fp32 or fp64), and never mutates its inputs.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
@@ -55,11 +55,13 @@ class MergeMethod:
     needs_stats: tuple[str, ...] = ()
     uses_stats: tuple[str, ...] = ()
 
-    def require_stats(self, available: bool) -> None:
-        """A method that reads statistics where present (RegMean's Grams exist only for
-        linear layers) still needs them for some tensor: without any it would silently
-        become another method (the plain mean)."""
-        if (self.needs_stats or self.uses_stats) and not available:
+    def require_stats(self, stats_for: Callable[[str], Mapping] | None, names: Iterable[str]) -> None:
+        """Before a merge run: a method that reads statistics where present (RegMean's Grams
+        exist only for linear layers) still needs them for some tensor; without any it would
+        silently become another method (the plain mean)."""
+        if not (self.needs_stats or self.uses_stats):
+            return
+        if stats_for is None or not any(stats_for(n) for n in names):
             kind = (self.needs_stats or self.uses_stats)[0]
             raise MergeConfigError(f"{self.name}: expected {kind!r} statistics from data "
                                    f"(deltakit.merge.{'collect_grams' if kind == 'gram' else 'estimate_fisher'}),"

@@ -137,7 +137,7 @@ def merge_checkpoints(models: Sequence[Source], out_dir: str | os.PathLike, plan
                 raise DeltakitFileError(f"{n}: expected it in {_label(models[i], i)}, found none "
                                         f"(set missing: base to treat it as unchanged)")
     num_layers = _num_layers(base if base is not None else models[0], names)
-    plan.method.require_stats(plan.stats_for is not None and any(plan.stats_for(n) for n in names))
+    plan.method.require_stats(plan.stats_for, names)
     items = [PlannedTensor(n, _shape(ref, n), plan.out_dtype if plan.out_dtype is not None
                            and _dtype(ref, n).is_floating_point else _dtype(ref, n)) for n in names]
 

@@ -92,7 +92,7 @@ class LoRA(WeightDelta):
                        else "conv1d" if isinstance(base, Conv1D) else "linear")
         self.r = r
         self.scale = lora_scale(config)
-        self.compute_dtype = getattr(config, "compute_dtype", "adapter")
+        self.compute_dtype = config.compute_dtype
         self.lora_A = nn.Parameter(torch.empty(a_shape, device=dev, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(b_shape, device=dev, dtype=dtype))
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
