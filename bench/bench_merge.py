@@ -3,7 +3,9 @@
 Linear and TIES over K=4 "fine-tunes" (base + noise) of a ~320M-parameter Llama-style
 model with random weights, in fp32 and bf16. Each merge runs in its own subprocess so the
 peak RSS (ru_maxrss of that process) and the wall time (process start to exit, imports
-included) are measured per merge. Outputs are compared tensor by tensor.
+included) are measured per merge, each starting from a synced disk and a page cache holding
+all inputs; each merge runs ``--repeats`` times per tool (order
+alternated) and the median wall time is reported. Outputs are compared tensor by tensor.
 
     .venv/bin/python bench/bench_merge.py                 # full run (~320M params, ~10 GB in /tmp)
     .venv/bin/python bench/bench_merge.py --hidden 256 --layers 4 --vocab 4096   # quick smoke run
@@ -109,13 +111,27 @@ def _recipe(method: str, dirs: list[Path], dt: str) -> dict:
             "models": [{"model": str(p), "parameters": {"weight": 1.0, "density": d}} for p, d in zip(fts, dens)]}
 
 
-def _run(tool: str, recipe: dict, work: Path) -> dict:
+def _warm(dirs: list[Path]) -> None:
+    """Read every input file so both tools start from a page cache holding all inputs (the
+    other tool's multi-GB RSS may have evicted some since the last run)."""
+    for p in dirs:
+        for f in p.glob("*.safetensors"):
+            with open(f, "rb") as fh:
+                while fh.read(1 << 24):
+                    pass
+
+
+def _run(tool: str, recipe: dict, work: Path, inputs: list[Path]) -> dict:
     import yaml
 
     out = work / f"out_{tool}"
     shutil.rmtree(out, ignore_errors=True)
     rp = work / f"recipe_{tool}.yaml"
     rp.write_text(yaml.safe_dump(recipe))
+    # flush the previous run's dirty pages first: a tool that does not fsync its output
+    # (mergekit) would otherwise leave its write-back to slow down whichever run comes next
+    os.sync()
+    _warm(inputs)
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, __file__, "--child", tool, str(rp), str(out)],
                           capture_output=True, text=True)
@@ -158,6 +174,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
     ap.add_argument("--methods", nargs="+", default=["linear", "ties"])
+    ap.add_argument("--repeats", type=int, default=3, help="runs per tool, order alternated; the median is reported")
     ap.add_argument("--out", default=str(HERE / "results" / "merge_speed.json"))
     ap.add_argument("--generate-only", action="store_true")
     ap.add_argument("--tools", nargs="+", default=["mergekit", "deltakit"],
@@ -175,21 +192,23 @@ def main() -> None:
 
     results = []
     for dt in args.dtypes:
-        for p in dirs[dt]:  # warm the page cache so neither tool pays the first cold read
-            for f in p.glob("*.safetensors"):
-                with open(f, "rb") as fh:
-                    while fh.read(1 << 24):
-                        pass
         for method in args.methods:
             work = cache / "runs" / f"{method}_{dt}"
             work.mkdir(parents=True, exist_ok=True)
             recipe = _recipe(method, dirs[dt], dt)
             load_before = os.getloadavg()
             row = {"method": method, "dtype": dt, "k": args.k, "load_avg_before": load_before}
-            for tool in args.tools:
-                row[tool] = _run(tool, recipe, work)
-                print(f"{method:6s} {dt:4s} {tool:8s} wall {row[tool]['wall_s']:7.1f}s  "
-                      f"merge {row[tool]['merge_s']:7.1f}s  peak RSS {row[tool]['peak_rss_mb']:7.0f} MB", flush=True)
+            samples: dict[str, list[dict]] = {t: [] for t in args.tools}
+            for r in range(args.repeats):  # alternate the order so neither tool always runs second
+                for tool in (args.tools if r % 2 == 0 else args.tools[::-1]):
+                    res = _run(tool, recipe, work, [Path(m["model"]) for m in recipe["models"]]
+                               + ([Path(recipe["base_model"])] if "base_model" in recipe else []))
+                    samples[tool].append(res)
+                    print(f"{method:6s} {dt:4s} {tool:8s} wall {res['wall_s']:7.1f}s  "
+                          f"merge {res['merge_s']:7.1f}s  peak RSS {res['peak_rss_mb']:7.0f} MB", flush=True)
+            for tool, got in samples.items():  # the median run by wall time, with every sample kept
+                row[tool] = sorted(got, key=lambda x: x["wall_s"])[len(got) // 2] | {
+                    "wall_s_samples": [round(x["wall_s"], 3) for x in got]}
             row["load_avg_after"] = os.getloadavg()
             row["diff_vs_mergekit"] = _compare(work / "out_mergekit", work / "out_deltakit")
             if "deltakit_exact" in args.tools:
@@ -208,7 +227,8 @@ def main() -> None:
         "model": {"hidden": args.hidden, "layers": args.layers, "vocab": args.vocab, "n_params": n_params},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "torch": torch.__version__, "mergekit": version("mergekit"),
-                    "note": "CPU shared with other jobs; see load_avg_* per row"},
+                    "note": "load averages before / after each row in load_avg_*; median of --repeats runs"},
+        "repeats": args.repeats,
         "results": results,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -127,6 +127,7 @@ class Config:
     # 1 thread: on this shared 2-core VM, 2 OpenMP threads under load made a training step ~8x
     # slower than 1 thread (spinning barriers); 1 thread is also what a busy machine can give.
     threads: int = 1
+    workers: int = 2             # processes for the fine-tunes (each with ``threads`` threads)
     quick: bool = False
 
     def train_key(self, kind: str, task: str) -> str:
@@ -760,6 +761,36 @@ def _all_norms(r: dict):
                 yield v
 
 
+def _finetune_job(cfg: Config, kind: str, task: str, cache: Path) -> tuple[str, str, float]:
+    """Worker side of :func:`pretrain`: one fine-tune, written to the cache."""
+    from deltakit.io.models import load_classifier
+
+    torch.set_num_threads(cfg.threads)
+    base_model, tok = load_classifier(cfg.model, 2, seed=cfg.seed)
+    base_state = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
+    td = load_tasks(dataclasses.replace(cfg, tasks=(task,)), tok)[task]  # seeded per task: same rows
+    _, _, info = finetune(cfg, kind, td, base_state, cache, Log())
+    return kind, task, info["train_s"]
+
+
+def pretrain(cfg: Config, cache: Path, log: Log) -> None:
+    """Run the fine-tunes that are not cached yet in ``cfg.workers`` processes (the main
+    loop then reads them from the cache); a no-op with one worker."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    todo = [(k, t) for k in cfg.kinds for t in cfg.tasks
+            if not (cache / f"{cfg.train_key(k, t)}.safetensors").is_file()]
+    if cfg.workers < 2 or len(todo) < 2:
+        return
+    log(f"fine-tuning {len(todo)} models in {cfg.workers} processes")
+    with cf.ProcessPoolExecutor(cfg.workers, mp_context=mp.get_context("spawn")) as ex:
+        futs = [ex.submit(_finetune_job, cfg, k, t, cache) for k, t in todo]
+        for fut in cf.as_completed(futs):
+            kind, task, train_s = fut.result()
+            log(f"  fine-tuned {kind}/{task} in {train_s:.0f}s")
+
+
 # ----------------------------------------------------------------------------- main
 def run(quick: bool = False, **overrides) -> dict:
     out_dir = Path(overrides.pop("out_dir", None) or (Path(DEFAULT_CACHE) / "quick" if quick else HERE / "results"))
@@ -796,6 +827,7 @@ def run(quick: bool = False, **overrides) -> dict:
                        for t, td in tasks.items()},
               "kinds": {}, "timings": {}}
     log(f"data: {result['data']}")
+    pretrain(cfg, cache, log)
     trained = {}
     for kind in cfg.kinds:  # all fine-tunes first, so the merge phases share what is left of the budget
         elapsed = _timer()

@@ -18,12 +18,17 @@ Every registered method runs
 plus **full fine-tuning** as reference. Counts exclude the classification head
 (``classifier``, 770 parameters), which every method trains in full.
 
-Same for every method: seed, fit sample (``n_train`` rows per task, seeded), steps,
-batch size, linear schedule with 10% warm-up, bf16 autocast with fp32 master weights,
-eager attention (SDPA's bf16 backward is slow on CPU). **Learning rate**: every method
-gets the same grid ``lrs``; the best LR per method is chosen at its default setting on
-a held-out **selection split** of SST-2's training file (disjoint from the fit rows,
-never dev), then used for that method on every task and budget.
+Same for every method: seed, rows, steps, batch size, linear schedule with 10% warm-up,
+bf16 autocast with fp32 master weights, eager attention (SDPA's bf16 backward is slow on
+CPU). Steps and max length are set **per task** (``task_protocol``: SST-2 200 x 64 tokens,
+MRPC 300 x 128, RTE 200 x 128, CoLA 500 x 64, batch 16, about one pass over the rows
+used): at a uniform 100 steps MRPC, CoLA and RTE stayed at the majority class for every
+method, full fine-tuning included. **Learning rate**: every method gets the same grid
+``lrs``; the best LR per method is chosen at its default setting by a short probe
+(``select_steps`` on ``select_n_train`` rows of SST-2) scored on a held-out **selection
+split** of SST-2's training file (never trained on, never dev), then used for that method
+on every task and budget. Budget points run on ``budget_tasks`` (SST-2 and MRPC by
+default; every task costs about 4 h more on 2 cores).
 
 Recorded per run: dev metric (and accuracy), trainable and stored parameters (bytes of
 the saved adapter directory), train time, peak RSS of the worker during the run
@@ -115,35 +120,59 @@ class Config:
     tasks: tuple[str, ...] = ("sst2", "rte", "mrpc", "cola")
     methods: tuple[str, ...] = ()            # empty: every registered method
     budgets: tuple[float, ...] = (0.001, 0.01)
+    budget_tasks: tuple[str, ...] = ("sst2", "mrpc")  # where the budget points run (time)
     lrs: tuple[float, ...] = (1e-4, 1e-3, 1e-2)
-    n_train: int = 1600
+    # LR selection probe: select_steps on select_n_train rows of LR_TASK, scored on n_select
+    # held-out rows of the same training file
+    select_steps: int = 100
+    select_n_train: int = 1600
+    select_max_length: int = 96
     n_select: int = 400
+    # dev runs, per task: (steps, max_length); fit rows = steps x batch, capped by what the
+    # training file has besides the selection rows (so about one pass over the data)
+    task_protocol: tuple[tuple[str, int, int], ...] = (
+        ("sst2", 200, 64), ("mrpc", 300, 128), ("rte", 200, 128), ("cola", 500, 64))
     n_dev: int | None = None                 # None: the whole dev file
-    steps: int = 100
     batch_size: int = 16
-    max_length: int = 96
     seed: int = 0
     bf16: bool = True
     workers: int = 2
     threads: int = 1
     budget_min: float = 110.0
 
-    def key(self) -> str:
+    def protocol(self, task: str) -> tuple[int, int]:
+        """(steps, max_length) of dev runs on ``task``."""
+        for t, steps, length in self.task_protocol:
+            if t == task:
+                return steps, length
+        raise KeyError(f"task_protocol: expected an entry for {task!r}, found {[t for t, *_ in self.task_protocol]}")
+
+    def key(self, split: str = "dev") -> str:
         """What a cached run depends on (not the scheduling knobs)."""
-        keep = {"protocol": 2}  # 2: autocast per step (1 trained plain Linear weights in a stale cast)
-        keep |= {k: v for k, v in dataclasses.asdict(self).items()
-                if k not in ("methods", "workers", "budget_min", "tasks", "budgets", "data_dir", "threads")}
+        # LR-probe runs keep protocol 2's key (same fields, same values), so they are reused
+        keep = {"protocol": 2, "n_train": self.select_n_train, "n_select": self.n_select, "n_dev": self.n_dev,
+                "steps": self.select_steps, "batch_size": self.batch_size, "max_length": self.select_max_length,
+                "seed": self.seed, "bf16": self.bf16, "lrs": list(self.lrs)}
+        if split != "select":  # 3: per-task steps and lengths for dev runs
+            keep |= {"protocol": 3, "task_protocol": [list(x) for x in self.task_protocol]}
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
 
 
 QUICK = dict(tasks=("sst2", "rte"), methods=("lora", "bitfit", "houlsby", "prompt_tuning"),
-             lrs=(1e-3, 1e-2), n_train=48, n_select=24, n_dev=32, steps=4, batch_size=8, max_length=64,
+             budget_tasks=("sst2",), lrs=(1e-3, 1e-2), select_steps=4, select_n_train=48, select_max_length=64,
+             n_select=24, task_protocol=(("sst2", 4, 64), ("rte", 3, 64)), n_dev=32, batch_size=8,
              budget_min=10.0)
 
 
 # ----------------------------------------------------------------------------- data
 def _rows(cfg: Config, task: str) -> dict[str, list[dict]]:
-    """fit / select / dev rows of one task; fit and select are disjoint seeded samples of train."""
+    """select / probe / fit / dev rows of one task.
+
+    One seeded shuffle of the training file: ``select`` = rows [select_n_train,
+    select_n_train + n_select), ``probe`` (LR selection's fit rows) = the first
+    select_n_train, ``fit`` (dev runs) = every other row in order, first steps x batch of
+    them. The selection rows are never trained on in any run.
+    """
     import random
 
     from deltakit.train.data import load_glue_dir
@@ -153,11 +182,13 @@ def _rows(cfg: Config, task: str) -> dict[str, list[dict]]:
     rng = random.Random(cfg.seed)
     order = list(range(len(train)))
     rng.shuffle(order)
-    fit = [train[i] for i in order[:cfg.n_train]]
-    select = [train[i] for i in order[cfg.n_train:cfg.n_train + cfg.n_select]]
+    a, b = cfg.select_n_train, cfg.select_n_train + cfg.n_select
+    steps, _ = cfg.protocol(task) if task in {t for t, *_ in cfg.task_protocol} else (cfg.select_steps, 0)
+    rest = order[:a] + order[b:]
     if cfg.n_dev is not None:
         dev = dev[:cfg.n_dev]
-    return {"fit": fit, "select": select, "dev": dev}
+    return {"probe": [train[i] for i in order[:a]], "select": [train[i] for i in order[a:b]],
+            "fit": [train[i] for i in rest[:steps * cfg.batch_size]], "dev": dev}
 
 
 # ----------------------------------------------------------------------------- counting
@@ -296,17 +327,21 @@ def run_one(cfg: Config, job: dict) -> dict:
         spec = dk.get_method(job["method"])
         ad = dk.attach(model, spec.config(**_settings(job["method"], job["settings"], model)))
     trainable, total = dk.param_counts(model)
-    train_loader = make_loader(rows["fit"], tok, batch_size=cfg.batch_size, max_length=cfg.max_length,
+    if job["split"] == "select":  # the LR probe
+        fit_rows, steps, max_length = rows["probe"], cfg.select_steps, cfg.select_max_length
+    else:
+        (steps, max_length), fit_rows = cfg.protocol(task), rows["fit"]
+    train_loader = make_loader(fit_rows, tok, batch_size=cfg.batch_size, max_length=max_length,
                                shuffle=True, seed=cfg.seed)
-    eval_loader = make_loader(rows[job["split"]], tok, batch_size=64, max_length=cfg.max_length)
+    eval_loader = make_loader(rows[job["split"]], tok, batch_size=64, max_length=max_length)
     metric = TASK_METRIC[task]
-    params, callbacks = ad.training_hooks(loader=train_loader, total_steps=cfg.steps) if ad else (None, [])
+    params, callbacks = ad.training_hooks(loader=train_loader, total_steps=steps) if ad else (None, [])
     torch.manual_seed(cfg.seed)
     # autocast per step (fit's argument), not one block around fit: a block caches each
     # weight's bf16 cast, so plain nn.Linear weights would never change in the forward
-    res = fit(model, train_loader, lr=job["lr"], max_steps=cfg.steps, warmup_steps=max(1, cfg.steps // 10),
+    res = fit(model, train_loader, lr=job["lr"], max_steps=steps, warmup_steps=max(1, steps // 10),
               schedule="linear", seed=cfg.seed, progress=False, params=params, callbacks=callbacks,
-              log_every=max(1, cfg.steps // 5), autocast=torch.bfloat16 if cfg.bf16 else None)
+              log_every=max(1, steps // 5), autocast=torch.bfloat16 if cfg.bf16 else None)
     train_s = time.perf_counter() - t0
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
         scores = evaluate(model, eval_loader, metric=sorted({metric, "accuracy"}))
@@ -324,6 +359,7 @@ def run_one(cfg: Config, job: dict) -> dict:
             "accuracy": scores["accuracy"], "final_loss": losses[-1] if losses else None,
             "diverged": not finite, "trainable": trainable - head, "head": head,
             "base_total": sum(p.numel() for p in base.parameters()), "stored_bytes": stored,
+            "steps": steps, "max_length": max_length, "n_fit": len(fit_rows),
             "train_s": train_s, "peak_rss_mb": peak_mb, "loadavg_1m": [round(load0, 2),
                                                                        round(os.getloadavg()[0], 2)]}
 
@@ -332,7 +368,7 @@ def run_one(cfg: Config, job: dict) -> dict:
 def _job_key(cfg: Config, job: dict) -> str:
     ident = json.dumps({k: job[k] for k in ("method", "settings", "lr", "task", "split")}, sort_keys=True,
                        default=str)
-    return cfg.key() + "-" + hashlib.sha256(ident.encode()).hexdigest()[:16]
+    return cfg.key(job["split"]) + "-" + hashlib.sha256(ident.encode()).hexdigest()[:16]
 
 
 def _methods(cfg: Config) -> list[str]:
@@ -346,7 +382,7 @@ def _methods(cfg: Config) -> list[str]:
 
 def _points(cfg: Config, methods: list[str], cache_dir: Path, log) -> dict[str, list[dict]]:
     """method -> [{label, settings, trainable, reachable}] for default and each budget."""
-    path = cache_dir / f"knobs-{cfg.key()}.json"
+    path = cache_dir / f"knobs-{cfg.key('select')}.json"  # counts depend on the model only
     knob_cache = json.loads(path.read_text()) if path.exists() else {}
     base, _ = _base()
     total = sum(p.numel() for p in base.parameters())
@@ -473,13 +509,14 @@ def run(quick: bool = False, out_dir: str | os.PathLike | None = None, cache_dir
     execute(main_jobs, "defaults")
     budget_jobs = [job(m, p, t, best_lr[m], "dev") for p_i in range(1, 1 + len(cfg.budgets))
                    for m in methods if m in best_lr and len(points[m]) > p_i and points[m][p_i]["reachable"]
-                   for p in [points[m][p_i]] for t in cfg.tasks]
+                   for p in [points[m][p_i]] for t in cfg.tasks if t in cfg.budget_tasks]
     execute(budget_jobs, "budgets")
     pool.shutdown()
 
     runs = [done[_job_key(cfg, j)] for j in main_jobs + budget_jobs if _job_key(cfg, j) in done]
     lr_runs = [done[_job_key(cfg, j)] for j in lr_jobs if _job_key(cfg, j) in done]
-    result = {"config": dataclasses.asdict(cfg), "key": cfg.key(), "machine": _machine(), "points": points,
+    result = {"config": dataclasses.asdict(cfg), "key": {"select": cfg.key("select"), "dev": cfg.key("dev")},
+              "machine": _machine(), "points": points,
               "adapted": ADAPTED, "lr_runs": lr_runs,
               "lr_selection": lr_table, "best_lr": best_lr, "runs": runs,
               "skipped": [{k: j[k] for k in ("method", "label", "task")} for j in skipped],
@@ -498,12 +535,12 @@ def _seed_cache(cfg: Config, previous: Path, runs_dir: Path, log) -> None:
         old = json.loads(previous.read_text())
     except (OSError, ValueError):
         return
-    if old.get("key") != cfg.key():
-        return
+    keys = old.get("key")
+    keys = keys if isinstance(keys, dict) else {"select": keys}  # protocol 2 had one key
     n = 0
     for r in [*old.get("lr_runs", []), *old.get("runs", [])]:
-        if "error" in r:
-            continue  # failures are retried
+        if "error" in r or keys.get(r["split"]) != cfg.key(r["split"]):
+            continue  # failures are retried; runs of another protocol do not count
         f = runs_dir / f"{_job_key(cfg, r)}.json"
         if not f.exists():
             f.write_text(json.dumps(r))
@@ -544,7 +581,7 @@ def table(result: dict) -> str:
     by = rows_by_point(result)
     full = by.get((FULL, "default"), {})
     head = ("| method | point | LR | trainable | % of base | stored KB | " + " | ".join(
-        f"{t} ({TASK_METRIC[t]})" for t in tasks) + " | mean | mean / full FT | train s (mean) |")
+        f"{t} ({TASK_METRIC[t]})" for t in tasks) + " | mean | vs full FT | train s (mean) |")
     lines = [head, "|" + "---|" * 3 + "---:|" * (3 + len(tasks) + 3)]
     order = sorted(by, key=lambda k: (k[0] != FULL, k[0], {"default": 0}.get(k[1], 1), k[1]))
     for m, label in order:
@@ -552,9 +589,9 @@ def table(result: dict) -> str:
         any_r = next(iter(rs.values()))
         ok = [rs[t] for t in tasks if t in rs and "error" not in rs[t] and not rs[t].get("diverged")]
         mean = sum(r["metric"] for r in ok) / len(ok) if len(ok) == len(tasks) else None
-        fmean = (sum(full[t]["metric"] for t in tasks) / len(tasks)
-                 if all(t in full and "error" not in full[t] for t in tasks) else None)
-        rel = f"{mean / fmean:.2f}" if mean is not None and fmean else "-"
+        both = [t for t in tasks if t in rs and rs[t] in ok and t in full and "error" not in full[t]]
+        fsum = sum(full[t]["metric"] for t in both)
+        rel = f"{sum(rs[t]['metric'] for t in both) / fsum:.2f}" if both and fsum > 0 else "-"
         tr = any_r.get("trainable")
         base = any_r.get("base_total") or 1
         lines.append(
@@ -619,10 +656,12 @@ def write_report(result: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "methods.json", result)
     c = result["config"]
+    proto = ", ".join(f"{t} {st} steps x {ml} tokens" for t, st, ml in c["task_protocol"] if t in c["tasks"])
     md = [f"# PEFT methods on MiniLM ({', '.join(c['tasks'])})", "",
-          f"{c['n_train']} training rows per task, {c['steps']} steps x batch {c['batch_size']}, max length "
-          f"{c['max_length']}, bf16 autocast, LR per method from {list(c['lrs'])} chosen on a held-out part of "
-          f"SST-2 train; {c['workers']} workers x {c['threads']} thread(s); wall {result['wall_s'] / 60:.0f} min.",
+          f"Batch {c['batch_size']}; per task: {proto}; bf16 autocast. LR per method from {list(c['lrs'])}, "
+          f"chosen by a {c['select_steps']}-step probe scored on a held-out part of SST-2 train. Budget points "
+          f"on {', '.join(c['budget_tasks'])}. {c['workers']} workers x {c['threads']} thread(s); "
+          f"wall {result['wall_s'] / 60:.0f} min this invocation (cached runs not counted).",
           "", table(result), ""]
     if result["unreachable"]:
         md += ["Budgets a method's knob cannot reach within 1.5x: " + ", ".join(
@@ -644,8 +683,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", default=None)
     p.add_argument("--tasks", default=None, help="comma-separated (default sst2,rte,mrpc,cola)")
     p.add_argument("--methods", default=None, help="comma-separated (default: every registered method)")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--n-train", type=int, default=None)
+    p.add_argument("--budget-tasks", default=None, help="comma-separated (default sst2,mrpc)")
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--budget-min", type=float, default=None)
@@ -656,10 +694,10 @@ def main(argv: list[str] | None = None) -> int:
         write_report(json.loads((out / "methods.json").read_text()), out)
         return 0
     over = {"data_dir": a.data_dir}
-    for name, val in (("tasks", a.tasks), ("methods", a.methods)):
+    for name, val in (("tasks", a.tasks), ("methods", a.methods), ("budget_tasks", a.budget_tasks)):
         if val:
             over[name] = tuple(val.split(","))
-    for name in ("steps", "n_train", "workers", "threads", "budget_min"):
+    for name in ("workers", "threads", "budget_min"):
         if getattr(a, name) is not None:
             over[name] = getattr(a, name)
     run(quick=a.quick, out_dir=a.out_dir, cache_dir=a.cache_dir, **over)

@@ -19,7 +19,7 @@ import torch
 
 from ._registry import MergeConfigError, MergeContext
 
-__all__ = ["GTAConfig", "gta_merge", "SPARSIFY", "RESCALE", "CONSENSUS", "per_model"]
+__all__ = ["GTAConfig", "gta_merge", "gta_linear_form", "SPARSIFY", "RESCALE", "CONSENSUS", "per_model"]
 
 
 # --- sparsify: (x (n,) flat, density, gen, gamma, epsilon) -> keep mask (n,) bool ---
@@ -174,6 +174,17 @@ def per_model(value: float | tuple[float, ...] | None, k: int, default: float, f
     if len(value) != k:
         raise MergeConfigError(f"{field}: expected {k} values (one per model), found {len(value)}")
     return [float(v) for v in value]
+
+
+def gta_linear_form(cfg: GTAConfig, k: int) -> list[float] | None:
+    """c_k with gta_merge == base + sum_k c_k x_k, when nothing is sparsified or elected."""
+    densities = per_model(cfg.density, k, 1.0, "density")
+    if cfg.consensus != "none" or (cfg.sparsify != "none" and any(d < 1.0 for d in densities)):
+        return None
+    w = per_model(cfg.weights, k, 1.0, "weights")
+    total = sum(w)
+    d = (1.0 if abs(total) < 1e-8 else total) if cfg.normalize else 1.0
+    return [cfg.lam * wk / d for wk in w]
 
 
 def gta_merge(x: torch.Tensor, base: torch.Tensor, cfg: GTAConfig, ctx: MergeContext) -> torch.Tensor:

@@ -54,6 +54,10 @@ class MergeMethod:
     inputs: Literal["deltas", "weights"]
     needs_stats: tuple[str, ...] = ()
     uses_stats: tuple[str, ...] = ()
+    # (cfg, K) -> [c_1..c_K] when, for that config, fn(x, base) == b + sum_k c_k x_k with
+    # b = base for "deltas" inputs and 0 for "weights" (None: not a linear combination).
+    # The executor then sums straight from the files, without stacking the K inputs.
+    linear_form: Callable[[Any, int], list[float] | None] | None = None
 
     def require_stats(self, stats_for: Callable[[str], Mapping] | None, names: Iterable[str]) -> None:
         """Before a merge run: a method that reads statistics where present (RegMean's Grams
@@ -89,18 +93,21 @@ _REGISTRY: dict[str, MergeMethod] = {}
 
 
 def register_merge(name: str, *, paper: str, config: type, inputs: Literal["deltas", "weights"] = "deltas",
-                   needs_stats: tuple[str, ...] = (), uses_stats: tuple[str, ...] = ()) -> Callable:
+                   needs_stats: tuple[str, ...] = (), uses_stats: tuple[str, ...] = (),
+                   linear_form: Callable[[Any, int], list[float] | None] | None = None) -> Callable:
     """Register a pure merge function under ``name``; a duplicate name is an error.
 
     ``needs_stats``: statistics every tensor must have; ``uses_stats``: statistics read
-    where present, of which a merge run must supply at least some."""
+    where present, of which a merge run must supply at least some. ``linear_form``: see
+    :class:`MergeMethod` (a fast path; the function stays the reference)."""
     if not dataclasses.is_dataclass(config) or not config.__dataclass_params__.frozen:  # type: ignore[attr-defined]
         raise TypeError(f"{name}: expected a frozen dataclass config, found {config!r}")
 
     def deco(fn: Callable) -> Callable:
         if name in _REGISTRY:
             raise ValueError(f"merge method {name!r} is already registered (by {_REGISTRY[name].fn.__module__})")
-        _REGISTRY[name] = MergeMethod(name, fn, config, paper, inputs, tuple(needs_stats), tuple(uses_stats))
+        _REGISTRY[name] = MergeMethod(name, fn, config, paper, inputs, tuple(needs_stats), tuple(uses_stats),
+                                      linear_form)
         return fn
 
     return deco

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Mapping, Sequence
@@ -145,8 +146,39 @@ def merge_checkpoints(models: Sequence[Source], out_dir: str | os.PathLike, plan
     work = torch.float64 if plan.compute_dtype == torch.float64 else torch.float32
     k = len(srcs)
 
+    linear_form = plan.method.linear_form if not (plan.method.needs_stats or plan.method.uses_stats) else None
+    scratch = threading.local()  # per reading thread: reused buffers (no fresh pages per tensor)
+
+    def buffer(slot: str, shape, dtype: torch.dtype) -> torch.Tensor:
+        n_el = math.prod(shape)
+        buf = getattr(scratch, slot, None)
+        if buf is None or buf.numel() < n_el or buf.dtype != dtype:
+            buf = torch.empty(max(n_el, 1), dtype=dtype)
+            setattr(scratch, slot, buf)
+        return buf[:n_el].view(shape)
+
+    def weighted_sum(n: str, shape, base_t: torch.Tensor | None, coefs: list[float]) -> torch.Tensor:
+        """b + sum_k c_k x_k read model by model into a reused buffer (the method's linear form)."""
+        deltas = plan.method.inputs == "deltas" and base_t is not None
+        out = base_t.clone() if deltas else torch.zeros(shape, dtype=work)
+        for s, c in zip(srcs, coefs):
+            if n not in s:
+                if deltas or base_t is None:
+                    continue  # a zero task vector (no base: validated above, cannot happen)
+                t = base_t
+            elif isinstance(s, LazyCheckpoint):
+                raw = s.read_into(n, buffer(f"raw_{s.dtype(n)}", shape, s.dtype(n)))
+                t = raw if raw.dtype == work else buffer("work", shape, work).copy_(raw)
+            else:
+                t = buffer("work", shape, work).copy_(_read(s, n))
+            if deltas:  # x_k = theta_k - theta_0 first, as the method does (no cancellation)
+                t.sub_(base_t)
+            out.add_(t, alpha=c)
+        return out
+
     def load(n: str):
-        """Read one parameter: (base in work dtype or None, x (K, *shape) in work dtype) or raw list."""
+        """Read one parameter: (base in work dtype or None, x (K, *shape) in work dtype) or raw
+        list, or the merged tensor itself when the method is a linear combination here."""
         if not _dtype(ref, n).is_floating_point:
             base_t = _read(b, n) if b is not None else None
             return "raw", base_t, [_read(s, n) if n in s else base_t for s in srcs]
@@ -154,6 +186,9 @@ def merge_checkpoints(models: Sequence[Source], out_dir: str | os.PathLike, plan
         base_t = None
         if b is not None:
             base_t = _read_work(b, n, work, shape)
+        coefs = linear_form(plan.config_for(n, layer_index(n), num_layers), k) if linear_form else None
+        if coefs is not None:
+            return "merged", base_t, weighted_sum(n, shape, base_t, coefs)
         x = torch.empty((k, *shape), dtype=work)
 
         def fill(i: int) -> None:
@@ -198,20 +233,26 @@ def merge_checkpoints(models: Sequence[Source], out_dir: str | os.PathLike, plan
                                             f"expected identical copies")
             return first
         layer = layer_index(n)
-        ctx = MergeContext(name=n, layer=layer, num_layers=num_layers,
-                           stats=plan.stats_for(n) if plan.stats_for else {},
-                           generator=tensor_generator(plan.seed, n))
-        cfg = plan.config_for(n, layer, num_layers)
         # no base: a stride-0 zero view, so nothing is allocated (methods never write to base)
-        bw = base_t if base_t is not None else torch.zeros((), dtype=work).expand(x.shape[1:])
-        if plan.method.inputs == "deltas" and base_t is not None:
-            x.sub_(bw)
-        out = plan.method(x, bw, cfg, ctx)
+        bw = base_t if base_t is not None else torch.zeros((), dtype=work).expand(it.shape)
+        if kind == "merged":
+            out = x
+        else:
+            out = merge_one(n, layer, base_t, bw, x)
         del x
         if plan.lines is not None:
             f = lines_factor(n, layer, num_layers, *plan.lines)
             out = bw + f * (out - bw)
         return out  # cast to it.dtype on the writer thread
+
+    def merge_one(n, layer, base_t, bw, x):
+        ctx = MergeContext(name=n, layer=layer, num_layers=num_layers,
+                           stats=plan.stats_for(n) if plan.stats_for else {},
+                           generator=tensor_generator(plan.seed, n))
+        cfg = plan.config_for(n, layer, num_layers)
+        if plan.method.inputs == "deltas" and base_t is not None:
+            x.sub_(bw)
+        return plan.method(x, bw, cfg, ctx)
 
     def finite(it: PlannedTensor, t: torch.Tensor) -> None:
         # runs on the writer thread; one reduction, NaN / inf propagate into the sum

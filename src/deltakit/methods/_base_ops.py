@@ -6,13 +6,31 @@ A weight delta is stored in the layout of the module it targets: ``(out, in)`` f
 """
 from __future__ import annotations
 
+import sys
+
 from torch import nn
 
-try:  # GPT-2's transposed linear layer
-    from transformers.pytorch_utils import Conv1D
-except Exception:  # pragma: no cover - transformers is optional
-    class Conv1D(nn.Module):  # type: ignore[no-redef]
-        pass
+
+class _LazyConv1DMeta(type):
+    """isinstance / issubclass against transformers' ``Conv1D`` without importing
+    transformers (half a second): a Conv1D object can only exist once its module is loaded."""
+
+    @staticmethod
+    def _real():
+        mod = sys.modules.get("transformers.pytorch_utils")
+        return getattr(mod, "Conv1D", None)
+
+    def __instancecheck__(cls, obj) -> bool:
+        real = cls._real()
+        return real is not None and isinstance(obj, real)
+
+    def __subclasscheck__(cls, sub) -> bool:
+        real = cls._real()
+        return real is not None and issubclass(sub, real)
+
+
+class Conv1D(metaclass=_LazyConv1DMeta):
+    """GPT-2's transposed linear layer (``transformers.pytorch_utils.Conv1D``), for type checks."""
 
 __all__ = ["Conv1D", "in_out", "LINEAR_LIKE"]
 

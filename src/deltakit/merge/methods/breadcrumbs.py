@@ -7,7 +7,7 @@ smallest entries so that a density fraction survives; then task arithmetic
 from dataclasses import dataclass
 from typing import Literal
 
-from .._parts import GTAConfig, gta_merge
+from .._parts import GTAConfig, gta_linear_form, gta_merge
 from .._registry import register_merge
 
 
@@ -23,5 +23,7 @@ class BreadcrumbsTiesConfig(BreadcrumbsConfig):
     consensus: Literal["none", "sum", "count"] = "sum"
 
 
-register_merge("breadcrumbs", paper="https://arxiv.org/abs/2312.06795", config=BreadcrumbsConfig)(gta_merge)
-register_merge("breadcrumbs_ties", paper="https://arxiv.org/abs/2312.06795", config=BreadcrumbsTiesConfig)(gta_merge)
+register_merge("breadcrumbs", paper="https://arxiv.org/abs/2312.06795", config=BreadcrumbsConfig,
+               linear_form=gta_linear_form)(gta_merge)
+register_merge("breadcrumbs_ties", paper="https://arxiv.org/abs/2312.06795", config=BreadcrumbsTiesConfig,
+               linear_form=gta_linear_form)(gta_merge)

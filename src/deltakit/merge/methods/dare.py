@@ -9,7 +9,7 @@ mergekit rescales by matching the L1 norm instead (``rescale="l1"``; its recipes
 from dataclasses import dataclass
 from typing import Literal
 
-from .._parts import GTAConfig, gta_merge
+from .._parts import GTAConfig, gta_linear_form, gta_merge
 from .._registry import register_merge
 
 _Sp = Literal["none", "magnitude", "magnitude_sort", "random", "breadcrumbs", "della"]
@@ -35,6 +35,9 @@ class DarexQConfig(DareLinearConfig):
     q: float | None = 0.2
 
 
-register_merge("dare_linear", paper="https://arxiv.org/abs/2311.03099", config=DareLinearConfig)(gta_merge)
-register_merge("dare_ties", paper="https://arxiv.org/abs/2311.03099", config=DareTiesConfig)(gta_merge)
-register_merge("darex_q", paper="https://arxiv.org/abs/2410.09344", config=DarexQConfig)(gta_merge)
+register_merge("dare_linear", paper="https://arxiv.org/abs/2311.03099", config=DareLinearConfig,
+               linear_form=gta_linear_form)(gta_merge)
+register_merge("dare_ties", paper="https://arxiv.org/abs/2311.03099", config=DareTiesConfig,
+               linear_form=gta_linear_form)(gta_merge)
+register_merge("darex_q", paper="https://arxiv.org/abs/2410.09344", config=DarexQConfig,
+               linear_form=gta_linear_form)(gta_merge)

@@ -6,7 +6,7 @@ MagPrune: keep probability grows linearly with magnitude rank in
 from dataclasses import dataclass
 from typing import Literal
 
-from .._parts import GTAConfig, gta_merge
+from .._parts import GTAConfig, gta_linear_form, gta_merge
 from .._registry import register_merge
 
 
@@ -23,5 +23,7 @@ class DellaConfig(DellaLinearConfig):
     normalize: bool = True
 
 
-register_merge("della_linear", paper="https://arxiv.org/abs/2406.11617", config=DellaLinearConfig)(gta_merge)
-register_merge("della", paper="https://arxiv.org/abs/2406.11617", config=DellaConfig)(gta_merge)
+register_merge("della_linear", paper="https://arxiv.org/abs/2406.11617", config=DellaLinearConfig,
+               linear_form=gta_linear_form)(gta_merge)
+register_merge("della", paper="https://arxiv.org/abs/2406.11617", config=DellaConfig,
+               linear_form=gta_linear_form)(gta_merge)

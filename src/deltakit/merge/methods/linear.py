@@ -17,14 +17,21 @@ class LinearConfig:
     normalize: bool = True
 
 
-@register_merge("linear", paper="https://arxiv.org/abs/2203.05482", config=LinearConfig, inputs="weights")
-def linear(x: torch.Tensor, base: torch.Tensor, cfg: LinearConfig, ctx: MergeContext) -> torch.Tensor:
-    w = per_model(cfg.weights, x.shape[0], 1.0, "weights")
+def coefficients(cfg: LinearConfig, k: int) -> list[float]:
+    """theta = sum_k c_k theta_k."""
+    w = per_model(cfg.weights, k, 1.0, "weights")
     if cfg.normalize:
         total = sum(w)
         if abs(total) < 1e-12:
             raise ValueError(f"weights: expected a non-zero sum when normalize=true, found {w}")
         w = [wk / total for wk in w]
+    return w
+
+
+@register_merge("linear", paper="https://arxiv.org/abs/2203.05482", config=LinearConfig, inputs="weights",
+                linear_form=coefficients)
+def linear(x: torch.Tensor, base: torch.Tensor, cfg: LinearConfig, ctx: MergeContext) -> torch.Tensor:
+    w = coefficients(cfg, x.shape[0])
     # one gemv pass over the (K, n) stack instead of K multiply-adds
     coef = torch.tensor(w, dtype=x.dtype)
     return (coef @ x.reshape(x.shape[0], -1)).reshape(x.shape[1:])

@@ -4,7 +4,7 @@
 """
 from dataclasses import dataclass
 
-from .._parts import GTAConfig, gta_merge
+from .._parts import GTAConfig, gta_linear_form, gta_merge
 from .._registry import register_merge
 
 
@@ -13,4 +13,5 @@ class TaskArithmeticConfig(GTAConfig):
     """Plain weighted sum of task vectors (no sparsification, no consensus)."""
 
 
-register_merge("task_arithmetic", paper="https://arxiv.org/abs/2212.04089", config=TaskArithmeticConfig)(gta_merge)
+register_merge("task_arithmetic", paper="https://arxiv.org/abs/2212.04089", config=TaskArithmeticConfig,
+               linear_form=gta_linear_form)(gta_merge)

@@ -7,7 +7,7 @@ Breadcrumbs-TIES and DARE-TIES are the same consensus with another sparsifier.
 from dataclasses import dataclass
 from typing import Literal
 
-from .._parts import GTAConfig, gta_merge
+from .._parts import GTAConfig, gta_linear_form, gta_merge
 from .._registry import register_merge
 
 
@@ -19,4 +19,5 @@ class TiesConfig(GTAConfig):
     normalize: bool = True
 
 
-register_merge("ties", paper="https://arxiv.org/abs/2306.01708", config=TiesConfig)(gta_merge)
+register_merge("ties", paper="https://arxiv.org/abs/2306.01708", config=TiesConfig,
+               linear_form=gta_linear_form)(gta_merge)
