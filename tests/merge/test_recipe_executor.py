@@ -164,3 +164,54 @@ def test_recipe_stats_files_feed_fisher(tmp_path):
     assert torch.allclose(LazyCheckpoint(out).get("w"), torch.tensor([2.5, 1.5]))
     with pytest.raises(RecipeError, match="recipe.stats.fisher: expected per-model statistic files"):
         load_recipe({k: v for k, v in r.items() if k != "stats"})
+
+
+@pytest.mark.parametrize("method,values", [
+    ("linear", {"weights": (0.5, 0.3, 0.2)}), ("linear", {"weights": (1.0, 2.0, -0.5), "normalize": False}),
+    ("task_arithmetic", {"lam": 0.7, "weights": (1.0, 0.5, 2.0)}),
+    ("task_arithmetic", {"normalize": True, "weights": (1.0, 0.5, 2.0)}),
+    ("dare_linear", {"density": 1.0}), ("ties", {"density": 1.0, "consensus": "none"}),
+])
+@pytest.mark.parametrize("storage", [torch.float32, torch.bfloat16])
+def test_linear_form_fast_path_equals_the_method(tmp_path, method, values, storage):
+    """The executor sums a linear-form method model by model from the files; the result must
+    be the method function's on the stacked inputs (files in fp32 and bf16, one model missing
+    a tensor, LiNeS on top)."""
+    from deltakit.merge import build_config
+    from deltakit.merge._layers import layer_index, lines_factor
+    from deltakit.merge.executor import merge_tensors
+
+    m = get_merge(method)
+    cfg = build_config(m, values)
+    assert m.linear_form is not None and m.linear_form(cfg, 3) is not None
+    base, fts = _sds(1)
+    base = {k: v.to(storage) if v.is_floating_point() else v for k, v in base.items()}
+    fts = [{k: v.to(storage) if v.is_floating_point() else v for k, v in sd.items()} for sd in fts]
+    del fts[2]["model.layers.1.w"]  # contributes the base (a zero task vector)
+    dirs = [_write(tmp_path, f"ft{i}", sd) for i, sd in enumerate(fts)]
+    bdir = _write(tmp_path, "base", base)
+    # fp32 output: compare the fp32 sums themselves, not their (boundary-sensitive) bf16 rounding
+    plan = MergePlan(method=m, config_for=lambda n, l, L: cfg, missing="base", lines=(0.5, 1.0),
+                     out_dtype=torch.float32)
+    out = LazyCheckpoint(merge_checkpoints(dirs, tmp_path / "out", plan, base=bdir, progress=False))
+    for n in ("model.layers.0.w", "model.layers.1.w", "model.embed_tokens.weight"):
+        xs = [sd.get(n, base[n]) for sd in fts]
+        want = merge_tensors(m, xs, base[n], cfg, MergeContext(name=n))
+        f = lines_factor(n, layer_index(n), 2, *plan.lines)
+        want = base[n].float() + f * (want - base[n].float())
+        torch.testing.assert_close(out.get(n), want, rtol=0, atol=1e-6)
+    assert torch.equal(out.get("pos"), base["pos"])
+
+
+def test_magnitude_sort_is_the_argsort_set_without_ambiguous_ties():
+    from deltakit.merge import SPARSIFY
+
+    g = torch.Generator().manual_seed(3)
+    for x in (torch.randn(50_001, generator=g),  # no ties: the O(n) path
+              torch.cat([torch.zeros(30_000), torch.randn(20_000, generator=g)]),  # zeros below the threshold
+              torch.randint(-3, 4, (40_000,), generator=g).float()):  # ambiguous ties: the sort decides
+        for density in (0.1, 0.5, 0.9):
+            k = max(1, int(density * x.numel()))
+            want = torch.zeros_like(x, dtype=torch.bool)
+            want[torch.argsort(x.abs(), descending=True)[:k]] = True
+            assert torch.equal(SPARSIFY["magnitude_sort"](x, density, None, 0.0, 0.0), want)
