@@ -48,7 +48,7 @@ def _child(tool: str, recipe_path: str, out_dir: str) -> None:
         if tool == "deltakit_exact" and getattr(rec.method.config(), "sparsify", None) == "magnitude":
             # mergekit's tie order at the trim threshold (full argsort) instead of the O(n) selection
             rec.shared["sparsify"] = "magnitude_sort"
-        run_recipe(rec, out_dir, progress=False)
+        run_recipe(rec, out_dir, progress=False, fsync=tool != "deltakit_nofsync")
     merge_s = time.perf_counter() - t0
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     print(json.dumps({"merge_s": merge_s, "peak_rss_mb": rss_kb / 1024}))
@@ -174,11 +174,15 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
     ap.add_argument("--methods", nargs="+", default=["linear", "ties"])
+    ap.add_argument("--out-root", default=None,
+                    help="where both tools write their outputs (default: beside the inputs); e.g. /dev/shm "
+                         "to take the disk's write bandwidth out of the comparison")
     ap.add_argument("--repeats", type=int, default=3, help="runs per tool, order alternated; the median is reported")
     ap.add_argument("--out", default=str(HERE / "results" / "merge_speed.json"))
     ap.add_argument("--generate-only", action="store_true")
     ap.add_argument("--tools", nargs="+", default=["mergekit", "deltakit"],
-                    help="mergekit, deltakit, deltakit_exact (TIES with mergekit's tie order)")
+                    help="mergekit, deltakit, deltakit_exact (TIES with mergekit's tie order), "
+                         "deltakit_nofsync (outputs not fsynced, as mergekit's)")
     args = ap.parse_args()
 
     cache = Path(args.cache)
@@ -193,7 +197,7 @@ def main() -> None:
     results = []
     for dt in args.dtypes:
         for method in args.methods:
-            work = cache / "runs" / f"{method}_{dt}"
+            work = Path(args.out_root or cache / "runs") / f"{method}_{dt}"
             work.mkdir(parents=True, exist_ok=True)
             recipe = _recipe(method, dirs[dt], dt)
             load_before = os.getloadavg()
@@ -214,6 +218,9 @@ def main() -> None:
             if "deltakit_exact" in args.tools:
                 row["diff_vs_mergekit_exact_ties"] = _compare(work / "out_mergekit", work / "out_deltakit_exact")
                 row["time_ratio_wall_exact"] = row["deltakit_exact"]["wall_s"] / row["mergekit"]["wall_s"]
+            if "deltakit_nofsync" in args.tools:
+                row["time_ratio_wall_nofsync"] = row["deltakit_nofsync"]["wall_s"] / row["mergekit"]["wall_s"]
+                print(f"  -> without fsync (mergekit's durability): time ratio {row['time_ratio_wall_nofsync']:.2f}")
             row["time_ratio_wall"] = row["deltakit"]["wall_s"] / row["mergekit"]["wall_s"]
             row["time_ratio_merge"] = row["deltakit"]["merge_s"] / row["mergekit"]["merge_s"]
             row["rss_ratio"] = row["deltakit"]["peak_rss_mb"] / row["mergekit"]["peak_rss_mb"]
@@ -228,7 +235,7 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "torch": torch.__version__, "mergekit": version("mergekit"),
                     "note": "load averages before / after each row in load_avg_*; median of --repeats runs"},
-        "repeats": args.repeats,
+        "repeats": args.repeats, "out_root": args.out_root or str(cache / "runs"),
         "results": results,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

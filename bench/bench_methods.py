@@ -20,10 +20,11 @@ plus **full fine-tuning** as reference. Counts exclude the classification head
 
 Same for every method: seed, rows, steps, batch size, linear schedule with 10% warm-up,
 bf16 autocast with fp32 master weights, eager attention (SDPA's bf16 backward is slow on
-CPU). Steps and max length are set **per task** (``task_protocol``: SST-2 200 x 64 tokens,
-MRPC 300 x 128, RTE 200 x 128, CoLA 500 x 64, batch 16, about one pass over the rows
-used): at a uniform 100 steps MRPC, CoLA and RTE stayed at the majority class for every
-method, full fine-tuning included. **Learning rate**: every method gets the same grid
+CPU). Steps, max length and rows are set **per task** (``task_protocol``, batch 16: SST-2
+200 steps x 64 tokens, MRPC 300 x 128, RTE 200 x 128, each about one pass over its rows;
+CoLA 800 x 64 over 3200 rows, four passes): at a uniform 100 steps MRPC, CoLA and RTE
+stayed at the majority class for every method, full fine-tuning included, and CoLA still
+did after one pass over 8000 rows (500 steps). **Learning rate**: every method gets the same grid
 ``lrs``; the best LR per method is chosen at its default setting by a short probe
 (``select_steps`` on ``select_n_train`` rows of SST-2) scored on a held-out **selection
 split** of SST-2's training file (never trained on, never dev), then used for that method
@@ -128,10 +129,10 @@ class Config:
     select_n_train: int = 1600
     select_max_length: int = 96
     n_select: int = 400
-    # dev runs, per task: (steps, max_length); fit rows = steps x batch, capped by what the
-    # training file has besides the selection rows (so about one pass over the data)
-    task_protocol: tuple[tuple[str, int, int], ...] = (
-        ("sst2", 200, 64), ("mrpc", 300, 128), ("rte", 200, 128), ("cola", 500, 64))
+    # dev runs, per task: (steps, max_length, fit rows); 0 fit rows = steps x batch (one pass),
+    # capped by what the training file has besides the selection rows
+    task_protocol: tuple[tuple[str, int, int, int], ...] = (
+        ("sst2", 200, 64, 0), ("mrpc", 300, 128, 0), ("rte", 200, 128, 0), ("cola", 800, 64, 3200))
     n_dev: int | None = None                 # None: the whole dev file
     batch_size: int = 16
     seed: int = 0
@@ -140,27 +141,27 @@ class Config:
     threads: int = 1
     budget_min: float = 110.0
 
-    def protocol(self, task: str) -> tuple[int, int]:
-        """(steps, max_length) of dev runs on ``task``."""
-        for t, steps, length in self.task_protocol:
+    def protocol(self, task: str) -> tuple[int, int, int]:
+        """(steps, max_length, fit rows) of dev runs on ``task``."""
+        for t, steps, length, n_fit in self.task_protocol:
             if t == task:
-                return steps, length
+                return steps, length, n_fit or steps * self.batch_size
         raise KeyError(f"task_protocol: expected an entry for {task!r}, found {[t for t, *_ in self.task_protocol]}")
 
-    def key(self, split: str = "dev") -> str:
-        """What a cached run depends on (not the scheduling knobs)."""
+    def key(self, split: str = "dev", task: str | None = None) -> str:
+        """What a cached run depends on (not the scheduling knobs); a dev run, on its task's protocol."""
         # LR-probe runs keep protocol 2's key (same fields, same values), so they are reused
         keep = {"protocol": 2, "n_train": self.select_n_train, "n_select": self.n_select, "n_dev": self.n_dev,
                 "steps": self.select_steps, "batch_size": self.batch_size, "max_length": self.select_max_length,
                 "seed": self.seed, "bf16": self.bf16, "lrs": list(self.lrs)}
-        if split != "select":  # 3: per-task steps and lengths for dev runs
-            keep |= {"protocol": 3, "task_protocol": [list(x) for x in self.task_protocol]}
+        if split != "select":  # 4: per-task steps, lengths and rows for dev runs, keyed per task
+            keep |= {"protocol": 4, "task": task, "task_protocol": list(self.protocol(task))}
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
 
 
 QUICK = dict(tasks=("sst2", "rte"), methods=("lora", "bitfit", "houlsby", "prompt_tuning"),
              budget_tasks=("sst2",), lrs=(1e-3, 1e-2), select_steps=4, select_n_train=48, select_max_length=64,
-             n_select=24, task_protocol=(("sst2", 4, 64), ("rte", 3, 64)), n_dev=32, batch_size=8,
+             n_select=24, task_protocol=(("sst2", 4, 64, 0), ("rte", 3, 64, 0)), n_dev=32, batch_size=8,
              budget_min=10.0)
 
 
@@ -183,12 +184,12 @@ def _rows(cfg: Config, task: str) -> dict[str, list[dict]]:
     order = list(range(len(train)))
     rng.shuffle(order)
     a, b = cfg.select_n_train, cfg.select_n_train + cfg.n_select
-    steps, _ = cfg.protocol(task) if task in {t for t, *_ in cfg.task_protocol} else (cfg.select_steps, 0)
+    n_fit = cfg.protocol(task)[2] if task in {t for t, *_ in cfg.task_protocol} else cfg.select_n_train
     rest = order[:a] + order[b:]
     if cfg.n_dev is not None:
         dev = dev[:cfg.n_dev]
     return {"probe": [train[i] for i in order[:a]], "select": [train[i] for i in order[a:b]],
-            "fit": [train[i] for i in rest[:steps * cfg.batch_size]], "dev": dev}
+            "fit": [train[i] for i in rest[:n_fit]], "dev": dev}
 
 
 # ----------------------------------------------------------------------------- counting
@@ -330,7 +331,7 @@ def run_one(cfg: Config, job: dict) -> dict:
     if job["split"] == "select":  # the LR probe
         fit_rows, steps, max_length = rows["probe"], cfg.select_steps, cfg.select_max_length
     else:
-        (steps, max_length), fit_rows = cfg.protocol(task), rows["fit"]
+        (steps, max_length, _), fit_rows = cfg.protocol(task), rows["fit"]
     train_loader = make_loader(fit_rows, tok, batch_size=cfg.batch_size, max_length=max_length,
                                shuffle=True, seed=cfg.seed)
     eval_loader = make_loader(rows[job["split"]], tok, batch_size=64, max_length=max_length)
@@ -368,7 +369,7 @@ def run_one(cfg: Config, job: dict) -> dict:
 def _job_key(cfg: Config, job: dict) -> str:
     ident = json.dumps({k: job[k] for k in ("method", "settings", "lr", "task", "split")}, sort_keys=True,
                        default=str)
-    return cfg.key(job["split"]) + "-" + hashlib.sha256(ident.encode()).hexdigest()[:16]
+    return cfg.key(job["split"], job["task"]) + "-" + hashlib.sha256(ident.encode()).hexdigest()[:16]
 
 
 def _methods(cfg: Config) -> list[str]:
@@ -507,15 +508,18 @@ def run(quick: bool = False, out_dir: str | os.PathLike | None = None, cache_dir
     # method-major order, so a time budget cuts whole rows rather than one task of every row
     main_jobs = [job(m, points[m][0], t, best_lr[m], "dev") for m in methods if m in best_lr for t in cfg.tasks]
     execute(main_jobs, "defaults")
-    budget_jobs = [job(m, p, t, best_lr[m], "dev") for p_i in range(1, 1 + len(cfg.budgets))
+    # task-major: a time budget cuts the later (costlier) budget task, not half of every method
+    budget_jobs = [job(m, p, t, best_lr[m], "dev") for t in cfg.tasks if t in cfg.budget_tasks
+                   for p_i in range(1, 1 + len(cfg.budgets))
                    for m in methods if m in best_lr and len(points[m]) > p_i and points[m][p_i]["reachable"]
-                   for p in [points[m][p_i]] for t in cfg.tasks if t in cfg.budget_tasks]
+                   for p in [points[m][p_i]]]
     execute(budget_jobs, "budgets")
     pool.shutdown()
 
     runs = [done[_job_key(cfg, j)] for j in main_jobs + budget_jobs if _job_key(cfg, j) in done]
     lr_runs = [done[_job_key(cfg, j)] for j in lr_jobs if _job_key(cfg, j) in done]
-    result = {"config": dataclasses.asdict(cfg), "key": {"select": cfg.key("select"), "dev": cfg.key("dev")},
+    result = {"config": dataclasses.asdict(cfg),
+              "key": {"select": cfg.key("select"), "dev": {t: cfg.key("dev", t) for t in cfg.tasks}},
               "machine": _machine(), "points": points,
               "adapted": ADAPTED, "lr_runs": lr_runs,
               "lr_selection": lr_table, "best_lr": best_lr, "runs": runs,
@@ -539,7 +543,9 @@ def _seed_cache(cfg: Config, previous: Path, runs_dir: Path, log) -> None:
     keys = keys if isinstance(keys, dict) else {"select": keys}  # protocol 2 had one key
     n = 0
     for r in [*old.get("lr_runs", []), *old.get("runs", [])]:
-        if "error" in r or keys.get(r["split"]) != cfg.key(r["split"]):
+        want = keys.get(r["split"])
+        want = want.get(r["task"]) if isinstance(want, dict) else want
+        if "error" in r or want != cfg.key(r["split"], r["task"]):
             continue  # failures are retried; runs of another protocol do not count
         f = runs_dir / f"{_job_key(cfg, r)}.json"
         if not f.exists():
@@ -656,7 +662,8 @@ def write_report(result: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "methods.json", result)
     c = result["config"]
-    proto = ", ".join(f"{t} {st} steps x {ml} tokens" for t, st, ml in c["task_protocol"] if t in c["tasks"])
+    proto = ", ".join(f"{t} {st} steps x {ml} tokens" + (f" over {nf} rows" if nf else "")
+                      for t, st, ml, nf in c["task_protocol"] if t in c["tasks"])
     md = [f"# PEFT methods on MiniLM ({', '.join(c['tasks'])})", "",
           f"Batch {c['batch_size']}; per task: {proto}; bf16 autocast. LR per method from {list(c['lrs'])}, "
           f"chosen by a {c['select_steps']}-step probe scored on a held-out part of SST-2 train. Budget points "

@@ -144,6 +144,33 @@ def test_cli_merge_subcommand(tmp_path, capsys):
     assert torch.allclose(got, base[n] + 0.5 * (fts[0][n] - base[n] + fts[1][n] - base[n]), atol=1e-6)
 
 
+def test_fsync_is_on_by_default_and_off_with_no_fsync(tmp_path, monkeypatch):
+    import argparse
+    import os
+
+    import deltakit.taskvec._writer as writer
+    from deltakit.cli import merge as cli_merge
+
+    calls = []
+    real = os.fsync
+    monkeypatch.setattr(writer.os, "fsync", lambda fd: (calls.append(fd), real(fd)))
+    base, fts = _sds()
+    _write(tmp_path, "base", base)
+    for i, sd in enumerate(fts):
+        _write(tmp_path, f"ft{i}", sd)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({"method": "linear", "models": ["ft0", "ft1"]}))
+    p = argparse.ArgumentParser()
+    cli_merge.add_parser(p.add_subparsers(dest="command"))
+    for flags, want in (([], 1), (["--no-fsync"], 0)):
+        calls.clear()
+        out = tmp_path / f"out{len(flags)}"
+        args = p.parse_args(["merge", str(tmp_path / "r.yaml"), "-o", str(out), "--no-progress", *flags])
+        assert args.func(args) == 0
+        assert len(calls) == want  # one shard
+        n = "model.layers.0.w"
+        assert torch.allclose(LazyCheckpoint(out).get(n), (fts[0][n] + fts[1][n]) / 2, atol=1e-6)
+
+
 def test_non_finite_result_aborts_the_write(tmp_path):
     base, fts = _sds()
     bad = dict(fts[0], **{"model.layers.1.w": torch.full((4, 3), float("nan"))})
@@ -215,3 +242,15 @@ def test_magnitude_sort_is_the_argsort_set_without_ambiguous_ties():
             want = torch.zeros_like(x, dtype=torch.bool)
             want[torch.argsort(x.abs(), descending=True)[:k]] = True
             assert torch.equal(SPARSIFY["magnitude_sort"](x, density, None, 0.0, 0.0), want)
+
+
+def test_mergekit_ties_tie_order_follows_the_recipe_dtype(tmp_path):
+    """fp32 mergekit TIES recipes reproduce mergekit's argsort tie order; half-precision ones
+    (where mergekit ranks rounded task vectors) use the O(n) trim."""
+    base, fts = _sds()
+    dirs = [_write(tmp_path, f"m{i}", sd) for i, sd in enumerate([base, *fts])]
+    rec = {"merge_method": "ties", "base_model": str(dirs[0]),
+           "models": [{"model": str(p), "parameters": {"weight": 1.0, "density": 0.5}} for p in dirs[1:]]}
+    assert load_recipe(dict(rec, dtype="float32")).shared["sparsify"] == "magnitude_sort"
+    assert load_recipe(rec).shared["sparsify"] == "magnitude_sort"
+    assert load_recipe(dict(rec, dtype="bfloat16")).shared["sparsify"] == "magnitude"

@@ -12,6 +12,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("recipe", nargs="?", help="recipe YAML (deltakit format, or mergekit's merge_method format)")
     p.add_argument("-o", "--out", help="output checkpoint directory")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--no-fsync", action="store_true",
+                   help="do not fsync the output files: still atomic if this process dies, not durable "
+                        "against power loss (what mergekit and save_pretrained do); faster on slow disks")
     p.add_argument("--list", action="store_true", help="list the registered merge methods and exit")
     p.set_defaults(func=run)
     return p
@@ -27,6 +30,6 @@ def run(args) -> int:
         return 0
     if not args.recipe or not args.out:
         raise ValueError("expected RECIPE and -o OUT, found " + ("no recipe" if not args.recipe else "no -o OUT"))
-    out = run_recipe(args.recipe, args.out, progress=not args.no_progress)
+    out = run_recipe(args.recipe, args.out, progress=not args.no_progress, fsync=not args.no_fsync)
     print(f"wrote merged checkpoint to {out}")
     return 0

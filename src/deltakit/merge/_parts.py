@@ -185,6 +185,19 @@ def per_model(value: float | tuple[float, ...] | None, k: int, default: float, f
     return [float(v) for v in value]
 
 
+_DETERMINISTIC = ("magnitude", "magnitude_sort", "breadcrumbs")
+_POOL: list = []
+
+
+def _row_pool():
+    """A process-wide pool for per-row work (created on first use, sized to torch's threads)."""
+    if not _POOL:
+        from concurrent.futures import ThreadPoolExecutor
+        _POOL.append(ThreadPoolExecutor(max_workers=max(2, torch.get_num_threads()),
+                                        thread_name_prefix="deltakit-rows"))
+    return _POOL[0]
+
+
 def gta_linear_form(cfg: GTAConfig, k: int) -> list[float] | None:
     """c_k with gta_merge == base + sum_k c_k x_k, when nothing is sparsified or elected."""
     densities = per_model(cfg.density, k, 1.0, "density")
@@ -208,17 +221,26 @@ def gta_merge(x: torch.Tensor, base: torch.Tensor, cfg: GTAConfig, ctx: MergeCon
     gen = ctx.generator
     flat = x.reshape(k, -1)
     stacked = torch.empty_like(flat)  # (K, n): weighted, sparsified task vectors (our own buffer)
-    for i in range(k):
+
+    def one(i: int) -> None:
         row, d = flat[i], densities[i]
         if cfg.sparsify != "none" and d < 1.0:
             if d <= 0.0 or row.numel() == 0:
                 stacked[i].zero_()
-                continue
+                return
             torch.mul(row, sparsify(row, d, gen, gammas[i], epsilons[i]), out=stacked[i])
-            stacked[i] = rescale(row, stacked[i], d, qs[i])
+            stacked[i].copy_(rescale(row, stacked[i], d, qs[i]))
         else:
             stacked[i].copy_(row)
         stacked[i].mul_(weights[i])
+
+    # the selections (kthvalue, argsort) are single-threaded in torch: large rows of a
+    # deterministic sparsifier run on a thread each (a random one keeps its draw order)
+    if cfg.sparsify in _DETERMINISTIC and k > 1 and flat.shape[1] >= (1 << 20) and torch.get_num_threads() > 1:
+        list(_row_pool().map(one, range(k)))
+    else:
+        for i in range(k):
+            one(i)
     w = torch.tensor(weights, dtype=x.dtype)  # (K,)
     mask = CONSENSUS[cfg.consensus](stacked)
     if mask is not None:

@@ -113,7 +113,7 @@ def merge_tensors(method: MergeMethod, tensors: Sequence[torch.Tensor], base: to
 
 def merge_checkpoints(models: Sequence[Source], out_dir: str | os.PathLike, plan: MergePlan, *,
                       base: Source | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                      progress: bool = True, prefetch: bool = True) -> Path:
+                      progress: bool = True, prefetch: bool = True, fsync: bool = True) -> Path:
     """Merge K checkpoints (HF dirs, LazyCheckpoints or state dicts) into an HF dir at ``out_dir``."""
     if not models:
         raise MergeConfigError("models: expected at least one model, found none")
@@ -263,7 +263,8 @@ def merge_checkpoints(models: Sequence[Source], out_dir: str | os.PathLike, plan
     try:
         return write_checkpoint(out_dir, items, produce, max_shard_bytes=max_shard_bytes,
                                 metadata={"deltakit_merge": plan.method.name}, copy_files_from=copy_from,
-                                progress=progress, desc=f"merge ({plan.method.name})", validate=finite)
+                                progress=progress, desc=f"merge ({plan.method.name})", validate=finite,
+                                fsync=fsync)
     finally:
         if pool is not None:
             for fut in pending.values():

@@ -308,6 +308,9 @@ _MK_TOP = {"merge_method", "models", "base_model", "parameters", "dtype", "out_d
            "tokenizer", "chat_template", "name"}
 
 
+_HALF = ("bfloat16", "bf16", "float16", "fp16", "half")
+
+
 def _mk_value(key: str, value: Any) -> Any:
     """mergekit's boolean ``rescale`` becomes our rescale mode."""
     if key == "rescale":
@@ -356,6 +359,11 @@ def _read_mergekit(d: Mapping, root: Path | None) -> Recipe:
         per_model.append(_mk_params(m.get("parameters"), mapping, f"recipe.models[{i}].parameters"))
     shared = dict(fixed)
     shared.update(_mk_params(d.get("parameters"), mapping, "recipe.parameters"))
+    if shared.get("sparsify") == "magnitude_sort" and str(d.get("dtype", "")).lower() in _HALF:
+        # mergekit ranks half-precision task vectors here, so its tie order cannot be reproduced
+        # from our fp32 ones (the results differ by half-precision rounding anyway): the O(n)
+        # trim keeps as many entries without a full sort
+        shared["sparsify"] = "magnitude"
     if ours == "linear":
         base = None
     if ours in ("slerp", "model_stock") and base is None:
@@ -388,8 +396,9 @@ def load_recipe(path_or_dict: str | os.PathLike | Mapping) -> Recipe:
 
 
 def run_recipe(path_or_dict: str | os.PathLike | Mapping | Recipe, out_dir: str | os.PathLike,
-               progress: bool = True) -> Path:
-    """Load ``path_or_dict`` and stream the merge into ``out_dir`` (HF layout, atomic)."""
+               progress: bool = True, fsync: bool = True) -> Path:
+    """Load ``path_or_dict`` and stream the merge into ``out_dir`` (HF layout, atomic;
+    ``fsync=False``: not durable against power loss, see :func:`write_checkpoint`)."""
     r = path_or_dict if isinstance(path_or_dict, Recipe) else load_recipe(path_or_dict)
     return merge_checkpoints(r.models, out_dir, r.plan(), base=r.base_model, max_shard_bytes=r.shard_bytes,
-                             progress=progress)
+                             progress=progress, fsync=fsync)
