@@ -11,7 +11,9 @@ the disjoint count sum_k w_k m_k (``normalize``).
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
@@ -28,15 +30,19 @@ def _keep_all(x: torch.Tensor, density: float, gen, gamma: float, epsilon: float
     return torch.ones_like(x, dtype=torch.bool)
 
 
+def _above_kth(mag: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(k-th largest value, mask of the entries strictly above it), O(n)."""
+    thr = mag.kthvalue(mag.numel() - k + 1).values
+    return thr, mag > thr
+
+
 def _magnitude(x: torch.Tensor, density: float, gen, gamma: float, epsilon: float) -> torch.Tensor:
     """TIES "trim": keep the k = max(1, floor(density * n)) largest |x| (https://arxiv.org/abs/2306.01708)."""
-    n = x.numel()
-    k = max(1, int(density * n))
-    mag = x.abs()
+    k = max(1, int(density * x.numel()))
     # O(n) selection instead of a full sort: the k-th largest magnitude is the threshold;
     # entries tied at the threshold are taken lowest index first so exactly k survive.
-    thr = mag.kthvalue(n - k + 1).values
-    mask = mag > thr
+    mag = x.abs()
+    thr, mask = _above_kth(mag, k)
     need = k - int(mask.sum())
     if need > 0:
         mask[torch.nonzero(mag == thr).squeeze(1)[:need]] = True
@@ -54,8 +60,7 @@ def _magnitude_sort(x: torch.Tensor, density: float, gen, gamma: float, epsilon:
     if k >= n:
         return torch.ones_like(x, dtype=torch.bool)
     mag = x.abs().float()
-    thr = mag.kthvalue(n - k + 1).values
-    mask = mag > thr
+    thr, mask = _above_kth(mag, k)
     at = mag == thr
     if int(mask.sum()) + int(at.sum()) == k:  # no choice among tied entries
         return mask.logical_or_(at)
@@ -186,16 +191,12 @@ def per_model(value: float | tuple[float, ...] | None, k: int, default: float, f
 
 
 _DETERMINISTIC = ("magnitude", "magnitude_sort", "breadcrumbs")
-_POOL: list = []
 
 
-def _row_pool():
+@functools.cache
+def _row_pool() -> ThreadPoolExecutor:
     """A process-wide pool for per-row work (created on first use, sized to torch's threads)."""
-    if not _POOL:
-        from concurrent.futures import ThreadPoolExecutor
-        _POOL.append(ThreadPoolExecutor(max_workers=max(2, torch.get_num_threads()),
-                                        thread_name_prefix="deltakit-rows"))
-    return _POOL[0]
+    return ThreadPoolExecutor(max_workers=max(2, torch.get_num_threads()), thread_name_prefix="deltakit-rows")
 
 
 def gta_linear_form(cfg: GTAConfig, k: int) -> list[float] | None:

@@ -162,9 +162,9 @@ def merge_checkpoints(models: Sequence[Source], out_dir: str | os.PathLike, plan
         deltas = plan.method.inputs == "deltas" and base_t is not None
         out = base_t.clone() if deltas else torch.zeros(shape, dtype=work)
         for s, c in zip(srcs, coefs):
-            if n not in s:
-                if deltas or base_t is None:
-                    continue  # a zero task vector (no base: validated above, cannot happen)
+            if n not in s:  # missing="base" (validated above): that model contributes the base
+                if deltas:
+                    continue  # a zero task vector
                 t = base_t
             elif isinstance(s, LazyCheckpoint):
                 raw = s.read_into(n, buffer(f"raw_{s.dtype(n)}", shape, s.dtype(n)))
@@ -181,14 +181,15 @@ def merge_checkpoints(models: Sequence[Source], out_dir: str | os.PathLike, plan
         list, or the merged tensor itself when the method is a linear combination here."""
         if not _dtype(ref, n).is_floating_point:
             base_t = _read(b, n) if b is not None else None
-            return "raw", base_t, [_read(s, n) if n in s else base_t for s in srcs]
+            return "raw", base_t, [_read(s, n) if n in s else base_t for s in srcs], None
         shape = _shape(ref, n)
         base_t = None
         if b is not None:
             base_t = _read_work(b, n, work, shape)
-        coefs = linear_form(plan.config_for(n, layer_index(n), num_layers), k) if linear_form else None
+        cfg = plan.config_for(n, layer_index(n), num_layers)
+        coefs = linear_form(cfg, k) if linear_form else None
         if coefs is not None:
-            return "merged", base_t, weighted_sum(n, shape, base_t, coefs)
+            return "merged", base_t, weighted_sum(n, shape, base_t, coefs), cfg
         x = torch.empty((k, *shape), dtype=work)
 
         def fill(i: int) -> None:
@@ -207,7 +208,7 @@ def merge_checkpoints(models: Sequence[Source], out_dir: str | os.PathLike, plan
         else:
             for i in range(k):
                 fill(i)
-        return "float", base_t, x
+        return "float", base_t, x, cfg
 
     order = [it.name for it in items]
     nxt = {a: c for a, c in zip(order, order[1:])}
@@ -224,7 +225,7 @@ def merge_checkpoints(models: Sequence[Source], out_dir: str | os.PathLike, plan
 
     def produce(it: PlannedTensor) -> torch.Tensor:
         n = it.name
-        kind, base_t, x = fetch(n)
+        kind, base_t, x, cfg = fetch(n)
         if kind == "raw":
             first = base_t if base_t is not None else x[0]
             for i, t in enumerate(x):
@@ -238,18 +239,17 @@ def merge_checkpoints(models: Sequence[Source], out_dir: str | os.PathLike, plan
         if kind == "merged":
             out = x
         else:
-            out = merge_one(n, layer, base_t, bw, x)
+            out = merge_one(n, layer, cfg, base_t, bw, x)
         del x
         if plan.lines is not None:
             f = lines_factor(n, layer, num_layers, *plan.lines)
             out = bw + f * (out - bw)
         return out  # cast to it.dtype on the writer thread
 
-    def merge_one(n, layer, base_t, bw, x):
+    def merge_one(n, layer, cfg, base_t, bw, x):
         ctx = MergeContext(name=n, layer=layer, num_layers=num_layers,
                            stats=plan.stats_for(n) if plan.stats_for else {},
                            generator=tensor_generator(plan.seed, n))
-        cfg = plan.config_for(n, layer, num_layers)
         if plan.method.inputs == "deltas" and base_t is not None:
             x.sub_(bw)
         return plan.method(x, bw, cfg, ctx)

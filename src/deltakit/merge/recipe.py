@@ -308,9 +308,6 @@ _MK_TOP = {"merge_method", "models", "base_model", "parameters", "dtype", "out_d
            "tokenizer", "chat_template", "name"}
 
 
-_HALF = ("bfloat16", "bf16", "float16", "fp16", "half")
-
-
 def _mk_value(key: str, value: Any) -> Any:
     """mergekit's boolean ``rescale`` becomes our rescale mode."""
     if key == "rescale":
@@ -359,7 +356,7 @@ def _read_mergekit(d: Mapping, root: Path | None) -> Recipe:
         per_model.append(_mk_params(m.get("parameters"), mapping, f"recipe.models[{i}].parameters"))
     shared = dict(fixed)
     shared.update(_mk_params(d.get("parameters"), mapping, "recipe.parameters"))
-    if shared.get("sparsify") == "magnitude_sort" and str(d.get("dtype", "")).lower() in _HALF:
+    if shared.get("sparsify") == "magnitude_sort" and DTYPES.get(d.get("dtype")) in (DTYPES["bf16"], DTYPES["fp16"]):
         # mergekit ranks half-precision task vectors here, so its tie order cannot be reproduced
         # from our fp32 ones (the results differ by half-precision rounding anyway): the O(n)
         # trim keeps as many entries without a full sort
