@@ -48,6 +48,23 @@ def test_lazy_checkpoint_matches_safetensors(tmp_path, sharded):
     assert ck.get("a.weight", torch.float64).dtype == torch.float64
 
 
+def test_mapped_views_equal_reads_and_never_write_the_file(tmp_path):
+    """Zero-copy views (what the streaming sum reads) at page-unaligned offsets, several
+    dtypes, a scalar and an empty tensor; writing into a view leaves the file untouched."""
+    sd = {**_sd(1), "big": torch.arange(3001, dtype=torch.float32), "half": torch.randn(7, 5).half(),
+          "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 3)}
+    d = _save_dir(tmp_path, "m", sd)
+    ck = LazyCheckpoint(d)
+    assert any(ck.info(k).start % 4096 for k in sd)  # the page-offset path is exercised
+    for k, v in sd.items():
+        view = ck.mapped(k)
+        assert view.dtype == v.dtype and torch.equal(view, v), k
+    view = ck.mapped("big")
+    view.fill_(-1.0)
+    assert torch.equal(LazyCheckpoint(d).get("big"), sd["big"])
+    assert torch.equal(ck.mapped("big"), sd["big"])
+
+
 def test_lazy_checkpoint_errors(tmp_path):
     with pytest.raises(DeltakitFileError, match="expected a checkpoint directory"):
         LazyCheckpoint(tmp_path / "nope")
@@ -76,6 +93,22 @@ def test_writer_is_readable_by_safetensors(tmp_path, shard_bytes):
         got.update(load_file(str(out / f)))
     assert got.keys() == sd.keys() and all(torch.equal(got[k], sd[k]) for k in sd)
     assert {k: v for k, v in ((k, LazyCheckpoint(out).get(k)) for k in sd)}.keys() == sd.keys()
+
+
+@pytest.mark.parametrize("fsync", [True, False])
+def test_writer_starts_writeback_of_exactly_each_tensors_bytes(tmp_path, monkeypatch, fsync):
+    """With fsync on, the disk write of each tensor is started as soon as it is written (the
+    hint's ranges are the tensors' byte ranges in the file); with fsync off, never."""
+    from deltakit.taskvec import _writer
+
+    calls: list[tuple[int, int]] = []
+    monkeypatch.setattr(_writer, "_sync_file_range", lambda: lambda fd, off, n: calls.append((off, n)))
+    sd = _sd(2)
+    plan = [PlannedTensor(k, tuple(v.shape), v.dtype) for k, v in sd.items()]
+    out = write_checkpoint(tmp_path / "out", plan, lambda it: sd[it.name], fsync=fsync)
+    ck = LazyCheckpoint(out)
+    want = sorted((ck.info(k).start, ck.info(k).nbytes) for k in sd)
+    assert sorted(calls) == (want if fsync else [])
 
 
 def test_writer_rejects_wrong_shape_and_leaves_nothing(tmp_path):

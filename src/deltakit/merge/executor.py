@@ -158,23 +158,26 @@ def merge_checkpoints(models: Sequence[Source], out_dir: str | os.PathLike, plan
         return buf[:n_el].view(shape)
 
     def weighted_sum(n: str, shape, base_t: torch.Tensor | None, coefs: list[float]) -> torch.Tensor:
-        """b + sum_k c_k x_k read model by model into a reused buffer (the method's linear form)."""
+        """b + sum_k c_k x_k read model by model (the method's linear form): checkpoint tensors
+        are summed straight from a memory map (each byte read once, no buffer copy)."""
         deltas = plan.method.inputs == "deltas" and base_t is not None
-        out = base_t.clone() if deltas else torch.zeros(shape, dtype=work)
+        out = base_t.clone() if deltas else None
         for s, c in zip(srcs, coefs):
             if n not in s:  # missing="base" (validated above): that model contributes the base
                 if deltas:
                     continue  # a zero task vector
                 t = base_t
-            elif isinstance(s, LazyCheckpoint):
-                raw = s.read_into(n, buffer(f"raw_{s.dtype(n)}", shape, s.dtype(n)))
-                t = raw if raw.dtype == work else buffer("work", shape, work).copy_(raw)
             else:
-                t = buffer("work", shape, work).copy_(_read(s, n))
+                t = s.mapped(n) if isinstance(s, LazyCheckpoint) else _read(s, n)
             if deltas:  # x_k = theta_k - theta_0 first, as the method does (no cancellation)
-                t.sub_(base_t)
-            out.add_(t, alpha=c)
-        return out
+                t = torch.sub(t, base_t, out=buffer("work", shape, work))
+            if out is None:  # first term c * x (== 0 + c * x bit for bit): no zero-filled pass
+                # (a bf16 x is widened first: torch would multiply in bf16, then widen)
+                out = torch.mul(t, c, out=torch.empty(shape, dtype=work)) if t.dtype == work else t.to(work).mul_(c)
+            else:
+                out.add_(t, alpha=c)
+            del t  # drop the map before the next model's (resident memory: one tensor)
+        return out if out is not None else torch.zeros(shape, dtype=work)
 
     def load(n: str):
         """Read one parameter: (base in work dtype or None, x (K, *shape) in work dtype) or raw

@@ -10,6 +10,7 @@ would leave every touched page counted in the process's RSS).
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 from collections.abc import Iterator
@@ -179,6 +180,27 @@ class LazyCheckpoint:
                         raise DeltakitFileError(f"{info.file}: expected {info.nbytes} bytes for {name!r}, found {got}")
                     got += r
         return out
+
+    def mapped(self, name: str) -> torch.Tensor:
+        """One tensor as a zero-copy view over a private memory map of its bytes.
+
+        For data read once and consumed (summed into an accumulator, say): no copy into a
+        buffer, so a streaming sum reads each byte once instead of three times. The map lives
+        as long as the returned tensor, so drop it to release the pages; writes to it stay in
+        this process (copy-on-write), never reach the file. Truncating the file while a view
+        is alive is undefined, as for any memory map.
+        """
+        info = self.info(name)
+        if not info.nbytes:
+            return torch.empty(info.shape, dtype=info.dtype)
+        lead = info.start % mmap.ALLOCATIONGRANULARITY
+        with open(info.file, "rb") as f:
+            if os.fstat(f.fileno()).st_size < info.start + info.nbytes:
+                raise DeltakitFileError(f"{info.file}: expected {info.nbytes} bytes for {name!r} at offset "
+                                        f"{info.start}, found a shorter file")
+            mm = mmap.mmap(f.fileno(), lead + info.nbytes, offset=info.start - lead, access=mmap.ACCESS_COPY)
+        n = info.nbytes // info.dtype.itemsize
+        return torch.frombuffer(mm, dtype=info.dtype, count=n, offset=lead).view(info.shape)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.get(name)
