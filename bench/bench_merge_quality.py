@@ -24,7 +24,9 @@ training data: Fisher (per-example empirical diagonal Fisher of each fine-tuned 
 on its own fit split, ``estimate_fisher``), RegMean (input Gram matrices of every
 ``nn.Linear`` of each fine-tuned model on its own fit split, ``collect_grams``),
 AdaMerging (layer-wise coefficients by entropy minimisation on the UNLABELLED inputs of
-the selection split, ``adamerging`` at its defaults).
+the selection split; each step holds a batch of every task and sums their entropies, the
+paper's objective; ``adamerging`` at its defaults, and its starting coefficient swept over
+the paper's 0.3 and task arithmetic's chosen lam).
 
 Rows of the result table:
 
@@ -120,7 +122,7 @@ class Config:
     fisher_rows: int = 48        # examples (batches of one) for each model's diagonal Fisher
     gram_rows: int = 128         # examples for each model's RegMean Gram matrices
     adamerging_steps: int = 500  # deltakit.merge.adamerging default (the paper's)
-    adamerging_batch: int = 8
+    adamerging_batch: int = 4    # rows per task per step (x 4 tasks = 16 rows a step)
     sweep: bool = True
     max_sweep_points: int | None = None  # quick mode: cap the points per method
     kinds: tuple[str, ...] = KINDS
@@ -444,11 +446,14 @@ class MultiHead(torch.nn.Module):
             lin.requires_grad_(False)
             self.heads[t] = lin
 
-    def forward(self, task: str, **enc):
-        return self.heads[task](self.bert(**enc).pooler_output)  # dropout is identity in eval
+    def forward(self, batches: Mapping[str, Mapping]) -> list[torch.Tensor]:
+        """{task: encoded batch} -> one logits tensor per task, each through its own head."""
+        # dropout is identity in eval
+        return [self.heads[t](self.bert(**enc).pooler_output).float() for t, enc in batches.items()]
 
 
-def run_adamerging(cfg: Config, tasks: dict[str, TaskData], tok, base_state, tvs_list, heads) -> tuple[dict, dict]:
+def run_adamerging(cfg: Config, tasks: dict[str, TaskData], tok, base_state, tvs_list, heads,
+                   init: float = 0.3) -> tuple[dict, dict]:
     from deltakit.io.models import load_classifier
     from deltakit.merge import adamerging
     from deltakit.taskvec import TaskVector
@@ -458,19 +463,21 @@ def run_adamerging(cfg: Config, tasks: dict[str, TaskData], tok, base_state, tvs
     wrapper = MultiHead(model, heads).eval()
     per_task = {t: _batches(tasks[t].select, tok, cfg, cfg.adamerging_batch, len(tasks[t].select), False)
                 for t in tasks}
-    batches = []
-    for i in range(max(len(b) for b in per_task.values())):  # round-robin over tasks
-        for t, bs in per_task.items():
-            if i < len(bs):
-                batches.append({"task": t, **bs[i]})
+    # one step = a batch of every task (the paper sums the tasks' entropies each step); tasks
+    # with fewer batches wrap around
+    rng = random.Random(cfg.seed)
+    for bs in per_task.values():  # _batches groups rows by length; steps should not run short-to-long
+        rng.shuffle(bs)
+    n = max(len(b) for b in per_task.values())
+    batches = [{t: bs[i % len(bs)] for t, bs in per_task.items()} for i in range(n)]
     tv_objs = [TaskVector.from_mapping(tv) for tv in tvs_list]
     elapsed = _timer()
     with _autocast(cfg):
-        res = adamerging(wrapper, tv_objs, batches, steps=cfg.adamerging_steps,
-                         forward=lambda m, b: m(**b).float())
+        res = adamerging(wrapper, tv_objs, batches, steps=cfg.adamerging_steps, init=init, forward=lambda m, b: m(b))
     merged = res.task_vector(tv_objs)
     lam = res.coefficients
-    info = {"seconds": elapsed(), "granularity": "layer", "steps": cfg.adamerging_steps, "lr": 1e-3, "init": 0.3,
+    info = {"seconds": elapsed(), "granularity": "layer", "steps": cfg.adamerging_steps, "lr": 1e-3, "init": init,
+            "rows_per_task_per_step": cfg.adamerging_batch,
             "entropy_first": round(res.history[0], 4), "entropy_last": round(res.history[-1], 4),
             "coef_mean": round(float(lam.mean()), 4), "coef_min": round(float(lam.min()), 4),
             "coef_max": round(float(lam.max()), 4),
@@ -480,7 +487,7 @@ def run_adamerging(cfg: Config, tasks: dict[str, TaskData], tok, base_state, tvs
 
 # ----------------------------------------------------------------------------- one kind
 def run_kind(cfg: Config, kind: str, tasks, tok, base_state, tvs: dict, heads: dict, cache: Path, deadline: float,
-             log: Log) -> dict:
+             log: Log, only: set[str] | None = None) -> dict:
     """Reference scores, statistics, then every method: (A) default setting on selection + dev,
     (B) sweep points on selection while the time budget allows, (C) dev at the chosen setting."""
     from deltakit.merge import get_merge, list_merges
@@ -532,7 +539,11 @@ def run_kind(cfg: Config, kind: str, tasks, tok, base_state, tvs: dict, heads: d
 
     # (A) every method at its default setting
     elapsed = _timer()
+    def want(method: str) -> bool:  # task arithmetic always runs: the reference (and AdaMerging's start)
+        return only is None or method in only or method == "task_arithmetic"
+
     order = ["task_arithmetic"] + [m for m in list_merges() if m != "task_arithmetic" and m not in NOT_APPLICABLE]
+    order = [m for m in order if want(m)]
     methods, best_dw, dev_costs = {}, {}, []
     for method in order:
         m = get_merge(method)
@@ -547,22 +558,32 @@ def run_kind(cfg: Config, kind: str, tasks, tok, base_state, tvs: dict, heads: d
         entry["chosen"] = {}
         dev_costs.append(dev(entry, "default", dw))
         entry["dev_chosen"], entry["norm_dev_chosen"] = entry["dev_default"], entry["norm_dev_default"]
-    try:  # AdaMerging: coefficients learned on the unlabelled selection inputs, library defaults
-        dw, info = run_adamerging(cfg, tasks, tok, base_state, tvs_list, heads)
-        entry = {"paper": "https://arxiv.org/abs/2310.02575", "inputs": "deltas", "info": info,
-                 "default_values": {"granularity": "layer", "steps": cfg.adamerging_steps, "lr": 1e-3, "init": 0.3},
-                 "chosen": {}, "skipped_for_time": []}
+    def adamerging_point(init: float) -> tuple[dict, dict | None]:
+        """AdaMerging from every coefficient at ``init``, on the unlabelled selection inputs."""
+        try:
+            dw, info = run_adamerging(cfg, tasks, tok, base_state, tvs_list, heads, init=init)
+        except Exception as e:  # noqa: BLE001 - recorded and reported, the run goes on
+            log(f"  {kind}/adamerging init={init}: ERROR {type(e).__name__}: {e}")
+            return {"values": {"init": init}, "error": f"{type(e).__name__}: {e}"}, None
         sc = scorer.score({t: dw for t in tasks}, heads, "select")
-        entry["sweep"] = [{"values": {}, "is_default": True, "select": sc, "norm_select": normalised(sc, ref_sel),
-                           "merge_s": info["seconds"]}]
-        dev(entry, "default", dw)
-        entry["dev_chosen"], entry["norm_dev_chosen"] = entry["dev_default"], entry["norm_dev_default"]
-        log(f"  {kind}/adamerging: dev norm {entry['norm_dev_chosen']['mean']} ({info['seconds']:.0f}s, "
-            f"coefficients {info['coef_min']}..{info['coef_max']})")
-    except Exception as e:  # noqa: BLE001
-        entry = {"error": f"{type(e).__name__}: {e}", "sweep": [], "skipped_for_time": []}
-        log(f"  {kind}/adamerging: ERROR {entry['error']}")
-    methods["adamerging"] = entry
+        pt = {"values": {} if init == 0.3 else {"init": init}, "is_default": init == 0.3, "select": sc,
+              "norm_select": normalised(sc, ref_sel), "merge_s": info["seconds"], "info": info}
+        log(f"  {kind}/adamerging init={init}: select norm {pt['norm_select']['mean']} ({info['seconds']:.0f}s, "
+            f"entropy {info['entropy_first']}->{info['entropy_last']}, coefficients {info['coef_min']}.."
+            f"{info['coef_max']})")
+        return pt, dw
+
+    if want("adamerging"):  # the paper's defaults (every coefficient starts at 0.3)
+        entry = {"paper": "https://arxiv.org/abs/2310.02575", "inputs": "deltas",
+                 "default_values": {"granularity": "layer", "steps": cfg.adamerging_steps, "lr": 1e-3, "init": 0.3},
+                 "skipped_for_time": []}
+        pt, dw = adamerging_point(0.3)
+        entry["sweep"] = [pt]
+        if dw is not None:
+            entry["info"], entry["chosen"] = pt["info"], {}
+            dev_costs.append(dev(entry, "default", dw))
+            entry["dev_chosen"], entry["norm_dev_chosen"] = entry["dev_default"], entry["norm_dev_default"]
+        methods["adamerging"] = entry
     res["timings"]["defaults_s"] = elapsed()
 
     # (B) sweeps on the selection split, while the budget allows (keeping room for the dev evals of (C))
@@ -592,6 +613,22 @@ def run_kind(cfg: Config, kind: str, tasks, tok, base_state, tvs: dict, heads: d
             if dw is not None and _better(pt, best):
                 best, best_dw[method] = pt, dw
         entry["chosen"] = best["values"]
+    # AdaMerging's knob: where the coefficients start (the paper's 0.3 was task arithmetic's
+    # best lam in its setting; here task arithmetic's own choice on the selection split)
+    entry = methods.get("adamerging")
+    if entry is not None and "chosen" in entry and cfg.sweep:
+        ta = methods["task_arithmetic"]
+        init = float(ta["chosen"].get("lam", _full_values("task_arithmetic", {})["lam"]))
+        if init != 0.3:
+            pending = len(best_dw) + 1
+            if time.time() + entry["sweep"][0]["merge_s"] + pending * dev_cost > deadline:
+                entry["skipped_for_time"].append({"init": init})
+            else:
+                pt, dw = adamerging_point(init)
+                entry["sweep"].append(pt)
+                if dw is not None and _better(pt, entry["sweep"][0]):
+                    best_dw["adamerging"] = dw
+                    entry["chosen"], entry["info"] = pt["values"], pt["info"]
     res["timings"]["sweeps_s"] = elapsed()
 
     # (C) dev at the chosen setting where it is not the default
@@ -796,6 +833,7 @@ def run(quick: bool = False, **overrides) -> dict:
     out_dir = Path(overrides.pop("out_dir", None) or (Path(DEFAULT_CACHE) / "quick" if quick else HERE / "results"))
     cache = Path(overrides.pop("cache_dir", None) or DEFAULT_CACHE)
     budget_min = overrides.pop("budget_min", None) or 38.0
+    only = set(overrides.pop("methods", None) or ()) or None
     cfg = Config(**({**QUICK, **overrides} if quick else overrides))
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -843,16 +881,53 @@ def run(quick: bool = False, **overrides) -> dict:
         t_kind = _timer()
         tvs, heads, info = trained.pop(kind)
         result["kinds"][kind] = {"train": info, **run_kind(cfg, kind, tasks, tok, base_state, tvs, heads, cache,
-                                                            deadline, log)}
+                                                            deadline, log, only=only)}
         del tvs, heads
         result["timings"][f"merge_{kind}_s"] = t_kind()
         result["machine"][f"load_after_{kind}"] = _load()
     result["timings"]["total_s"] = round(time.time() - t_start, 1)
     result["machine"]["load_end"] = _load()
     result["majority_baseline"] = majority_baseline(cfg)
+    if only is not None:
+        result = refresh_previous(result, out_dir / "merge_quality.json", only, log)
     write_report(result, out_dir)
     log(f"wrote {out_dir / 'merge_quality.json'}, .md, .png; total {result['timings']['total_s']:.0f}s")
     return result
+
+
+# what must be equal for a partial rerun's methods to sit in the same table as the rest
+_SAME = ("tasks", "data_dir", "model", "n_fit", "n_select", "n_dev", "steps", "batch_size", "max_length", "lr_full",
+         "lr_lora", "r", "alpha", "warmup_frac", "weight_decay", "bf16", "seed", "fisher_rows", "gram_rows")
+
+
+def refresh_previous(new: dict, path: Path, only: set[str], log: Log) -> dict:
+    """Put the rerun methods (``--methods``) into the previous full result at ``path``.
+
+    The previous run must have the same fine-tunes and splits; its reference rows must come
+    out equal in this run (they are deterministic given the cached fine-tunes), so the
+    refreshed methods are comparable with the ones left as they were.
+    """
+    if not path.is_file():
+        raise SystemExit(f"--methods: expected a previous {path} to refresh, found none (run without --methods)")
+    prev = json.loads(path.read_text())
+    diff = [k for k in _SAME if json.dumps(prev["config"].get(k)) != json.dumps(new["config"].get(k))]
+    if diff:
+        raise SystemExit(f"--methods: expected the previous run's {diff[0]} ({prev['config'].get(diff[0])}), "
+                         f"found {new['config'].get(diff[0])}; rerun everything instead")
+    for kind, r in new["kinds"].items():
+        old = prev["kinds"].get(kind)
+        if old is None:
+            raise SystemExit(f"--methods: expected kind {kind} in {path}, found {sorted(prev['kinds'])}")
+        if json.dumps(old["individual"], sort_keys=True) != json.dumps(r["individual"], sort_keys=True):
+            raise SystemExit(f"--methods: the {kind} fine-tunes score differently from {path}; rerun everything")
+        for m in sorted(only | {"task_arithmetic"}):
+            if m in r["methods"]:
+                old["methods"][m] = r["methods"][m]
+    prev["config"] = new["config"]  # identical where it matters (above); the refreshed methods' knobs
+    prev.setdefault("refreshed", []).append({"methods": sorted(only), "at": time.strftime("%Y-%m-%d %H:%M"),
+                                             "seconds": new["timings"]["total_s"], "machine": new["machine"]})
+    log(f"refreshed {sorted(only)} in {path}")
+    return prev
 
 
 def write_report(result: dict, out_dir: Path, write_json_file: bool = True) -> None:
@@ -878,6 +953,9 @@ def write_report(result: dict, out_dir: Path, write_json_file: bool = True) -> N
               "chosen on the held-out part of TRAIN (never on dev); 'norm (default)' is the method at its "
               "default setting. Every task keeps its own fine-tuned head; base = pre-trained encoder + those "
               "heads.\n\n")
+    for r in result.get("refreshed", []):
+        header += (f"Rerun later with `--methods {','.join(r['methods'])}` on the same cached fine-tunes "
+                   f"({r['at']}, {r['seconds'] / 60:.1f} min): those rows (and task arithmetic, rerun with them).\n\n")
     (out_dir / "merge_quality.md").write_text(header + md + "\n" + summary + "\n")
     plot(result, out_dir / "merge_quality.png")
     print("\n" + md)
@@ -925,6 +1003,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default 1)")
     p.add_argument("--no-bf16", action="store_true")
     p.add_argument("--no-sweep", action="store_true", help="default settings only")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated: rerun only these merge methods (task arithmetic always runs) and put them "
+                        "into the existing merge_quality.json, whose fine-tunes must be the cached ones")
     p.add_argument("--budget-min", type=float, default=None,
                    help="sweep points beyond this wall-clock budget are skipped and listed (default 38)")
     a = p.parse_args(argv)
@@ -947,6 +1028,13 @@ def main(argv: list[str] | None = None) -> int:
         over["bf16"] = False
     if a.no_sweep:
         over["sweep"] = False
+    if a.methods:
+        from deltakit.merge import list_merges
+
+        over["methods"] = a.methods.split(",")
+        unknown = [m for m in over["methods"] if m not in {*list_merges(), "adamerging"}]
+        if unknown:
+            p.error(f"--methods: expected merge method names, found {unknown[0]!r}")
     run(quick=a.quick, **over)
     return 0
 

@@ -2,8 +2,10 @@
 (Yang et al., ICLR 2024) https://arxiv.org/abs/2310.02575
 
 Task-wise: ``theta = theta_0 + sum_k lam_k tau_k``; layer-wise: one lam_k^l per parameter
-tensor l. The lams minimise the mean Shannon entropy ``H(p) = -sum_c p_c log p_c`` of the
-merged model's predictions on unlabeled batches. This is a short, flat loop: copy and edit it.
+tensor l. The lams minimise ``sum_k mean_{x in B_k} H(f(x; theta))``, the Shannon entropy
+``H(p) = -sum_c p_c log p_c`` of the merged model's predictions on an unlabeled batch B_k of
+every task k per step (the paper's objective; a ``forward`` that returns one tensor gives
+the single-batch form). This is a short, flat loop: copy and edit it.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from torch.func import functional_call
 
 from deltakit.taskvec import TaskVector
 
-__all__ = ["adamerging", "AdaMergingResult", "prediction_entropy"]
+__all__ = ["adamerging", "AdaMergingResult", "prediction_entropy", "objective"]
 
 
 def prediction_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -46,6 +48,15 @@ class AdaMergingResult:
         return TaskVector({n: entry(n) for n in self.names})
 
 
+def objective(logits: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+    """AdaMerging's loss: the sum over tasks of each task batch's mean prediction entropy."""
+    if isinstance(logits, torch.Tensor):
+        return prediction_entropy(logits)
+    if not logits:
+        raise ValueError("adamerging: expected logits for at least one task, found none")
+    return sum(prediction_entropy(z) for z in logits)
+
+
 def _default_forward(model: nn.Module, batch: Any) -> torch.Tensor:
     out = model(**batch) if isinstance(batch, dict) else model(batch)
     return out.logits if hasattr(out, "logits") else out
@@ -54,8 +65,14 @@ def _default_forward(model: nn.Module, batch: Any) -> torch.Tensor:
 def adamerging(model: nn.Module, task_vectors: Sequence[TaskVector], batches: Iterable[Any], *,
                granularity: Literal["task", "layer"] = "layer", steps: int = 500, lr: float = 1e-3,
                init: float = 0.3, clamp: tuple[float, float] | None = (0.0, 1.0),
-               forward: Callable[[nn.Module, Any], torch.Tensor] = _default_forward) -> AdaMergingResult:
+               forward: Callable[[nn.Module, Any], torch.Tensor | Sequence[torch.Tensor]] = _default_forward,
+               ) -> AdaMergingResult:
     """Optimise merging coefficients on unlabeled ``batches`` (cycled for ``steps`` Adam steps).
+
+    One element of ``batches`` is one step. For the paper's multi-task objective make it hold
+    a batch of every task and have ``forward`` return a list of logits, one per task (each
+    through its own head): the step's loss is the sum of their mean entropies, so every task
+    pulls on the coefficients at every step. One tensor is one task's (or a shared head's) batch.
 
     Defaults are the paper's (Adam, lr 1e-3, 500 steps, every lam starting at 0.3): Adam
     moves a coefficient by at most ~lr per step, so fewer steps leave the lams near ``init``.
@@ -83,7 +100,7 @@ def adamerging(model: nn.Module, task_vectors: Sequence[TaskVector], batches: It
         for j, n in enumerate(names):
             c = lam if granularity == "task" else lam[:, j]
             merged[n] = base[n] + torch.tensordot(c.to(taus[n].dtype), taus[n], dims=1)
-        loss = prediction_entropy(forward_with(model, merged, data[step % len(data)], forward))
+        loss = objective(forward_with(model, merged, data[step % len(data)], forward))
         opt.zero_grad()
         loss.backward()
         opt.step()
