@@ -162,11 +162,17 @@ def _compare(a: Path, b: Path) -> dict:
             "dtype_equal": all(ca.dtype(n) == cb.dtype(n) for n in ca.keys())}
 
 
-def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        _child(*sys.argv[2:5])
-        return
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+QUICK = {"hidden": 128, "layers": 2, "vocab": 1024, "repeats": 1}  # seconds, for a smoke run
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--child"]:
+        _child(*argv[1:4])
+        return 0
+    ap = argparse.ArgumentParser(prog="bench_merge.py", description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true",
+                    help=f"tiny model ({QUICK}), output under --cache unless --out is given (smoke run)")
     ap.add_argument("--cache", default="/tmp/deltakit_bench_merge")
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--layers", type=int, default=20)
@@ -178,17 +184,22 @@ def main() -> None:
                     help="where both tools write their outputs (default: beside the inputs); e.g. /dev/shm "
                          "to take the disk's write bandwidth out of the comparison")
     ap.add_argument("--repeats", type=int, default=3, help="runs per tool, order alternated; the median is reported")
-    ap.add_argument("--out", default=str(HERE / "results" / "merge_speed.json"))
+    ap.add_argument("--out", default=None, help="JSON to write (default bench/results/merge_speed.json)")
     ap.add_argument("--generate-only", action="store_true")
     ap.add_argument("--tools", nargs="+", default=["mergekit", "deltakit"],
                     help="mergekit, deltakit, deltakit_exact (TIES with mergekit's tie order), "
                          "deltakit_nofsync (outputs not fsynced, as mergekit's)")
-    args = ap.parse_args()
-
+    args = ap.parse_args(argv)
+    if args.quick:
+        for k, v in QUICK.items():
+            if getattr(args, k) == ap.get_default(k):
+                setattr(args, k, v)
     cache = Path(args.cache)
+    if args.out is None:
+        args.out = str(cache / "merge_speed_quick.json" if args.quick else HERE / "results" / "merge_speed.json")
     dirs = _generate(cache, args)
     if args.generate_only:
-        return
+        return 0
     n_params = json.loads((next(iter(dirs.values()))[0].parent.parent / "params.json").read_text())["n_params"]
     import mergekit  # noqa: F401
     import torch
@@ -238,10 +249,12 @@ def main() -> None:
         "repeats": args.repeats, "out_root": args.out_root or str(cache / "runs"),
         "results": results,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    from deltakit.io.files import write_json
+
+    write_json(args.out, out)
     print(f"wrote {args.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -111,3 +111,18 @@ def test_train_every_method_by_name(method, tiny_model_dir, data_file, tmp_path)
     assert main(argv) == 0, method
     m = dk.load_adapter(__import__("transformers").BertForSequenceClassification.from_pretrained(tiny_model_dir), out)
     assert m.spec.name == method
+
+
+def test_bench_passes_its_options_to_the_script(tmp_path, capsys):
+    """`deltakit bench NAME ...` is `python bench/NAME.py ...`: the script's own options and
+    help, and a real (tiny) merge benchmark against mergekit that writes its JSON."""
+    pytest.importorskip("mergekit")
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "merge", "--help"])
+    assert e.value.code == 0 and "--repeats" in capsys.readouterr().out
+    out = tmp_path / "speed.json"
+    assert main(["bench", "merge", "--quick", "--dtypes", "fp32", "--methods", "linear",
+                 "--cache", str(tmp_path / "cache"), "--out", str(out)]) == 0
+    row = json.loads(out.read_text())["results"][0]
+    assert row["method"] == "linear" and row["diff_vs_mergekit"]["max_abs_diff"] == 0.0
+    assert row["mergekit"]["wall_s"] > 0 and row["deltakit"]["peak_rss_mb"] > 0

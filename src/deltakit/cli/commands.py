@@ -190,11 +190,14 @@ def add_bench(sub) -> None:
                        description="Run one of the repository's benchmarks; results go to bench/results/*.json. "
                                    "Needs a source checkout (the bench/ folder) and the 'bench' extra.")
     p.add_argument("name", choices=sorted(BENCHES), help="which benchmark")
-    p.add_argument("--quick", action="store_true", help="fewer steps / smaller sizes, for a smoke run")
+    p.add_argument("options", nargs=argparse.REMAINDER,
+                   help="the benchmark's own options, e.g. --quick (a smoke run); "
+                        "'deltakit bench NAME --help' lists them")
     p.set_defaults(func=run_bench)
 
 
 def run_bench(args) -> int:
+    """Run ``bench/<script>.py``'s ``main(options)`` (the same as ``python bench/<script>.py``)."""
     import importlib.util
 
     root = Path(__file__).resolve().parents[3] / "bench"
@@ -205,8 +208,7 @@ def run_bench(args) -> int:
     mod = importlib.util.module_from_spec(spec)
     sys.path.insert(0, str(root))
     spec.loader.exec_module(mod)
-    mod.run(quick=args.quick)
-    return 0
+    return int(mod.main(args.options) or 0)
 
 
 # ----------------------------------------------------------------------------- train
