@@ -48,6 +48,8 @@ def _child(tool: str, recipe_path: str, out_dir: str) -> None:
         if tool == "deltakit_exact" and getattr(rec.method.config(), "sparsify", None) == "magnitude":
             # mergekit's tie order at the trim threshold (full argsort) instead of the O(n) selection
             rec.shared["sparsify"] = "magnitude_sort"
+        # "deltakit" keeps the fsync'd measurement of earlier runs (stricter than mergekit, which
+        # does not fsync); "deltakit_nofsync" is deltakit's default, mergekit's durability
         run_recipe(rec, out_dir, progress=False, fsync=tool != "deltakit_nofsync")
     merge_s = time.perf_counter() - t0
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
@@ -188,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--generate-only", action="store_true")
     ap.add_argument("--tools", nargs="+", default=["mergekit", "deltakit"],
                     help="mergekit, deltakit, deltakit_exact (TIES with mergekit's tie order), "
-                         "deltakit_nofsync (outputs not fsynced, as mergekit's)")
+                         "deltakit_nofsync (deltakit's default since 2026-11-24: outputs not fsynced, as mergekit's; "
+                         "'deltakit' runs with fsync)")
     args = ap.parse_args(argv)
     if args.quick:
         for k, v in QUICK.items():

@@ -144,7 +144,7 @@ def test_cli_merge_subcommand(tmp_path, capsys):
     assert torch.allclose(got, base[n] + 0.5 * (fts[0][n] - base[n] + fts[1][n] - base[n]), atol=1e-6)
 
 
-def test_fsync_is_on_by_default_and_off_with_no_fsync(tmp_path, monkeypatch):
+def test_fsync_is_off_by_default_and_on_with_fsync(tmp_path, monkeypatch):
     import argparse
     import os
 
@@ -161,9 +161,9 @@ def test_fsync_is_on_by_default_and_off_with_no_fsync(tmp_path, monkeypatch):
     (tmp_path / "r.yaml").write_text(yaml.safe_dump({"method": "linear", "models": ["ft0", "ft1"]}))
     p = argparse.ArgumentParser()
     cli_merge.add_parser(p.add_subparsers(dest="command"))
-    for flags, want in (([], 1), (["--no-fsync"], 0)):
+    for flags, want in (([], 0), (["--no-fsync"], 0), (["--fsync"], 1)):
         calls.clear()
-        out = tmp_path / f"out{len(flags)}"
+        out = tmp_path / f"out{'-'.join(flags)}"
         args = p.parse_args(["merge", str(tmp_path / "r.yaml"), "-o", str(out), "--no-progress", *flags])
         assert args.func(args) == 0
         assert len(calls) == want  # one shard

@@ -113,8 +113,14 @@ def merge_tensors(method: MergeMethod, tensors: Sequence[torch.Tensor], base: to
 
 def merge_checkpoints(models: Sequence[Source], out_dir: str | os.PathLike, plan: MergePlan, *,
                       base: Source | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                      progress: bool = True, prefetch: bool = True, fsync: bool = True) -> Path:
-    """Merge K checkpoints (HF dirs, LazyCheckpoints or state dicts) into an HF dir at ``out_dir``."""
+                      progress: bool = True, prefetch: bool = True, fsync: bool = False) -> Path:
+    """Merge K checkpoints (HF dirs, LazyCheckpoints or state dicts) into an HF dir at ``out_dir``.
+
+    The directory appears whole or not at all if the process dies (atomic rename). ``fsync``
+    (off by default, as in mergekit and ``save_pretrained``: a merge output can be made again)
+    also flushes every shard to the disk before the rename, so it survives a power loss; that
+    waits for the disk (1.29 GB: +1.7 s on this machine's disk).
+    """
     if not models:
         raise MergeConfigError("models: expected at least one model, found none")
     srcs = [_open(m) for m in models]

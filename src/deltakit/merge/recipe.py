@@ -393,9 +393,9 @@ def load_recipe(path_or_dict: str | os.PathLike | Mapping) -> Recipe:
 
 
 def run_recipe(path_or_dict: str | os.PathLike | Mapping | Recipe, out_dir: str | os.PathLike,
-               progress: bool = True, fsync: bool = True) -> Path:
+               progress: bool = True, fsync: bool = False) -> Path:
     """Load ``path_or_dict`` and stream the merge into ``out_dir`` (HF layout, atomic;
-    ``fsync=False``: not durable against power loss, see :func:`write_checkpoint`)."""
+    ``fsync=True`` also makes it durable against power loss, see :func:`merge_checkpoints`)."""
     r = path_or_dict if isinstance(path_or_dict, Recipe) else load_recipe(path_or_dict)
     return merge_checkpoints(r.models, out_dir, r.plan(), base=r.base_model, max_shard_bytes=r.shard_bytes,
                              progress=progress, fsync=fsync)
