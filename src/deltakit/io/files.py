@@ -35,6 +35,32 @@ class DeltakitFileError(ValueError):
     """A file on disk is missing, corrupt, or not what was expected."""
 
 
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask(0) would race with other threads' creates)
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _usual_mode(path: str | os.PathLike, fd: int | None = None, directory: bool = False) -> None:
+    """Give a mkstemp / mkdtemp result the mode a plain ``open`` / ``mkdir`` would have.
+
+    They create 0600 / 0700 (private to the owner), so without this every adapter, checkpoint
+    and JSON written atomically would be unreadable to the user's group and others.
+    """
+    mode = (0o777 if directory else 0o666) & ~_umask()
+    if fd is not None and hasattr(os, "fchmod"):
+        os.fchmod(fd, mode)
+    else:
+        os.chmod(path, mode)
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator:
     """Open a temp file next to ``path``; on success fsync and rename it over ``path``."""
@@ -42,6 +68,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        _usual_mode(tmp, fd)
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
@@ -64,6 +91,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
+        _usual_mode(tmp, directory=True)
         yield tmp
         old = None
         if path.exists():
@@ -99,9 +127,10 @@ def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
     flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
+        os.close(fd)
         save_file(flat, tmp, metadata=dict(metadata) if metadata else None)
+        _usual_mode(tmp)  # after: save_file re-creates the file
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
