@@ -122,6 +122,7 @@ class Config:
     fisher_rows: int = 48        # examples (batches of one) for each model's diagonal Fisher
     gram_rows: int = 128         # examples for each model's RegMean Gram matrices
     adamerging_steps: int = 500  # deltakit.merge.adamerging default (the paper's)
+    adamerging_init: float = 0.3  # where every coefficient starts (the paper's; the library default)
     adamerging_batch: int = 4    # rows per task per step (x 4 tasks = 16 rows a step)
     sweep: bool = True
     max_sweep_points: int | None = None  # quick mode: cap the points per method
@@ -453,7 +454,7 @@ class MultiHead(torch.nn.Module):
 
 
 def run_adamerging(cfg: Config, tasks: dict[str, TaskData], tok, base_state, tvs_list, heads,
-                   init: float = 0.3) -> tuple[dict, dict]:
+                   init: float) -> tuple[dict, dict]:
     from deltakit.io.models import load_classifier
     from deltakit.merge import adamerging
     from deltakit.taskvec import TaskVector
@@ -566,18 +567,20 @@ def run_kind(cfg: Config, kind: str, tasks, tok, base_state, tvs: dict, heads: d
             log(f"  {kind}/adamerging init={init}: ERROR {type(e).__name__}: {e}")
             return {"values": {"init": init}, "error": f"{type(e).__name__}: {e}"}, None
         sc = scorer.score({t: dw for t in tasks}, heads, "select")
-        pt = {"values": {} if init == 0.3 else {"init": init}, "is_default": init == 0.3, "select": sc,
+        default = init == cfg.adamerging_init
+        pt = {"values": {} if default else {"init": init}, "is_default": default, "select": sc,
               "norm_select": normalised(sc, ref_sel), "merge_s": info["seconds"], "info": info}
         log(f"  {kind}/adamerging init={init}: select norm {pt['norm_select']['mean']} ({info['seconds']:.0f}s, "
             f"entropy {info['entropy_first']}->{info['entropy_last']}, coefficients {info['coef_min']}.."
             f"{info['coef_max']})")
         return pt, dw
 
-    if want("adamerging"):  # the paper's defaults (every coefficient starts at 0.3)
+    if want("adamerging"):  # the paper's defaults
         entry = {"paper": "https://arxiv.org/abs/2310.02575", "inputs": "deltas",
-                 "default_values": {"granularity": "layer", "steps": cfg.adamerging_steps, "lr": 1e-3, "init": 0.3},
+                 "default_values": {"granularity": "layer", "steps": cfg.adamerging_steps, "lr": 1e-3,
+                                    "init": cfg.adamerging_init},
                  "skipped_for_time": []}
-        pt, dw = adamerging_point(0.3)
+        pt, dw = adamerging_point(cfg.adamerging_init)
         entry["sweep"] = [pt]
         if dw is not None:
             entry["info"], entry["chosen"] = pt["info"], {}
@@ -619,7 +622,7 @@ def run_kind(cfg: Config, kind: str, tasks, tok, base_state, tvs: dict, heads: d
     if entry is not None and "chosen" in entry and cfg.sweep:
         ta = methods["task_arithmetic"]
         init = float(ta["chosen"].get("lam", _full_values("task_arithmetic", {})["lam"]))
-        if init != 0.3:
+        if init != cfg.adamerging_init:
             pending = len(best_dw) + 1
             if time.time() + entry["sweep"][0]["merge_s"] + pending * dev_cost > deadline:
                 entry["skipped_for_time"].append({"init": init})

@@ -183,7 +183,7 @@ def merge_checkpoints(models: Sequence[Source], out_dir: str | os.PathLike, plan
             else:
                 out.add_(t, alpha=c)
             del t  # drop the map before the next model's (resident memory: one tensor)
-        return out if out is not None else torch.zeros(shape, dtype=work)
+        return out  # never None: every model contributes a tensor or (deltas) the base is the start
 
     def load(n: str):
         """Read one parameter: (base in work dtype or None, x (K, *shape) in work dtype) or raw
