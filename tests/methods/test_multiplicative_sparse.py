@@ -333,14 +333,18 @@ def test_sparse_counts_and_init(cfg, tmp_path):
     torch.testing.assert_close(m(x), y0, rtol=0, atol=0)     # D = 0
 
 
-@pytest.mark.parametrize("density", [0.05, 0.5])      # gather/scatter path and matmul path
+@pytest.mark.parametrize("density", [0.002, 0.05])     # gather/scatter path and matmul path
 def test_sparse_fast_path_equals_dense(density):
     from transformers.pytorch_utils import Conv1D
-    m = seq(nn.Linear(10, 7), Conv1D(6, 7))              # Conv1D(nf=out, nx=in): weight (7, 6)
+
+    from deltakit.methods._sparse_common import SparseMaskDelta
+    gather = density <= SparseMaskDelta.gather_max_density
+    m = seq(nn.Linear(64, 48), Conv1D(40, 48))            # Conv1D(nf=out, nx=in): weight (48, 40)
     ad = dk.attach(m, SparseRandomConfig(density=density, targets=["0", "1"]))
     for _, d in ad.deltas():
         set_(d.values, torch.randn(d.values.shape))
-    x = torch.randn(2, 3, 10)
+        assert (d.values.numel() <= d.gather_max_density * math.prod(d.shape)) == gather  # the path meant
+    x = torch.randn(2, 3, 64)
     for i, d in enumerate(layer.deltas["default"] for layer in m):
         base = m[i].base
         dense = torch.func.functional_call(base, {**dict(base.named_parameters()),
