@@ -200,11 +200,15 @@ def test_recipe_stats_files_feed_fisher(tmp_path):
     ("dare_linear", {"density": 1.0}), ("ties", {"density": 1.0, "consensus": "none"}),
 ])
 @pytest.mark.parametrize("storage", [torch.float32, torch.bfloat16])
-def test_linear_form_fast_path_equals_the_method(tmp_path, method, values, storage):
+@pytest.mark.parametrize("chunk", [0, 5, 1 << 20])
+def test_linear_form_fast_path_equals_the_method(tmp_path, monkeypatch, method, values, storage, chunk):
     """The executor sums a linear-form method model by model from the files; the result must
     be the method function's on the stacked inputs (files in fp32 and bf16, one model missing
-    a tensor, LiNeS on top)."""
-    from deltakit.merge import build_config
+    a tensor, LiNeS on top), whether it sums whole tensors (chunk 0) or chunks (5 elements:
+    uneven chunks of the 12- and 18-element tensors)."""
+    from deltakit.merge import build_config, executor
+
+    monkeypatch.setattr(executor, "LINEAR_CHUNK", chunk)
     from deltakit.merge._layers import layer_index, lines_factor
     from deltakit.merge.executor import merge_tensors
 

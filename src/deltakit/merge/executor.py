@@ -40,6 +40,10 @@ from ._registry import MergeConfigError, MergeContext, MergeMethod, get_merge
 __all__ = ["merge_checkpoints", "merge_tensors", "MergePlan"]
 
 Source = str | os.PathLike | LazyCheckpoint | Mapping[str, torch.Tensor]
+# elements per chunk of the streaming linear sum: 4 MB of fp32 output stays in cache while
+# the K inputs are added into it (0: whole-tensor passes)
+LINEAR_CHUNK = 1 << 20
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
 
@@ -164,26 +168,45 @@ def merge_checkpoints(models: Sequence[Source], out_dir: str | os.PathLike, plan
         return buf[:n_el].view(shape)
 
     def weighted_sum(n: str, shape, base_t: torch.Tensor | None, coefs: list[float]) -> torch.Tensor:
-        """b + sum_k c_k x_k read model by model (the method's linear form): checkpoint tensors
-        are summed straight from a memory map (each byte read once, no buffer copy)."""
+        """b + sum_k c_k x_k (the method's linear form) summed straight from memory maps of the
+        checkpoints (each byte read once, no buffer copy), chunk by chunk: each output chunk
+        stays in cache while the K inputs are added into it, so memory traffic is one read per
+        input and one write instead of K read-modify-write passes over the whole output.
+        Per element the operations and their order are those of the whole-tensor form."""
         deltas = plan.method.inputs == "deltas" and base_t is not None
-        out = base_t.clone() if deltas else None
+        terms = []
         for s, c in zip(srcs, coefs):
             if n not in s:  # missing="base" (validated above): that model contributes the base
-                if deltas:
-                    continue  # a zero task vector
-                t = base_t
-            else:
-                t = s.mapped(n) if isinstance(s, LazyCheckpoint) else _read(s, n)
-            if deltas:  # x_k = theta_k - theta_0 first, as the method does (no cancellation)
-                t = torch.sub(t, base_t, out=buffer("work", shape, work))
-            if out is None:  # first term c * x (== 0 + c * x bit for bit): no zero-filled pass
-                # (a bf16 x is widened first: torch would multiply in bf16, then widen)
-                out = torch.mul(t, c, out=torch.empty(shape, dtype=work)) if t.dtype == work else t.to(work).mul_(c)
-            else:
-                out.add_(t, alpha=c)
-            del t  # drop the map before the next model's (resident memory: one tensor)
-        return out  # never None: every model contributes a tensor or (deltas) the base is the start
+                if not deltas:  # (with deltas: a zero task vector, skipped)
+                    terms.append((base_t, c))
+                continue
+            terms.append((s.mapped(n) if isinstance(s, LazyCheckpoint) else _read(s, n), c))
+        out = torch.empty(shape, dtype=work)
+        flat = out.view(-1)
+        flats = [(t.reshape(-1), c) for t, c in terms]
+        bflat = base_t.reshape(-1) if deltas else None
+        step = LINEAR_CHUNK if LINEAR_CHUNK > 0 else max(1, flat.numel())
+        for a in range(0, flat.numel(), step):
+            e = min(flat.numel(), a + step)
+            o = flat[a:e]
+            first = not deltas
+            if deltas:
+                o.copy_(bflat[a:e])
+            for t, c in flats:
+                x = t[a:e]
+                if deltas:  # x_k = theta_k - theta_0 first, as the method does (no cancellation)
+                    x = torch.sub(x, bflat[a:e], out=buffer("work", (e - a,), work))
+                if first:  # first term c * x (== 0 + c * x bit for bit): no zero-filled pass
+                    # (a bf16 x is widened first: torch would multiply in bf16, then widen)
+                    if x.dtype == work:
+                        torch.mul(x, c, out=o)
+                    else:
+                        o.copy_(x).mul_(c)
+                    first = False
+                else:
+                    o.add_(x, alpha=c)
+        del terms, flats  # drop the maps (resident memory: the K inputs of one tensor)
+        return out
 
     def load(n: str):
         """Read one parameter: (base in work dtype or None, x (K, *shape) in work dtype) or raw
