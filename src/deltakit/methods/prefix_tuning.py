@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from ..core.adapter import Adapter
 from ..core.delta import ActivationDelta, BuildContext, param_dtype
 from ..core.registry import ConfigError, DeltaConfig, register_method
-from .prompt_tuning import BACKBONES, _arguments, _is_backbone
+from .prompt_tuning import BACKBONES, _arguments, _is_backbone, cache_key
 
 __all__ = ["PrefixTuningConfig", "PrefixTuning", "fold_prefix", "ATTENTION", "DEFAULT_TARGETS",
            "prefixed_attention", "shifted_positions"]
@@ -224,12 +224,13 @@ def prefixed_attention(inner, module: nn.Module, deltas: Sequence[Any], row: Ten
         pv = torch.nn.functional.pad(pv, (0, 0, 0, pad)).to(x.device, x.dtype)
         keys = torch.where(sel, pk.unsqueeze(0), keys)
         values = torch.where(sel, pv.unsqueeze(0), values)
-    cache = _PrefixCache(call.get("past_key_values"), keys, values)
+    key = cache_key(module, call)
+    cache = _PrefixCache(call.get(key), keys, values)
     past = cache.past_length(getattr(module, "layer_idx", None))
     visible = torch.arange(n_max, device=x.device)[None, :] < lens[:, None]           # (B, n_max)
     call["attention_mask"] = _widen_mask(call.get("attention_mask"), visible, q, past,
                                          causal=bool(getattr(module, "is_causal", False)), dtype=x.dtype)
-    call["past_key_values"] = cache
+    call[key] = cache
     return inner(x, **call)
 
 
@@ -243,7 +244,7 @@ def shifted_positions(inner, module: nn.Module, deltas: Sequence[Any], row: Tens
     lens = torch.tensor([d.n for d in deltas] + [0], device=lead.device)[row]         # (B,)
     pos = call.get("position_ids")
     if pos is None:
-        past = call.get("past_key_values")
+        past = call.get(cache_key(module, call))
         start = int(past.get_seq_length()) if past is not None and hasattr(past, "get_seq_length") else 0
         pos = torch.arange(start, start + T, device=lead.device)[None]
     call["position_ids"] = pos.expand(B, -1) + lens[:, None]

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -148,10 +148,19 @@ def _arguments(base: nn.Module, x, args, kwargs) -> tuple[str, dict[str, Any]]:
     return first, call
 
 
+def cache_key(module: nn.Module, call: Mapping[str, Any]) -> str:
+    """The keyword under which ``module`` takes its KV cache: ``cache`` from transformers
+    5.24 on, ``past_key_values`` before (a call may carry either)."""
+    for key in ("cache", "past_key_values"):
+        if key in call:
+            return key
+    return "cache" if "cache" in _signature(type(module))[0].parameters else "past_key_values"
+
+
 def _prompted(base: nn.Module, inner, deltas: Sequence[PromptedBackbone], row: Tensor, x, args, kwargs):
     first, call = _arguments(base, x, args, kwargs)
     input_ids = call.pop(first, None)
-    past = call.get("past_key_values")
+    past = call.get(cache_key(base, call))
     past_len = past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
     if past_len > 0:
         # Later generation steps: the prompt is already in the cache; widen the mask only.
