@@ -78,7 +78,8 @@ FULL = "full_ft"
 ADAPTED: dict[str, dict] = {"vb_lora": {"vector_length": 192}}
 
 # method -> (settings for knob value v, low, high, kind); count(v) must be non-decreasing.
-# LoKr has none: its rank only applies to factors already smaller than r here.
+# LoKr's size is its Kronecker split (LyCORIS's ``factor``, with full factors): its rank only
+# applies to factors already smaller than r here, so r cannot size it.
 _INT, _FLOAT = "int", "float"
 KNOBS: dict[str, tuple] = {
     "lora": (lambda v: {"r": v, "alpha": 2.0 * v}, 1, 512, _INT),
@@ -97,6 +98,7 @@ KNOBS: dict[str, tuple] = {
     "flora": (lambda v: {"r": v}, 1, 256, _INT),
     "loretta": (lambda v: {"tt_rank": v}, 1, 128, _INT),
     "oft": (lambda v: {"block_size": v, "r": 0}, 1, 384, "divisor"),
+    "lokr": (lambda v: {"factor": v, "full_matrix": True}, 1, 384, "divisor"),  # count falls as factor grows
     "houlsby": (lambda v: {"bottleneck_size": v}, 1, 1536, _INT),
     "pfeiffer": (lambda v: {"bottleneck_size": v}, 1, 1536, _INT),
     "parallel_adapter": (lambda v: {"bottleneck_size": v}, 1, 1536, _INT),
