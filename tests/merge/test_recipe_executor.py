@@ -207,10 +207,10 @@ def test_linear_form_fast_path_equals_the_method(tmp_path, monkeypatch, method, 
     a tensor, LiNeS on top), whether it sums whole tensors (chunk 0) or chunks (5 elements:
     uneven chunks of the 12- and 18-element tensors)."""
     from deltakit.merge import build_config, executor
-
-    monkeypatch.setattr(executor, "LINEAR_CHUNK", chunk)
     from deltakit.merge._layers import layer_index, lines_factor
     from deltakit.merge.executor import merge_tensors
+
+    monkeypatch.setattr(executor, "LINEAR_CHUNK", chunk)
 
     m = get_merge(method)
     cfg = build_config(m, values)

@@ -174,16 +174,15 @@ def merge_checkpoints(models: Sequence[Source], out_dir: str | os.PathLike, plan
         input and one write instead of K read-modify-write passes over the whole output.
         Per element the operations and their order are those of the whole-tensor form."""
         deltas = plan.method.inputs == "deltas" and base_t is not None
-        terms = []
+        flats = []  # (flat input, coefficient)
         for s, c in zip(srcs, coefs):
             if n not in s:  # missing="base" (validated above): that model contributes the base
                 if not deltas:  # (with deltas: a zero task vector, skipped)
-                    terms.append((base_t, c))
+                    flats.append((base_t.reshape(-1), c))
                 continue
-            terms.append((s.mapped(n) if isinstance(s, LazyCheckpoint) else _read(s, n), c))
+            flats.append(((s.mapped(n) if isinstance(s, LazyCheckpoint) else _read(s, n)).reshape(-1), c))
         out = torch.empty(shape, dtype=work)
         flat = out.view(-1)
-        flats = [(t.reshape(-1), c) for t, c in terms]
         bflat = base_t.reshape(-1) if deltas else None
         step = LINEAR_CHUNK if LINEAR_CHUNK > 0 else max(1, flat.numel())
         for a in range(0, flat.numel(), step):
@@ -205,7 +204,7 @@ def merge_checkpoints(models: Sequence[Source], out_dir: str | os.PathLike, plan
                     first = False
                 else:
                     o.add_(x, alpha=c)
-        del terms, flats  # drop the maps (resident memory: the K inputs of one tensor)
+        del flats  # drop the maps (resident memory: the K inputs of one tensor)
         return out
 
     def load(n: str):
