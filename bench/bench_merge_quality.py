@@ -9,7 +9,7 @@ env ``DELTAKIT_GLUE_DIR`` or ``--data-dir``), each with its OWN 2-label head:
   ``TaskVector.from_state_dicts``;
 * **LoRA**: r=8, alpha=16 on ``query`` / ``value`` through ``deltakit.attach``, the head
   trained in full (``modules_to_save``); the task vector is
-  ``adapter.task_vector(include_full=False)`` (the 12 q/v ``dW``s).
+  ``TaskVector.from_adapter(adapter, include_full=False)`` (the 12 q/v ``dW``s).
 
 Same seed, steps, batch size and schedule for every task; bf16 autocast (fp32 master
 weights) in training and evaluation. The 4 encoder task vectors are merged with every
@@ -279,9 +279,9 @@ def finetune(cfg: Config, kind: str, td: TaskData, base_state: dict[str, torch.T
         tv = {n: tv_obj.dense(n) for n in tv_obj.keys()}
         head = {k: ft[k] for k in ft if k.startswith(HEAD_PREFIX)}
     else:
-        tv_obj = adapter.task_vector(include_full=False)
+        tv_obj = TaskVector.from_adapter(adapter, include_full=False)
         tv = {n: tv_obj.dense(n, torch.float32) for n in tv_obj.keys()}
-        full_tv = adapter.task_vector()
+        full_tv = TaskVector.from_adapter(adapter)
         head = {n: base_state[n] + full_tv.dense(n, torch.float32) for n in full_tv.keys()
                 if n.startswith(HEAD_PREFIX)}
     # round trip: the trained model vs base + task vector + head in a fresh model (what merging uses)

@@ -354,7 +354,7 @@ def run_one(cfg: Config, job: dict) -> dict:
         stored = sum(p.numel() * p.element_size() for p in model.parameters())
     else:
         with tempfile.TemporaryDirectory() as d:
-            ad.save(Path(d) / "a")
+            dk.save_adapter(ad, Path(d) / "a")
             stored = sum(f.stat().st_size for f in (Path(d) / "a").iterdir() if f.suffix == ".safetensors")
     head = _head_params(base)
     finite = all(math.isfinite(x) for x in losses)

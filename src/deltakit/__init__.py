@@ -6,7 +6,7 @@
 >>> dk.param_counts(model)
 (104, 194)
 """
-__version__ = "0.1.0"
+from ._version import __version__
 
 from .core.adapter import (Adapter, active, adapters, attach, base_fingerprint, detach, disabled,
                            get_adapter, merge_and_detach, mixed_batch, param_counts, set_active)

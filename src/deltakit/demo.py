@@ -25,7 +25,9 @@ from pathlib import Path
 
 import torch
 
-from . import attach, disabled, mixed_batch, param_counts, set_active
+from .core.adapter import attach, disabled, mixed_batch, param_counts, set_active
+from .io.adapter_files import save_adapter
+from .taskvec import TaskVector
 from ._fmt import table
 from .io.files import write_json
 from .io.models import head_modules, load_classifier
@@ -103,7 +105,7 @@ def run(cfg: DemoConfig = DemoConfig()) -> list[dict]:
         for p in adapter.parameters():  # done training this one; the next task trains its own
             p.requires_grad_(False)
         acc = _accuracy(model, dev_loaders[task], k_task)
-        adapter.save(out / "adapters" / task)
+        save_adapter(adapter, out / "adapters" / task)
         results.append({"task": task, "base_acc": round(base, 4), "lora_acc": round(acc, 4),
                         "adapter_params": adapter.num_parameters(),
                         "adapter_bytes": (out / "adapters" / task / "adapter.safetensors").stat().st_size,
@@ -142,8 +144,8 @@ def _merge_step(model, cfg: DemoConfig, loaders, labels: dict[str, int]) -> dict
 
     tasks = list(loaders)
     ads = adapters(model)
-    encoder_tvs = [ads[t].task_vector(include_full=False) for t in tasks]
-    heads = {t: ads[t].task_vector() for t in tasks}
+    encoder_tvs = [TaskVector.from_adapter(ads[t], include_full=False) for t in tasks]
+    heads = {t: TaskVector.from_adapter(ads[t]) for t in tasks}
     fresh, _ = load_classifier(cfg.model, model.config.num_labels, seed=cfg.seed)  # same seeded base
     base_state = {k: v.clone() for k, v in fresh.state_dict().items()}
     scores: dict[str, dict[str, float]] = {}

@@ -76,7 +76,7 @@ def test_corrupt_adapter_fails_inspect(tiny_model_dir, tmp_path, capsys):
     from transformers import BertForSequenceClassification
     m = BertForSequenceClassification.from_pretrained(tiny_model_dir)
     ad = dk.attach(m, dk.LoraConfig(r=2))
-    ad.save(tmp_path / "ad")
+    dk.save_adapter(ad, tmp_path / "ad")
     f = tmp_path / "ad" / "adapter.safetensors"
     data = bytearray(f.read_bytes())
     data[-1] ^= 0xFF

@@ -64,7 +64,7 @@ def _saved(model_factory, tmp_path):
     ad = dk.attach(m, dk.LoraConfig(r=2))
     for p in ad.parameters():
         torch.nn.init.normal_(p)
-    ad.save(tmp_path / "ad")
+    dk.save_adapter(ad, tmp_path / "ad")
     return tmp_path / "ad"
 
 
@@ -130,7 +130,7 @@ def test_atomic_save_keeps_old_directory_on_failure(model_factory, tmp_path, mon
         raise OSError("disk full")
     monkeypatch.setattr(af, "write_json", boom)
     with pytest.raises(OSError):
-        ad.save(path)
+        dk.save_adapter(ad, path)
     assert (path / "adapter.json").read_text() == old
     assert [p.name for p in tmp_path.iterdir()] == ["ad"]
 

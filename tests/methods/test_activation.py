@@ -26,7 +26,7 @@ def cfg(method: str, **kw):
 
 
 def stored(adapter, tmp_path) -> int:
-    adapter.save(tmp_path / "ad")
+    dk.save_adapter(adapter, tmp_path / "ad")
     with safe_open(str(tmp_path / "ad" / "adapter.safetensors"), "pt") as f:
         return sum(f.get_tensor(k).numel() for k in f.keys())
 

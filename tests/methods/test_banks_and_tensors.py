@@ -26,7 +26,7 @@ def cfg(method: str, **kw):
 
 
 def stored(adapter, tmp_path) -> tuple[int, list[str]]:
-    adapter.save(tmp_path / "ad")
+    dk.save_adapter(adapter, tmp_path / "ad")
     with safe_open(str(tmp_path / "ad" / "adapter.safetensors"), "pt") as f:
         keys = list(f.keys())
         return sum(f.get_tensor(k).numel() for k in keys), keys
@@ -166,7 +166,7 @@ def test_vblora_counts_topk_storage(tmp_path):
         for p in ad.parameters():
             p.add_(0.3 * torch.randn_like(p))
     y = run(model, x).detach()
-    ad.save(tmp_path / "ad2")
+    dk.save_adapter(ad, tmp_path / "ad2")
     fresh = make_model("bert")
     dk.load_adapter(fresh, tmp_path / "ad2")
     torch.testing.assert_close(run(fresh, x).detach(), y, rtol=0, atol=0)
@@ -480,7 +480,7 @@ def test_factored_methods_stay_low_rank_in_task_vectors(method, kw, kind):
     with torch.no_grad():
         for p in ad.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    tv = ad.task_vector()
+    tv = dk.TaskVector.from_adapter(ad)
     for key, dw in ad.delta_weights():
         assert isinstance(tv.get(key), LowRank)
         torch.testing.assert_close(as_dense(tv.get(key)), dw, rtol=1e-5, atol=1e-6)

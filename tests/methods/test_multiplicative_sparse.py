@@ -30,7 +30,7 @@ from tests.conftest import make_input, make_model, run
 
 def stored(adapter, tmp_path) -> int:
     """Total numel of the tensors in the saved adapter file."""
-    adapter.save(tmp_path / "ad")
+    dk.save_adapter(adapter, tmp_path / "ad")
     with safe_open(str(tmp_path / "ad" / "adapter.safetensors"), "pt") as f:
         return sum(f.get_tensor(k).numel() for k in f.keys())
 
@@ -514,7 +514,7 @@ def test_intrinsic_counts_init_merge_and_reload(projection, tmp_path):
     ad.merge()
     torch.testing.assert_close(m(x), y, rtol=1e-5, atol=1e-5)
     ad.unmerge()
-    ad.save(tmp_path / "ad2")
+    dk.save_adapter(ad, tmp_path / "ad2")
     torch.manual_seed(0)
     fresh = Chain(nn.Linear(6, 5), nn.Linear(5, 4))
     dk.load_adapter(fresh, tmp_path / "ad2")

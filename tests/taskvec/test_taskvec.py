@@ -224,7 +224,7 @@ def test_lora_merges_stay_low_rank_and_dense_merges_refactorise():
         torch.manual_seed(seed)
         for p in ad.parameters():
             torch.nn.init.normal_(p, std=0.2)
-        tvs.append(ad.task_vector())
+        tvs.append(TaskVector.from_adapter(ad))
     combo = 0.5 * tvs[0] + 0.25 * tvs[1]
     name = next(iter(combo.keys()))
     entry = combo.get(name)

@@ -154,7 +154,8 @@ def _load_base_for(man: dict, model_arg: str | None):
 def run_export(args) -> int:
     import torch
 
-    from .. import load_adapter, merge_and_detach
+    from ..core.adapter import merge_and_detach
+    from ..io.adapter_files import load_adapter
     from ..io.adapter_files import read_manifest
     from ..io.files import atomic_dir
 
@@ -249,7 +250,8 @@ def _read_split(path: str, split: str, max_rows=None, seed=0):
 def run_train(args) -> int:
     import torch
 
-    from .. import attach, param_counts
+    from ..core.adapter import attach, param_counts
+    from ..io.adapter_files import save_adapter
     from ..io.models import head_modules, load_classifier
     from ..train import fit
     from ..train.data import make_loader, num_labels
@@ -274,7 +276,7 @@ def run_train(args) -> int:
                  max_steps=args.steps, warmup_steps=max(1, args.steps // 10), seed=args.seed,
                  ckpt_dir=args.ckpt_dir, eval_every=None, params=params, callbacks=callbacks,
                  autocast={"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.autocast))
-    adapter.save(args.out)
+    save_adapter(adapter, args.out)
     shown = {k: round(v, 4) for k, v in result.metrics.items()}
     print(f"saved {args.out}  {json.dumps(shown)}")
     return 0

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .delta import BuildContext, Delta, WeightDelta
+from .full import FullConfig, FullDelta
 from .layer import DeltaLayer, DeltaStateError
 from .registry import DeltaConfig, MethodSpec, get_method
 from .targets import TargetError, default_targets, layer_index, select_targets
@@ -135,35 +136,6 @@ class Adapter:
         (rank budgets, layer sampling, data-driven masks); ``(None, [])`` for most methods."""
         return self.spec.cls.training_hooks(self, loader=loader, total_steps=total_steps)
 
-    def save(self, path, **kwargs) -> None:
-        from ..io.adapter_files import save_adapter
-        save_adapter(self, path, **kwargs)
-
-    def task_vector(self, *, include_full: bool = True):
-        """This adapter as a :class:`~deltakit.taskvec.TaskVector` keyed by the plain model's
-        parameter names (``encoder.layer.0.attention.self.query.weight``).
-
-        Deltas that can say ``factors()`` (LoRA) stay factored as ``LowRank``; the rest
-        are lazy dense ``dW``. ``include_full=False`` leaves out ``modules_to_save``
-        (task-specific heads, which merging usually keeps per task).
-        """
-        from ..taskvec import LowRank, TaskVector
-
-        entries: dict = {}
-        for path, layer in self.layers(include_full=True):
-            delta = layer.deltas[self.name]
-            if not isinstance(delta, WeightDelta) or (self.targets[path] == "full" and not include_full):
-                continue
-            factors = getattr(delta, "factors", None)
-            if factors is not None:
-                B, A, scale, shape = factors()
-                entries[f"{path}.weight"] = LowRank(B.detach().float().clone(), A.detach().float().clone(),
-                                                    float(scale), tuple(shape))
-                continue
-            for k, dw in layer.weight_delta([self.name]).items():
-                entries[f"{path}.{k}"] = dw.detach().clone()
-        return TaskVector.from_mapping(entries)
-
     def delta_weights(self) -> Iterator[tuple[str, Tensor]]:
         """``(parameter path, dense dW)`` for every weight delta, one target at a time."""
         for path, layer in self.layers(include_full=True):
@@ -263,8 +235,6 @@ def attach(model: nn.Module, config: DeltaConfig, name: str = "default", *,
 def build_deltas(model: nn.Module, config: DeltaConfig, spec: MethodSpec, paths: Sequence[str],
                  full_paths: Sequence[str] = ()):
     """Build (without inserting) the shared module and one delta per target."""
-    from ..methods.full import FullConfig, FullDelta
-
     bases = {p: _unwrap(model.get_submodule(p)) for p in paths}
     shared = spec.cls.build_shared(config, bases)
     deltas: dict[str, tuple[str, Delta]] = {}

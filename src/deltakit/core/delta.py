@@ -77,6 +77,12 @@ class WeightDelta(Delta):
         """Dense ``dW`` per changed parameter name, from the original base parameters."""
         raise NotImplementedError
 
+    def factors(self) -> tuple[Tensor, Tensor, float, tuple[int, ...]] | None:
+        """``(B, A, scale, shape)`` with ``dW = scale * (B @ A).reshape(shape)`` when the delta
+        is low-rank by construction (LoRA family), so task vectors keep it factored; None
+        otherwise (the default), and then ``delta`` gives the dense ``dW``."""
+        return None
+
     # Optional fast path. When a subclass defines ``residual(self, base, x)`` the
     # layer computes ``base(x) + residual``; otherwise it runs the base with
     # ``W + dW`` through ``torch.func.functional_call``.

@@ -11,8 +11,6 @@ A duplicate name is an error; there is no central table to edit.
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import pkgutil
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -132,29 +130,12 @@ def register_method(name: str, config: type[DeltaConfig], *, paper: str, descrip
     return deco
 
 
-_loaded = False
-
-
-def _load_builtin() -> None:
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    import deltakit.methods as pkg
-
-    for info in pkgutil.iter_modules(pkg.__path__):
-        if not info.name.startswith("_"):
-            importlib.import_module(f"deltakit.methods.{info.name}")
-
-
 def methods() -> dict[str, MethodSpec]:
-    """All registered methods, by name."""
-    _load_builtin()
+    """All registered methods, by name (``import deltakit`` registers the built-in ones)."""
     return dict(_METHODS)
 
 
 def get_method(name: str) -> MethodSpec:
-    _load_builtin()
     if name not in _METHODS:
         raise ConfigError(f"unknown method {name!r}; expected one of {sorted(_METHODS)}")
     return _METHODS[name]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .. import __version__
+from .._version import __version__
 from ..core.adapter import SHARED, Adapter, adapters, base_fingerprint, build_deltas, insert
 from ..core.layer import DeltaLayer
 from ..core.registry import ConfigError, get_method

@@ -75,8 +75,10 @@ class DoRA(LoRA):
     # dW needs ||W + s B A||, i.e. the dense weight: no residual / batched fast path.
     residual = None
     mixed_residual = None
-    # dW = m (W + sBA) / ||W + sBA|| - W is full rank: task vectors get it dense
-    factors = None
+
+    def factors(self) -> None:
+        """dW = m (W + sBA) / ||W + sBA|| - W is full rank: task vectors get it dense."""
+        return None
 
     def __init__(self, base: nn.Module, config: DoraConfig, ctx: BuildContext | None = None):
         super().__init__(base, config, ctx)

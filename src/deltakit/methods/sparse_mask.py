@@ -78,9 +78,11 @@ class SparseGradConfig(SparseConfig):
         density: fraction of entries trained per target (the largest scores).
         score: per-entry sensitivity summed over batches: ``abs`` = ``|grad|``,
             ``fisher`` = ``grad^2`` (FISH).
+        calibration_batches: training batches whose gradients score the entries.
     """
 
     score: Literal["abs", "fisher"] = "abs"
+    calibration_batches: int = 4
 
 
 def _path_seed(seed: int, name: str) -> int:
@@ -111,14 +113,15 @@ class SparseGrad(SparseMaskDelta):
         """Masks come from gradients of the base on the first ``calibration_batches`` batches."""
         import itertools
 
-        from ..train.loop import compute_loss, to_device
-
         if loader is None:
             raise ConfigError("sparse_grad: expected training data to calibrate its masks, found none")
         device = next(adapter.model.parameters()).device
-        n = getattr(adapter.config, "calibration_batches", 4)
-        batches = [to_device(b, device) for b in itertools.islice(iter(loader), n)]
-        calibrate(adapter, batches, lambda m, b: compute_loss(m, b, None))
+        n = adapter.config.calibration_batches
+        batches = [{k: v.to(device) if isinstance(v, Tensor) else v for k, v in b.items()}
+                   for b in itertools.islice(iter(loader), n)]
+        # the model's own loss (Hugging Face models with labels), as fit's default; methods sit
+        # below train/ in the package DAG, so this does not call train.compute_loss
+        calibrate(adapter, batches, lambda m, b: m(**b).loss)
         return None, []
 
     @classmethod

@@ -148,6 +148,32 @@ class TaskVector:
         return cls(entries, shapes)
 
     @classmethod
+    def from_adapter(cls, adapter, *, include_full: bool = True) -> TaskVector:
+        """An attached adapter as a task vector keyed by the plain model's parameter names
+        (``encoder.layer.0.attention.self.query.weight``).
+
+        Deltas that say ``factors()`` (LoRA family) stay factored as ``LowRank``; the rest
+        are dense ``dW``. ``include_full=False`` leaves out ``modules_to_save`` (task-specific
+        heads, which merging usually keeps per task).
+        """
+        from deltakit.core.delta import WeightDelta
+
+        entries: dict = {}
+        for path, layer in adapter.layers(include_full=True):
+            delta = layer.deltas[adapter.name]
+            if not isinstance(delta, WeightDelta) or (adapter.targets[path] == "full" and not include_full):
+                continue
+            factors = delta.factors()
+            if factors is not None:
+                B, A, scale, shape = factors
+                entries[f"{path}.weight"] = LowRank(B.detach().float().clone(), A.detach().float().clone(),
+                                                    float(scale), tuple(shape))
+                continue
+            for k, dw in layer.weight_delta([adapter.name]).items():
+                entries[f"{path}.{k}"] = dw.detach().clone()
+        return cls.from_mapping(entries)
+
+    @classmethod
     def load(cls, path: str | os.PathLike) -> TaskVector:
         """Open a task vector written by :meth:`save` (lazily; LowRank entries stay factored)."""
         ck = LazyCheckpoint(path)
