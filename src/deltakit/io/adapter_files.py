@@ -31,8 +31,13 @@ class AdapterLoadError(ValueError):
     """An adapter directory does not fit the model it is loaded into."""
 
 
-def save_adapter(adapter: Adapter, path: str | os.PathLike) -> Path:
-    """Write ``adapter`` as one directory, atomically (temp dir + rename)."""
+def save_adapter(adapter: Adapter, path: str | os.PathLike, *, training: dict | None = None) -> Path:
+    """Write ``adapter`` as one directory, atomically (temp dir + rename).
+
+    ``training``: what made it (JSON-able), stored as the manifest's ``training`` entry:
+    ``{"steps": int, "metrics": {name: float}, "data": [{"split", "path", "sha256", "rows"}],
+    "settings": {...}}`` as :func:`deltakit.train` callers write it; ``deltakit inspect`` shows it.
+    """
     path = Path(path)
     fitted = [p for p, m in adapter.targets.items() if m != "full"]
     state = adapter.state_dict()
@@ -62,6 +67,7 @@ def save_adapter(adapter: Adapter, path: str | os.PathLike) -> Path:
             "base_model": _base_model_info(adapter.model),
             "parameters": {"total": adapter.num_parameters(),
                            "trainable": adapter.num_parameters(trainable_only=True)},
+            **({"training": training} if training is not None else {}),
         })
     return path
 
