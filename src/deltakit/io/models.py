@@ -12,6 +12,7 @@ from pathlib import Path
 __all__ = ["resolve_model", "load_classifier", "head_modules", "BUNDLED"]
 
 BUNDLED = "minilm"
+BUNDLED_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what the bundled copy is, for other tools
 
 
 def resolve_model(name_or_path: str) -> str:

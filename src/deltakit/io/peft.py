@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..core.adapter import Adapter, adapters, build_deltas, insert
-from ..core.registry import get_method
+from ..core.adapter import Adapter, adapters
+from ..core.load import AdapterLoadError, attach_state
 from ..core.targets import _named_modules
 from ..methods.lora import LoRA, LoraConfig
 from .files import DeltakitFileError, atomic_dir, load_tensors, read_json, save_tensors, write_json
@@ -111,30 +111,19 @@ def import_peft(model: nn.Module, peft_dir: str | os.PathLike, name: str | None 
         use_rslora=bool(cfg.get("use_rslora", False)),
         init=_INIT_FROM_PEFT.get(cfg.get("init_lora_weights", True), "kaiming"),
         targets=tuple(paths), modules_to_save=tuple(full))
-    spec = get_method("lora")
-    shared, deltas = build_deltas(model, config, spec, paths, list(full))
-    for p, (_, delta) in deltas.items():
-        if p in lora:
-            a, b = lora[p]
-            sub = {"lora_A": a, "lora_B": b}
-        else:
-            sub = full[p]
-            missing = sorted(set(delta.values) - set(sub))
-            if missing:
-                raise PeftFormatError(f"{weights}: modules_to_save {p!r} lacks tensor(s) {missing}")
-            sub = {f"values.{k}": v for k, v in sub.items()}
-        own = delta.state_dict()
-        unknown = sorted(k.removeprefix("values.") for k in set(sub) - set(own))
+    state_dict: dict[str, Tensor] = {}
+    for p, (a, b) in lora.items():
+        state_dict[f"{p}.lora_A"], state_dict[f"{p}.lora_B"] = a, b
+    for p, tensors in full.items():
+        unknown = sorted(set(tensors) - {k for k, _ in modules[p].named_parameters(recurse=False)})
         if unknown:
-            raise PeftFormatError(f"{weights}: {p!r} has no parameter(s) {unknown}")
-        for k, v in sub.items():
-            if tuple(v.shape) != tuple(own[k].shape):
-                raise PeftFormatError(f"{weights}: {p}.{k} has shape {tuple(v.shape)}, the model needs "
-                                      f"{tuple(own[k].shape)}")
-            if v.is_floating_point() and not torch.isfinite(v).all():
-                raise PeftFormatError(f"{weights}: {p}.{k} contains NaN/inf")
-        delta.load_state_dict(sub, strict=True)
-    return insert(model, name, config, spec, (shared, deltas), activate=activate)
+            raise PeftFormatError(f"{weights}: modules_to_save {p!r} has no parameter(s) {unknown}")
+        state_dict.update({f"{p}.values.{k}": v for k, v in tensors.items()})
+    try:
+        return attach_state(model, config, state_dict, name=name, targets=paths, full_targets=list(full),
+                            activate=activate, source=str(weights))
+    except AdapterLoadError as e:
+        raise PeftFormatError(str(e)) from None
 
 
 def _read_config(peft_dir: Path) -> dict:
@@ -299,11 +288,10 @@ def export_peft(adapter: Adapter, out_dir: str | os.PathLike) -> Path:
             tensors[f"{PREFIX}{path}.lora_B.weight"] = delta.lora_B.detach()
         conv1d.append(delta.layout == "conv1d")
 
-    model_cfg = getattr(adapter.model, "config", None)
     peft_cfg = {
         "peft_type": "LORA",
-        "task_type": _task_type(adapter.model),
-        "base_model_name_or_path": getattr(model_cfg, "_name_or_path", None) or None,
+        "task_type": _task_type(adapter.model, full_paths),
+        "base_model_name_or_path": _portable_base_name(adapter.model),
         "revision": None,
         "inference_mode": True,
         "r": config.r,
@@ -328,10 +316,38 @@ def export_peft(adapter: Adapter, out_dir: str | os.PathLike) -> Path:
     return out_dir
 
 
-def _task_type(model: nn.Module) -> str | None:
+# peft task types that add the model's head to modules_to_save when it loads the adapter
+# (peft's PeftModelForSequenceClassification etc.): the file must then hold the head.
+_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+          "QUESTION_ANS": ("qa_outputs",)}
+
+
+def _task_type(model: nn.Module, saved: list[str]) -> str | None:
+    """peft's task_type for ``model``'s head class, or None (a plain PeftModel) when that
+    task type would make peft expect a head the adapter does not save: peft then adds the
+    head to modules_to_save and ``PeftModel.from_pretrained`` fails with a KeyError on it."""
     cls = type(model).__name__
     for suffix, task in _TASK_TYPES:
         if cls.endswith(suffix):
+            heads = _HEADS.get(task)
+            if heads and not any(p == h or p.endswith("." + h) for p in saved for h in heads):
+                return None
             return task
     return None
+
+
+def _portable_base_name(model: nn.Module) -> str | None:
+    """The base's name for peft users: the bundled MiniLM's hub id rather than a path into
+    this machine's site-packages."""
+    name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    if name is None:
+        return None
+    from .models import BUNDLED, BUNDLED_HUB_ID, resolve_model
+    try:
+        bundled_dir = Path(resolve_model(BUNDLED)).resolve()
+    except ImportError:
+        bundled_dir = None
+    if name == BUNDLED or (bundled_dir is not None and Path(name).resolve() == bundled_dir):
+        return BUNDLED_HUB_ID
+    return name
 
