@@ -64,7 +64,8 @@ def _sample(t: Tensor, n: int) -> Tensor:
     flat = t.reshape(-1)
     if flat.numel() <= n:
         return flat
-    idx = torch.linspace(0, flat.numel() - 1, n, device=flat.device).round().long()
+    # integer positions i * (N - 1) // (n - 1): exact, and the same on every device
+    idx = torch.arange(n, dtype=torch.int64, device=flat.device) * (flat.numel() - 1) // (n - 1)
     return flat.index_select(0, idx)
 
 
