@@ -130,3 +130,47 @@ def test_threads_running_mixed_batches_each_see_their_own_rows(kind):
     for t in threads:
         t.join()
     assert not errors, errors[:3]
+
+
+def test_detach_waits_for_a_forward_in_flight():
+    """A state change waits for the model's forwards in flight; the forward sees one state."""
+    m = _two()
+    x = make_input("bert")
+    dk.set_active(m, ["a", "b"])
+    expected = run(m, x)
+    entered, release = threading.Event(), threading.Event()
+    layer = next(mod for mod in m.modules() if isinstance(mod, dk.DeltaLayer))
+    hook = layer.register_forward_pre_hook(lambda *a: (entered.set(), release.wait(10)) and None)
+    result = {}
+    t = threading.Thread(target=lambda: result.update(out=run(m, x)))
+    t.start()
+    assert entered.wait(10)
+    detacher = threading.Thread(target=dk.detach, args=(m, "b"))
+    detacher.start()
+    detacher.join(0.3)
+    assert detacher.is_alive() and sorted(dk.adapters(m)) == ["a", "b"]  # waiting for the forward
+    release.set()
+    t.join(10)
+    detacher.join(10)
+    hook.remove()
+    assert torch.allclose(result["out"], expected, atol=1e-6) and sorted(dk.adapters(m)) == ["a"]
+
+
+def test_a_failed_forward_releases_the_guard_and_hooks_go_with_the_last_adapter():
+    m = _two()
+    with pytest.raises(Exception):
+        m(input_ids=torch.full((1, 4), 999))        # index out of range inside the forward
+    dk.detach(m, "a")                                # would hang if the failed forward kept its read
+    dk.detach(m, "b")
+    assert not m._forward_pre_hooks and not m._forward_hooks
+
+
+def test_deepcopy_hooks_belong_to_the_copy():
+    m = _two()
+    c = copy.deepcopy(m)
+    dk.detach(c, "a")
+    dk.detach(c, "b")
+    assert not c._forward_pre_hooks and len(m._forward_pre_hooks) == 1
+    x = make_input("bert")
+    run(m, x)
+    dk.detach(m, "a")

@@ -108,7 +108,7 @@ class Adapter:
     def merge(self) -> None:
         """Add every weight delta's dW into the base weights (exactly reversible); all or nothing."""
         state = self.state
-        with state.lock:
+        with state.changing():
             if self.merged:
                 raise DeltaStateError(f"adapter {self.name!r} is already merged")
             layers = list(self.layers(include_full=True))
@@ -131,7 +131,7 @@ class Adapter:
     def unmerge(self) -> None:
         """Take this adapter's dW out of the base weights, exactly (recomputed from the originals)."""
         state = self.state
-        with state.lock:
+        with state.changing():
             if not self.merged:
                 raise DeltaStateError(f"adapter {self.name!r} is not merged")
             state.merged = tuple(n for n in state.merged if n != self.name)
@@ -280,8 +280,9 @@ def insert(model: nn.Module, name: str, config: DeltaConfig, spec: MethodSpec, b
         state = ModelState(requires_grad={k: p.requires_grad for k, p in model.named_parameters()})
         for p in model.parameters():
             p.requires_grad_(False)
+        state.install(model)
         object.__setattr__(model, _STATE_ATTR, state)
-    with state.lock:
+    with state.changing():
         for path, (_, delta) in deltas.items():
             module = model.get_submodule(path)
             if not isinstance(module, DeltaLayer):
@@ -312,7 +313,7 @@ def detach(model: nn.Module, name: str) -> None:
     module tree and ``requires_grad`` flags come back."""
     adapter = get_adapter(model, name)
     state = adapter.state
-    with state.lock:
+    with state.changing():
         if adapter.merged:
             adapter.unmerge()
         for path, layer in list(adapter.layers(include_full=True)):
@@ -327,6 +328,7 @@ def detach(model: nn.Module, name: str) -> None:
         if not state.adapters:
             for k, p in model.named_parameters():
                 p.requires_grad_(state.requires_grad.get(k, p.requires_grad))
+            state.uninstall(model)
             object.__delattr__(model, _STATE_ATTR)
 
 
@@ -336,7 +338,7 @@ def merge_and_detach(model: nn.Module, names: Sequence[str] | None = None) -> nn
     Returns the same model object, now a plain model whose weights include the deltas.
     """
     state = _require_state(model)
-    with state.lock:
+    with state.changing():
         names = list(names) if names is not None else list(state.active)
         for n in names:
             if not get_adapter(model, n).merged:
@@ -363,7 +365,7 @@ def set_active(model: nn.Module, names: Sequence[str] | str) -> None:
         raise KeyError(f"no adapter(s) {missing} on this model; attached: {sorted(known)}")
     if known:
         state = _require_state(model)
-        with state.lock:
+        with state.changing():
             state.active = tuple(dict.fromkeys(names))
 
 

@@ -17,7 +17,12 @@ A context value maps a model state's id to its :class:`Call`; entering a block s
 new mapping and leaving it resets the token, so nesting restores the outer block's
 settings exactly, and a thread never sees another thread's settings (each thread runs in
 its own context; ``contextvars.copy_context().run`` shares one on purpose).
-Changes to the persistent state take the state's lock.
+
+Changes to the persistent state (attach, detach, merge, unmerge, set_active) wait for the
+model's forwards in flight to finish, and forwards wait for a change in progress: the
+model's root forward holds the state's :class:`ForwardGuard` for reading (hooks installed
+at the first attach), a change holds it for writing. A change made from inside a forward of
+the same thread (a callback) is allowed rather than deadlocking.
 """
 from __future__ import annotations
 
@@ -31,7 +36,7 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["ModelState", "Call", "call_scope"]
+__all__ = ["ModelState", "Call", "call_scope", "ForwardGuard"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,48 @@ _CALLS: contextvars.ContextVar[MappingProxyType] = contextvars.ContextVar(
     "deltakit_calls", default=MappingProxyType({}))
 
 
+class ForwardGuard:
+    """Many forwards at once, or one state change: a readers-writer lock, re-entrant per thread."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._readers: dict[int, int] = {}   # thread id -> nesting depth
+        self._writer: int | None = None
+        self._depth = 0
+
+    def acquire_read(self) -> None:
+        me = threading.get_ident()
+        with self._cond:
+            while self._writer not in (None, me):
+                self._cond.wait()
+            self._readers[me] = self._readers.get(me, 0) + 1
+
+    def release_read(self) -> None:
+        me = threading.get_ident()
+        with self._cond:
+            if self._readers.get(me, 0) <= 1:
+                self._readers.pop(me, None)
+                self._cond.notify_all()
+            else:
+                self._readers[me] -= 1
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        me = threading.get_ident()
+        with self._cond:
+            while self._writer not in (None, me) or any(t != me for t in self._readers):
+                self._cond.wait()
+            self._writer, self._depth = me, self._depth + 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._depth -= 1
+                if self._depth == 0:
+                    self._writer = None
+                    self._cond.notify_all()
+
+
 @dataclass(eq=False)
 class ModelState:
     """The persistent adapter state of one model (see the module docstring)."""
@@ -55,13 +102,35 @@ class ModelState:
     active: tuple[str, ...] = ()
     merged: tuple[str, ...] = ()                              # merge order
     requires_grad: dict[str, bool] = field(default_factory=dict)
-    lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+    guard: ForwardGuard = field(default_factory=ForwardGuard, repr=False)
 
-    def __getstate__(self) -> dict:  # copy.deepcopy / pickle of a model: a fresh lock, not a copy
-        return {k: v for k, v in self.__dict__.items() if k != "lock"}
+    def __getstate__(self) -> dict:  # copy.deepcopy / pickle of a model: a fresh guard, not a copy
+        return {k: v for k, v in self.__dict__.items() if k != "guard"}
 
     def __setstate__(self, d: dict) -> None:
-        self.__dict__.update(d, lock=threading.RLock())
+        self.__dict__.update(d, guard=ForwardGuard())
+
+    def changing(self):
+        """Hold while changing the persistent state (waits for forwards in flight)."""
+        return self.guard.writing()
+
+    # Root-model hooks. Bound methods, so a deep copy of the model calls its own state's;
+    # found again by owner on removal (hook handles would point into the original's dicts).
+    def install(self, model) -> None:
+        model.register_forward_pre_hook(self.enter_forward)
+        model.register_forward_hook(self.exit_forward, always_call=True)
+
+    def uninstall(self, model) -> None:
+        for hooks in (model._forward_pre_hooks, model._forward_hooks):
+            for k in [k for k, h in hooks.items() if getattr(h, "__self__", None) is self]:
+                del hooks[k]
+                model._forward_hooks_always_called.pop(k, None)
+
+    def enter_forward(self, module, args) -> None:
+        self.guard.acquire_read()
+
+    def exit_forward(self, module, args, output) -> None:
+        self.guard.release_read()
 
     def live(self, present) -> list[str]:
         """Active, unmerged adapter names among ``present`` (a layer's deltas), in active order."""
