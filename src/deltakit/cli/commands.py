@@ -132,23 +132,8 @@ def add_export(sub) -> None:
 
 
 def _load_base_for(man: dict, model_arg: str | None):
-    import transformers
-
-    from ..io.models import resolve_model
-
-    base = man.get("base_model") or {}
-    src = model_arg or base.get("name_or_path")
-    if not src:
-        raise ValueError("the adapter does not record its base model; pass --model")
-    cls_name = base.get("class") or "AutoModel"
-    cls = getattr(transformers, cls_name, None)
-    if cls is None:
-        raise ValueError(f"unknown base model class {cls_name!r} in the manifest")
-    kwargs = {"num_labels": base["num_labels"]} if base.get("num_labels") and "Classification" in cls_name else {}
-    path = resolve_model(src)
-    from transformers.utils import logging
-    logging.set_verbosity_error()
-    return cls.from_pretrained(path, **kwargs), path
+    from ..io.models import load_base_for
+    return load_base_for(man, model_arg)
 
 
 def run_export(args) -> int:
@@ -310,4 +295,20 @@ def add_merge(sub) -> None:
     add_parser(sub)
 
 
-REGISTER = [add_train, add_inspect, add_export, add_merge, add_methods, add_demo, add_bench]
+def add_eval(sub) -> None:
+    from .evaluate import add_parser
+    add_parser(sub)
+
+
+def add_predict(sub) -> None:
+    from .predict import add_parser
+    add_parser(sub)
+
+
+def add_import_peft(sub) -> None:
+    from .peft_cmd import add_parser
+    add_parser(sub)
+
+
+REGISTER = [add_train, add_eval, add_predict, add_inspect, add_export, add_import_peft, add_merge, add_methods,
+            add_demo, add_bench]
