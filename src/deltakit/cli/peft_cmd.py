@@ -47,10 +47,9 @@ def load_peft_base(peft_dir: Path, model: str | None):
     """The base model a peft directory names (or ``model``), as the class its task_type implies."""
     import torch
     import transformers
-    from transformers.utils import logging
 
     from ..io.files import read_json
-    from ..io.models import BUNDLED, resolve_model
+    from ..io.models import BUNDLED, quiet_transformers, resolve_model
     from ..io.peft import CONFIG
 
     cfg = read_json(peft_dir / CONFIG)
@@ -62,7 +61,7 @@ def load_peft_base(peft_dir: Path, model: str | None):
         raise ValueError(f"{peft_dir / CONFIG}: expected task_type in {sorted(map(str, AUTO_CLASSES))}, found {task!r}")
     cls = getattr(transformers, AUTO_CLASSES[task])
     k = _num_labels(peft_dir) if task == "SEQ_CLS" else None
-    logging.set_verbosity_error()
+    quiet_transformers()
     torch.manual_seed(0)
     base = cls.from_pretrained(resolve_model(src), **({"num_labels": k, "ignore_mismatched_sizes": True} if k else {}))
     if src == BUNDLED:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["resolve_model", "load_classifier", "load_base_for", "load_scorer", "head_modules", "ModelNotFoundError",
-           "BUNDLED", "HUB_PROBE_TIMEOUT"]
+__all__ = ["resolve_model", "load_classifier", "load_base_for", "load_scorer", "head_modules", "quiet_transformers",
+           "ModelNotFoundError", "BUNDLED", "HUB_PROBE_TIMEOUT"]
 
 BUNDLED = "minilm"
 HUB_PROBE_TIMEOUT = 3.0  # seconds: one HEAD request to the hub endpoint
@@ -77,6 +77,14 @@ def _hub_unreachable() -> str | None:
     return None
 
 
+def quiet_transformers() -> None:
+    """Errors only, no per-load progress bars: a CLI that loads a model prints its own lines."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
 def load_classifier(name_or_path: str, num_labels: int, seed: int = 0, attn_implementation: str | None = None):
     """(model, tokenizer) for sequence classification; the new head is seeded.
 
@@ -87,10 +95,9 @@ def load_classifier(name_or_path: str, num_labels: int, seed: int = 0, attn_impl
     """
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from transformers.utils import logging
 
     path = resolve_model(name_or_path)
-    logging.set_verbosity_error()  # the "newly initialised head" notice is expected here
+    quiet_transformers()  # the "newly initialised head" notice is expected here
     torch.manual_seed(seed)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels,
@@ -114,8 +121,6 @@ def load_base_for(manifest: dict, model: str | None = None, seed: int = 0):
     """
     import torch
     import transformers
-    from transformers.utils import logging
-
     base = manifest.get("base_model") or {}
     src = model or base.get("name_or_path")
     if not src:
@@ -127,7 +132,7 @@ def load_base_for(manifest: dict, model: str | None = None, seed: int = 0):
     kwargs = {"num_labels": base["num_labels"], "ignore_mismatched_sizes": True} \
         if base.get("num_labels") and "Classification" in cls_name else {}
     path = resolve_model(src)
-    logging.set_verbosity_error()
+    quiet_transformers()
     torch.manual_seed(seed)
     loaded = cls.from_pretrained(path, **kwargs)
     if src == BUNDLED:
@@ -143,7 +148,6 @@ def load_scorer(model_or_adapter: str, model: str | None = None, strict_base: bo
     (``minilm`` itself) is refused: its head would be random, so every score a coin toss.
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
-    from transformers.utils import logging
 
     from .adapter_files import MANIFEST, load_adapter, read_manifest
 
@@ -159,7 +163,7 @@ def load_scorer(model_or_adapter: str, model: str | None = None, strict_base: bo
         if not any("ForSequenceClassification" in a for a in arch):
             raise ValueError(f"expected an adapter directory or a sequence-classification checkpoint, found "
                              f"{model_or_adapter} with architectures {arch} (no trained classification head)")
-        logging.set_verbosity_error()
+        quiet_transformers()
         scorer = AutoModelForSequenceClassification.from_pretrained(path)
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:

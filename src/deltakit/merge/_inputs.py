@@ -77,7 +77,7 @@ def materialise_inputs(recipe, workdir: str | os.PathLike):
 def _write_base(man: dict, base_model: str | None, out: Path):
     """Load the adapters' base (``base_model`` overrides the manifest's) and save it to ``out``."""
     model, path = load_base_for(man, base_model)
-    model.save_pretrained(out, safe_serialization=True)
+    model.save_pretrained(out, safe_serialization=True)  # (load_base_for turned its progress bars off)
     try:
         from transformers import AutoTokenizer
         AutoTokenizer.from_pretrained(path).save_pretrained(out)
