@@ -426,3 +426,20 @@ def test_nonfinite_adapter_is_flagged_by_inspect_and_refused_by_export(tiny_mode
         err = capsys.readouterr().err
         assert f"tensor {bad!r} holds NaN/inf" in err and len(err.strip().splitlines()) == 1
         assert not (tmp_path / fmt).exists()
+
+
+def test_peft_export_of_a_minilm_adapter_names_minilm_and_imports_back(tmp_path, capsys):
+    """The recorded base is the portable 'minilm', not this machine's site-packages path, so the
+    peft directory's base_model_name_or_path lets import-peft find the base again."""
+    from safetensors.torch import load_file
+
+    from deltakit.io.models import head_modules, load_classifier
+
+    m, _ = load_classifier("minilm", 2)
+    ad = dk.save_adapter(dk.attach(m, dk.LoraConfig(r=1, modules_to_save=head_modules(m))), tmp_path / "ad")
+    assert main(["export", str(ad), "--format", "peft", "-o", str(tmp_path / "peft")]) == 0
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["base_model_name_or_path"] == "minilm"
+    assert main(["import-peft", str(tmp_path / "peft"), "-o", str(tmp_path / "back")]) == 0
+    a, b = load_file(ad / "adapter.safetensors"), load_file(tmp_path / "back" / "adapter.safetensors")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "back" / "adapter.json").read_text())["base_model"]["name_or_path"] == "minilm"

@@ -49,7 +49,7 @@ def load_peft_base(peft_dir: Path, model: str | None):
     import transformers
 
     from ..io.files import read_json
-    from ..io.models import BUNDLED, quiet_transformers, resolve_model
+    from ..io.models import quiet_transformers, record_name, resolve_model
     from ..io.peft import CONFIG
 
     cfg = read_json(peft_dir / CONFIG)
@@ -64,8 +64,7 @@ def load_peft_base(peft_dir: Path, model: str | None):
     quiet_transformers()
     torch.manual_seed(0)
     base = cls.from_pretrained(resolve_model(src), **({"num_labels": k, "ignore_mismatched_sizes": True} if k else {}))
-    if src == BUNDLED:
-        base.config._name_or_path = BUNDLED
+    record_name(base, src)
     return base
 
 

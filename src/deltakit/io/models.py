@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 __all__ = ["resolve_model", "load_classifier", "load_base_for", "load_scorer", "head_modules", "quiet_transformers",
-           "ModelNotFoundError", "BUNDLED", "HUB_PROBE_TIMEOUT"]
+           "record_name", "ModelNotFoundError", "BUNDLED", "HUB_PROBE_TIMEOUT"]
 
 BUNDLED = "minilm"
 HUB_PROBE_TIMEOUT = 3.0  # seconds: one HEAD request to the hub endpoint
@@ -77,6 +77,15 @@ def _hub_unreachable() -> str | None:
     return None
 
 
+def record_name(model, name_or_path: str) -> None:
+    """Record the portable name (``minilm``, a hub id) as the model's ``_name_or_path`` rather than
+    the directory it resolved to on this machine (site-packages, the hub cache), so that manifests
+    and peft configs written from it load elsewhere. A local directory stays as given."""
+    cfg = getattr(model, "config", None)
+    if cfg is not None and (name_or_path == BUNDLED or not Path(name_or_path).expanduser().exists()):
+        cfg._name_or_path = name_or_path
+
+
 def quiet_transformers() -> None:
     """Errors only, no per-load progress bars: a CLI that loads a model prints its own lines."""
     from transformers.utils import logging
@@ -103,8 +112,7 @@ def load_classifier(name_or_path: str, num_labels: int, seed: int = 0, attn_impl
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels,
                                                                ignore_mismatched_sizes=True, **extra)
     tok = AutoTokenizer.from_pretrained(path)
-    if name_or_path == BUNDLED:  # record the portable name, not this machine's site-packages path
-        model.config._name_or_path = BUNDLED
+    record_name(model, name_or_path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
         model.config.pad_token_id = tok.pad_token_id
@@ -135,8 +143,7 @@ def load_base_for(manifest: dict, model: str | None = None, seed: int = 0):
     quiet_transformers()
     torch.manual_seed(seed)
     loaded = cls.from_pretrained(path, **kwargs)
-    if src == BUNDLED:
-        loaded.config._name_or_path = BUNDLED
+    record_name(loaded, src)
     return loaded, path
 
 
