@@ -443,3 +443,19 @@ def test_peft_export_of_a_minilm_adapter_names_minilm_and_imports_back(tmp_path,
     a, b = load_file(ad / "adapter.safetensors"), load_file(tmp_path / "back" / "adapter.safetensors")
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((tmp_path / "back" / "adapter.json").read_text())["base_model"]["name_or_path"] == "minilm"
+
+
+def test_a_recorded_base_that_is_gone_asks_for_model(two_adapters, tiny_model_dir, tmp_path, capsys):
+    import shutil
+
+    ad = tmp_path / "ad"
+    shutil.copytree(two_adapters[0], ad)
+    man = json.loads((ad / "adapter.json").read_text())
+    man["base_model"]["name_or_path"] = str(tmp_path / "gone")
+    (ad / "adapter.json").write_text(json.dumps(man))
+    data = _write(tmp_path / "d.tsv", ROWS)
+    assert main(["eval", str(ad), "--data", str(data)]) == 1
+    err = capsys.readouterr().err
+    assert "the adapter's recorded base" in err and err.strip().endswith("pass --model")
+    assert main(["eval", str(ad), "--data", str(data), "--model", str(tiny_model_dir), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["rows"] == 6

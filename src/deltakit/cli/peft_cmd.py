@@ -63,7 +63,13 @@ def load_peft_base(peft_dir: Path, model: str | None):
     k = _num_labels(peft_dir) if task == "SEQ_CLS" else None
     quiet_transformers()
     torch.manual_seed(0)
-    base = cls.from_pretrained(resolve_model(src), **({"num_labels": k, "ignore_mismatched_sizes": True} if k else {}))
+    try:
+        path = resolve_model(src)
+    except FileNotFoundError as e:
+        if model is not None:
+            raise
+        raise type(e)(f"the peft config's base_model_name_or_path: {e}; pass --model") from None
+    base = cls.from_pretrained(path, **({"num_labels": k, "ignore_mismatched_sizes": True} if k else {}))
     record_name(base, src)
     return base
 

@@ -139,7 +139,12 @@ def load_base_for(manifest: dict, model: str | None = None, seed: int = 0):
         raise ValueError(f"unknown base model class {cls_name!r} in the manifest")
     kwargs = {"num_labels": base["num_labels"], "ignore_mismatched_sizes": True} \
         if base.get("num_labels") and "Classification" in cls_name else {}
-    path = resolve_model(src)
+    try:
+        path = resolve_model(src)
+    except FileNotFoundError as e:
+        if model is not None:
+            raise
+        raise type(e)(f"the adapter's recorded base: {e}; pass --model") from None
     quiet_transformers()
     torch.manual_seed(seed)
     loaded = cls.from_pretrained(path, **kwargs)
