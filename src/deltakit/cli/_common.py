@@ -52,7 +52,15 @@ def _read_unlabelled(p: Path) -> list[dict]:
 
     with open(p, newline="", encoding="utf-8-sig") as f:
         if p.suffix == ".jsonl":
-            return [json.loads(line) for line in f if line.strip()]
+            rows = []
+            for n, line in enumerate(f, 1):
+                try:
+                    obj = json.loads(line) if line.strip() else None
+                except json.JSONDecodeError as e:
+                    raise DataFormatError(f"{p} line {n}: expected a JSON object, found invalid JSON ({e})") from None
+                if obj is not None:
+                    rows.append(obj if isinstance(obj, dict) else {})
+            return rows
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if p.suffix == ".tsv" else csv.reader(f)
         header = next(reader)
         if "sentence" not in header and not {"sentence1", "sentence2"} <= set(header):
