@@ -24,8 +24,11 @@ dtype: float32
 """
 
 EPILOG = f"""\
-example: train two adapters, merge them, score the merge (paths relative to the recipe file)
+example: train two adapters, merge them, score the merge (paths relative to the recipe file;
+the first line writes two synthetic GLUE-style tasks, use your own files instead)
 
+  python -c "from deltakit.train.synthetic import write_task as w; w('data/sentiment', 'sentiment'); \
+w('data/question', 'question')"
   deltakit train --train data/sentiment -o runs/sentiment
   deltakit train --train data/question -o runs/question
   deltakit merge merge.yaml -o runs/merged
