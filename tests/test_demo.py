@@ -13,6 +13,12 @@ def test_demo_pipeline_on_tiny_model(tiny_model_dir, tmp_path, capsys):
         for key in ("base_acc", "lora_acc", "linear_acc", "task_arithmetic_acc", "ties_acc"):
             assert 0.0 <= r[key] <= 1.0
         assert (tmp_path / "demo" / "adapters" / r["task"] / "adapter.safetensors").is_file()
+        man = json.loads((tmp_path / "demo" / "adapters" / r["task"] / "adapter.json").read_text())
+        # saved while still trainable (it used to record 0 trainable: frozen before saving)
+        assert man["parameters"]["trainable"] == man["parameters"]["total"] == r["adapter_params"] > 0
+        assert man["training"]["steps"] == 6
+        assert round(man["training"]["metrics"]["eval_accuracy"], 4) == r["lora_acc"]
+        assert [d["rows"] for d in man["training"]["data"]] == [96, 48]
     saved = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert saved["mixed_batch"]["max_abs_diff"] < 1e-5
     out = capsys.readouterr().out

@@ -71,48 +71,8 @@ def run_methods(args) -> int:
 
 # ----------------------------------------------------------------------------- inspect
 def add_inspect(sub) -> None:
-    p = sub.add_parser("inspect", help="describe a saved adapter",
-                       description="Show an adapter directory's method, config, targets, parameter counts, "
-                                   "bytes on disk and base fingerprint (checks the file's sha256).")
-    p.add_argument("adapter", help="adapter directory (adapter.json + adapter.safetensors)")
-    p.add_argument("--json", action="store_true", help="print the manifest as JSON")
-    p.set_defaults(func=run_inspect)
-
-
-def run_inspect(args) -> int:
-    from ..io.adapter_files import read_manifest
-    from ..io.files import DeltakitFileError, sha256_file
-
-    path = Path(args.adapter)
-    man = read_manifest(path)
-    tensor_file = path / man["tensors"]["file"]
-    ok = tensor_file.is_file() and sha256_file(tensor_file) == man["tensors"]["sha256"]
-    if args.json:
-        print(json.dumps({**man, "sha256_ok": ok}, indent=2))
-    else:
-        targets = man["targets"]
-        by_method: dict[str, int] = {}
-        for t in targets.values():
-            by_method[t["method"]] = by_method.get(t["method"], 0) + 1
-        cfg = {k: v for k, v in man["config"].items() if v not in (None, [], ())}
-        print(f"adapter      {path}")
-        print(f"method       {man['method']} ({man['kind']} delta)")
-        print(f"config       {json.dumps(cfg)}")
-        print(f"targets      {len(targets)} ({', '.join(f'{n} {m}' for m, n in by_method.items())})")
-        for name in list(targets)[:6]:
-            print(f"               {name}  [{targets[name]['type']}]")
-        if len(targets) > 6:
-            print(f"               ... {len(targets) - 6} more")
-        print(f"parameters   {man['parameters']['trainable']:,} trainable / {man['parameters']['total']:,} stored")
-        print(f"bytes        {man['tensors']['bytes']:,} on disk ({man['tensors']['count']} tensors)")
-        base = man.get("base_model") or {}
-        print(f"base         {base.get('name_or_path') or '?'} ({base.get('class') or '?'})")
-        print(f"fingerprint  {man['base_fingerprint']}")
-        print(f"sha256       {man['tensors']['sha256']} ({'ok' if ok else 'MISMATCH'})")
-        print(f"written by   deltakit {man['deltakit_version']}")
-    if not ok:
-        raise DeltakitFileError(f"{tensor_file}: sha256 does not match the manifest")
-    return 0
+    from .inspect_cmd import add_parser
+    add_parser(sub)
 
 
 # ----------------------------------------------------------------------------- export
@@ -132,23 +92,18 @@ def add_export(sub) -> None:
 
 
 def _load_base_for(man: dict, model_arg: str | None):
-    import transformers
+    from ..io.models import load_base_for
+    return load_base_for(man, model_arg)
 
-    from ..io.models import resolve_model
 
-    base = man.get("base_model") or {}
-    src = model_arg or base.get("name_or_path")
-    if not src:
-        raise ValueError("the adapter does not record its base model; pass --model")
-    cls_name = base.get("class") or "AutoModel"
-    cls = getattr(transformers, cls_name, None)
-    if cls is None:
-        raise ValueError(f"unknown base model class {cls_name!r} in the manifest")
-    kwargs = {"num_labels": base["num_labels"]} if base.get("num_labels") and "Classification" in cls_name else {}
-    path = resolve_model(src)
-    from transformers.utils import logging
-    logging.set_verbosity_error()
-    return cls.from_pretrained(path, **kwargs), path
+def _refuse_nonfinite(adapter: Path, man: dict) -> None:
+    """An export must not ship NaN / inf (a peft copy of a diverged run would look like any other)."""
+    from .inspect_cmd import nonfinite_tensors
+
+    f = adapter / (man.get("tensors") or {}).get("file", "adapter.safetensors")
+    bad = nonfinite_tensors(f) if f.is_file() else []
+    if bad:
+        raise ValueError(f"{f}: tensor {bad[0]!r} holds NaN/inf ({len(bad)} such tensor(s)); refusing to export")
 
 
 def run_export(args) -> int:
@@ -160,6 +115,7 @@ def run_export(args) -> int:
     from ..io.files import atomic_dir
 
     man = read_manifest(args.adapter)
+    _refuse_nonfinite(Path(args.adapter), man)
     model, path = _load_base_for(man, args.model)
     adapter = load_adapter(model, args.adapter)
     out = Path(args.out)
@@ -310,4 +266,20 @@ def add_merge(sub) -> None:
     add_parser(sub)
 
 
-REGISTER = [add_train, add_inspect, add_export, add_merge, add_methods, add_demo, add_bench]
+def add_eval(sub) -> None:
+    from .evaluate import add_parser
+    add_parser(sub)
+
+
+def add_predict(sub) -> None:
+    from .predict import add_parser
+    add_parser(sub)
+
+
+def add_import_peft(sub) -> None:
+    from .peft_cmd import add_parser
+    add_parser(sub)
+
+
+REGISTER = [add_train, add_eval, add_predict, add_inspect, add_export, add_import_peft, add_merge, add_methods,
+            add_demo, add_bench]

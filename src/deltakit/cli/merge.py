@@ -2,13 +2,50 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import typing
 
-__all__ = ["add_parser", "run"]
+__all__ = ["add_parser", "run", "EXAMPLE_RECIPE", "method_parameters"]
+
+# Kept in step with README.md's merge example; tests/cli run it as written.
+EXAMPLE_RECIPE = """\
+method: ties                 # deltakit merge --list: every method, its parameters and defaults
+base_model: minilm           # the adapters' base (also the default when there are adapters)
+models:
+  - model: runs/sentiment    # a deltakit adapter directory (deltakit train -o ...) or a checkpoint
+    weight: 1.0
+  - model: runs/question
+    weight: 1.0
+parameters:
+  density: 0.2               # keep the top 20% of each task vector
+  lam: 1.0
+dtype: float32
+"""
+
+EPILOG = f"""\
+example: train two adapters, merge them, score the merge (paths relative to the recipe file;
+the first line writes two synthetic GLUE-style tasks, use your own files instead)
+
+  python -c "from deltakit.train.synthetic import write_task as w; w('data/sentiment', 'sentiment'); \
+w('data/question', 'question')"
+  deltakit train --train data/sentiment -o runs/sentiment
+  deltakit train --train data/question -o runs/question
+  deltakit merge merge.yaml -o runs/merged
+  deltakit eval runs/merged --data data/sentiment
+
+merge.yaml:
+
+{EXAMPLE_RECIPE}
+A model or base_model may be a checkpoint directory, a deltakit adapter directory (merged as
+base + adapter) or 'minilm'. mergekit recipes (with merge_method) are read as well.
+"""
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("merge", help="merge checkpoints from a deltakit or mergekit YAML recipe",
-                       description="Stream a merge into an HF-layout checkpoint directory (atomic).")
+    p = sub.add_parser("merge", help="merge checkpoints or adapters from a deltakit or mergekit YAML recipe",
+                       description="Stream a merge into an HF-layout checkpoint directory (atomic).",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", nargs="?", help="recipe YAML (deltakit format, or mergekit's merge_method format)")
     p.add_argument("-o", "--out", help="output checkpoint directory")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -18,18 +55,64 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "power loss (waits for the disk: ~3 s per GB here); by default the output is atomic "
                         "against this process dying, as durable as mergekit's and save_pretrained's")
     g.add_argument("--no-fsync", action="store_true", help=argparse.SUPPRESS)  # the default; kept for old scripts
-    p.add_argument("--list", action="store_true", help="list the registered merge methods and exit")
+    p.add_argument("--list", action="store_true",
+                   help="list the registered merge methods with their parameters and defaults, and exit")
+    p.add_argument("--json", action="store_true", help="with --list: print JSON")
     p.set_defaults(func=run)
     return p
 
 
+def _type_name(hint) -> str:
+    """``float | tuple[float, ...] | None`` -> ``float or per-model list, or null``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        return "one of " + "|".join(map(str, args))
+    if origin is tuple:
+        return f"per-model list of {_type_name(args[0])}"
+    if args and origin is not None:  # a union
+        parts = [_type_name(a) for a in args if a is not type(None)]
+        text = " or ".join(parts)
+        return text + (", or null" if type(None) in args else "")
+    return getattr(hint, "__name__", str(hint))
+
+
+def method_parameters(method) -> list[dict]:
+    """``[{"name", "type", "default"}]`` for one merge method's config fields, as the recipe reads them."""
+    hints = typing.get_type_hints(method.config)
+    out = []
+    for f in dataclasses.fields(method.config):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
+        out.append({"name": f.name, "type": _type_name(hints[f.name]),
+                    "default": list(default) if isinstance(default, tuple) else default})
+    return out
+
+
+def _print_list(as_json: bool) -> None:
+    from deltakit.merge import list_merges
+
+    rows = [{"method": n, "inputs": "task vectors" if m.inputs == "deltas" else "weights", "reference": m.paper,
+             "statistics": [*m.needs_stats, *m.uses_stats], "parameters": method_parameters(m)}
+            for n, m in sorted(list_merges().items())]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        stats = f"; statistics: {', '.join(r['statistics'])}" if r["statistics"] else ""
+        print(f"{r['method']}  (merges {r['inputs']}; {r['reference']}{stats})")
+        width = max(len(p["name"]) for p in r["parameters"]) if r["parameters"] else 0
+        for p in r["parameters"]:
+            print(f"    {p['name'].ljust(width)}  = {json.dumps(p['default'])}  ({p['type']})")
+    print("\nA per-model field goes under each models[] entry (weights as 'weight: 1.0', density: 0.5) or, as one "
+          "value for all, under parameters; the others go under parameters. A number list gives a gradient over "
+          "layer depth, [{filter: mlp, value: 0.5}, {value: 0.2}] a value by tensor name.")
+
+
 def run(args) -> int:
-    from deltakit.merge import list_merges, run_recipe
+    from deltakit.merge import run_recipe
 
     if args.list:
-        from .._fmt import table
-        rows = [{"method": n, "inputs": m.inputs, "reference": m.paper} for n, m in sorted(list_merges().items())]
-        print(table(rows, ["method", "inputs", "reference"]))
+        _print_list(args.json)
         return 0
     if not args.recipe or not args.out:
         raise ValueError("expected RECIPE and -o OUT, found " + ("no recipe" if not args.recipe else "no -o OUT"))

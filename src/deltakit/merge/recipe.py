@@ -21,6 +21,9 @@ deltakit recipe::
     missing: error                  # or "base": a missing tensor counts as unchanged
     shard_size: 2GB
 
+A model or ``base_model`` may also be a deltakit adapter directory or ``minilm`` (the
+bundled model): see :mod:`deltakit.merge._inputs`.
+
 A mergekit recipe (has ``merge_method``) is read for linear, task_arithmetic, ties,
 dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della, della_linear, slerp,
 model_stock and multislerp, with mergekit's defaults (e.g. DARE rescales by L1 norm).
@@ -31,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +42,9 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
+from deltakit.io.models import BUNDLED
+
+from ._inputs import materialise_inputs
 from ._registry import MergeConfigError, MergeMethod, _coerce, build_config, get_merge, list_merges
 from .executor import DTYPES, MergePlan, merge_checkpoints
 
@@ -193,6 +200,8 @@ def _path(p: Any, root: Path | None, where: str) -> str:
     if not isinstance(p, (str, os.PathLike)):
         raise RecipeError(f"{where}: expected a checkpoint path, found {type(p).__name__} {p!r}")
     q = Path(p).expanduser()
+    if str(p) == BUNDLED and not (root is not None and (root / q).exists()):
+        return BUNDLED  # the bundled model's name, resolved when the merge runs (see _inputs.py)
     if not q.is_absolute() and root is not None:
         q = root / q
     return str(q)
@@ -397,5 +406,7 @@ def run_recipe(path_or_dict: str | os.PathLike | Mapping | Recipe, out_dir: str 
     """Load ``path_or_dict`` and stream the merge into ``out_dir`` (HF layout, atomic;
     ``fsync=True`` also makes it durable against power loss, see :func:`merge_checkpoints`)."""
     r = path_or_dict if isinstance(path_or_dict, Recipe) else load_recipe(path_or_dict)
-    return merge_checkpoints(r.models, out_dir, r.plan(), base=r.base_model, max_shard_bytes=r.shard_bytes,
-                             progress=progress, fsync=fsync)
+    with tempfile.TemporaryDirectory(prefix="deltakit-merge-inputs-") as work:
+        r = materialise_inputs(r, work)  # adapter directories and 'minilm' -> checkpoint directories
+        return merge_checkpoints(r.models, out_dir, r.plan(), base=r.base_model, max_shard_bytes=r.shard_bytes,
+                                 progress=progress, fsync=fsync)
