@@ -466,3 +466,32 @@ def test_a_recorded_base_that_is_gone_asks_for_model(two_adapters, tiny_model_di
     assert "the adapter's recorded base" in err and err.strip().endswith("pass --model")
     assert main(["eval", str(ad), "--data", str(data), "--model", str(tiny_model_dir), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["rows"] == 6
+
+
+def test_the_base_check_hint_names_a_flag_that_exists(tiny_model_dir, tmp_path, capsys):
+    """load_adapter's error says --no-strict-base; export / eval / predict accept it."""
+    from deltakit.cli import main
+    from transformers import BertForSequenceClassification
+
+    import deltakit as dk
+    m = BertForSequenceClassification.from_pretrained(tiny_model_dir)
+    ad = dk.attach(m, dk.LoraConfig(r=2, targets=("query",), modules_to_save=("classifier",)))
+    dk.save_adapter(ad, tmp_path / "ad")
+    other = tmp_path / "other"
+    o = BertForSequenceClassification.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        o.bert.encoder.layer[0].intermediate.dense.weight.mul_(1.1)  # an untargeted FFN differs
+    o.save_pretrained(other)
+    argv = ["export", str(tmp_path / "ad"), "--model", str(other), "-o", str(tmp_path / "out")]
+    assert main(argv) == 1
+    assert "--no-strict-base" in capsys.readouterr().err
+    assert main([*argv, "--no-strict-base"]) == 0
+    for cmd in ("eval", "predict"):
+        assert "--no-strict-base" in main_help(cmd)
+
+
+def main_help(cmd: str) -> str:
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "deltakit.cli", cmd, "--help"], capture_output=True,
+                          text=True).stdout

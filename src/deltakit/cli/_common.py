@@ -98,6 +98,13 @@ def add_scoring_args(p) -> None:
                         "or 'minilm'")
     p.add_argument("--batch-size", type=int, default=64, help="rows per forward pass (default 64)")
     p.add_argument("--max-length", type=int, default=128, help="tokens per example (default 128, as train)")
+    add_strict_base(p)
+
+
+def add_strict_base(p) -> None:
+    p.add_argument("--no-strict-base", dest="strict_base", action="store_false",
+                   help="load an adapter onto a base whose weights differ from the one it was trained on "
+                        "(the architecture and shapes are still checked)")
 
 
 def class_probabilities(model, tok, rows: list[dict], batch_size: int, max_length: int):

@@ -88,6 +88,8 @@ def add_export(sub) -> None:
                    help="base model (default: the one recorded in the adapter manifest); " + BUNDLED_HELP)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="dtype of the merged checkpoint (default: the base's)")
+    from ._common import add_strict_base
+    add_strict_base(p)
     p.set_defaults(func=run_export)
 
 
@@ -117,7 +119,7 @@ def run_export(args) -> int:
     man = read_manifest(args.adapter)
     _refuse_nonfinite(Path(args.adapter), man)
     model, path = _load_base_for(man, args.model)
-    adapter = load_adapter(model, args.adapter)
+    adapter = load_adapter(model, args.adapter, strict_base=args.strict_base)
     out = Path(args.out)
     if args.format == "peft":
         from ..io.peft import export_peft

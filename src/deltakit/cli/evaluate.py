@@ -35,7 +35,7 @@ def run(args) -> int:
     from ..train.metrics import METRICS
 
     rows, _ = read_data(args.data, args.split, need_labels=True)
-    model, tok = load_scorer(args.model_or_adapter, args.model)
+    model, tok = load_scorer(args.model_or_adapter, args.model, strict_base=args.strict_base)
     k = int(model.config.num_labels)
     check_labels(rows, k, args.data)
     probs = class_probabilities(model, tok, rows, args.batch_size, args.max_length)

@@ -76,11 +76,11 @@ def load_peft_base(peft_dir: Path, model: str | None):
 
 def run(args) -> int:
     from ..io.adapter_files import MANIFEST, save_adapter
-    from ..io.peft import _read_config, import_peft
+    from ..io.peft import read_peft_config, import_peft
     from ._common import check_output_dir
 
     peft_dir = Path(args.peft_dir)
-    _read_config(peft_dir)  # one-line errors for a missing / unsupported directory before any loading
+    read_peft_config(peft_dir)  # one-line errors for a missing / unsupported directory before any loading
     out = check_output_dir(args.out, args.overwrite, [args.peft_dir], MANIFEST)
     base = load_peft_base(peft_dir, args.model)
     adapter = import_peft(base, peft_dir, name=out.name or "default")

@@ -30,7 +30,7 @@ def run(args) -> int:
         raise ValueError(f"-o {args.out}: expected a file ending in .tsv or .jsonl, found {suffix or 'no suffix'!r}")
     out = check_output_file(args.out, args.overwrite, [args.data, args.model_or_adapter])
     rows, labelled = read_data(args.data, args.split, need_labels=False)
-    model, tok = load_scorer(args.model_or_adapter, args.model)
+    model, tok = load_scorer(args.model_or_adapter, args.model, strict_base=args.strict_base)
     k = int(model.config.num_labels)
     if labelled:
         check_labels(rows, k, args.data)

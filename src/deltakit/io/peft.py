@@ -31,7 +31,7 @@ from ..core.targets import _named_modules
 from ..methods.lora import LoRA, LoraConfig
 from .files import DeltakitFileError, atomic_dir, load_tensors, read_json, save_tensors, write_json
 
-__all__ = ["import_peft", "export_peft", "PeftFormatError", "CONFIG", "WEIGHTS"]
+__all__ = ["import_peft", "export_peft", "read_peft_config", "PeftFormatError", "CONFIG", "WEIGHTS"]
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -89,7 +89,7 @@ def import_peft(model: nn.Module, peft_dir: str | os.PathLike, name: str | None 
             (DoRA, bias training, non-uniform ``rank_pattern``...) or does not fit ``model``.
     """
     peft_dir = Path(peft_dir)
-    cfg = _read_config(peft_dir)
+    cfg = read_peft_config(peft_dir)
     name = name or "default"
     if name in adapters(model):
         raise PeftFormatError(f"an adapter named {name!r} is already attached; pass another name")
@@ -126,7 +126,8 @@ def import_peft(model: nn.Module, peft_dir: str | os.PathLike, name: str | None 
         raise PeftFormatError(str(e)) from None
 
 
-def _read_config(peft_dir: Path) -> dict:
+def read_peft_config(peft_dir: Path) -> dict:
+    """A peft adapter directory's config, checked: a one-line error for anything deltakit cannot import."""
     if not peft_dir.is_dir():
         raise DeltakitFileError(f"expected a peft adapter directory at {peft_dir}, "
                                 f"found {'a file' if peft_dir.exists() else 'nothing'}")
