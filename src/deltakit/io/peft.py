@@ -343,7 +343,10 @@ def _portable_base_name(model: nn.Module) -> str | None:
     name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     if name is None:
         return None
-    from .models import BUNDLED, BUNDLED_HUB_ID, resolve_model
+    from .models import BUNDLED, BUNDLED_HUB_ID, SMOLLM2, resolve_model
+    from .smollm2 import HUB_ID as SMOLLM2_HUB_ID
+    if name == SMOLLM2:
+        return SMOLLM2_HUB_ID
     try:
         bundled_dir = Path(resolve_model(BUNDLED)).resolve()
     except ImportError:
