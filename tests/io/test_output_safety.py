@@ -173,7 +173,8 @@ def test_train_refuses_its_data_and_foreign_dirs(headless, tmp_path, capsys, mon
     before = _snapshot(work)
     for flags in ([], ["--overwrite"]):
         _run_refused(_train_argv(base, work / "data", work / "data", *flags), capsys, "it is the input")
-        _run_refused(_train_argv(base, work / "data" / "train.tsv", work / "data", *flags), capsys, "contains the input")
+        train_file = work / "data" / "train.tsv"
+        _run_refused(_train_argv(base, train_file, work / "data", *flags), capsys, "contains the input")
         _run_refused(_train_argv(base, work / "data", work, *flags), capsys, "contains the input")
         monkeypatch.chdir(work)  # -o "$PWD" with the data in it
         _run_refused(_train_argv(base, "data", os.getcwd(), *flags), capsys, "contains the input")

@@ -103,13 +103,12 @@ def _usual_modes_under(root: Path) -> None:
     config.json was 0644. Execute bits that were set stay set.
     """
     mask = _umask()
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, _, filenames in os.walk(root):
         os.chmod(dirpath, 0o777 & ~mask)
         for name in filenames:
             p = os.path.join(dirpath, name)
-            st = os.lstat(p)
             if not os.path.islink(p):
-                os.chmod(p, (0o666 | (st.st_mode & 0o111)) & ~mask)
+                os.chmod(p, (0o666 | (os.stat(p).st_mode & 0o111)) & ~mask)
 
 
 # ----------------------------------------------------------------------------- temp names
@@ -123,7 +122,7 @@ def _tmp_prefix(path: Path) -> str:
 
 
 def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
+    if pid == os.getpid() or os.name != "posix":  # (Windows' os.kill would terminate it: keep all)
         return True  # another thread of this process may be writing
     try:
         os.kill(pid, 0)
