@@ -21,7 +21,7 @@ import torch
 
 import deltakit as dk
 from deltakit.io import files
-from deltakit.io.files import atomic_dir, clean_debris, recover
+from deltakit.io.files import atomic_dir, clean_debris, output_kind, recover
 
 SERVER = r'''
 import hashlib, json, os, sys, time
@@ -52,6 +52,11 @@ def save_dir(target, v):  # a bigger directory: 2 MiB blob + a JSON naming its v
         (tmp / "blob.bin").write_bytes(blob)
         (tmp / "meta.json").write_text(json.dumps({"v": v, "sha": hashlib.sha256(blob).hexdigest()}))
 
+def save_merged(target, v):  # what `deltakit merge` writes: the streaming checkpoint writer
+    from deltakit.taskvec import PlannedTensor, write_checkpoint
+    items = [PlannedTensor(f"w{i}", (256, 256), torch.float32) for i in range(8)]
+    write_checkpoint(target, items, lambda it: torch.full(it.shape, float(v)), kind="merged", fsync=False)
+
 def slow(fn, after, pause):
     """Test hook in the writer only: pause after a rename so kills land around the swap."""
     def wrapped(*a, **k):
@@ -75,7 +80,7 @@ for line in sys.stdin:
     if pid == 0:
         try:
             patch(mode)
-            write = save_adapter if kind == "adapter" else save_dir
+            write = {"adapter": save_adapter, "dir": save_dir, "merged": save_merged}[kind]
             v = int(start)
             while True:
                 write(files.Path(target), v)
@@ -137,6 +142,23 @@ def _dir_version(target: Path) -> int:
     return meta["v"]
 
 
+def _merged_version(target: Path) -> int:
+    """A merged checkpoint: complete (its marker present) and every tensor of one version."""
+    from safetensors.torch import load_file
+    recover(target)
+    assert output_kind(target) == "merged"
+    tensors = load_file(str(target / "model.safetensors"))
+    values = {float(v) for t in tensors.values() for v in t.unique()}
+    assert len(tensors) == 8 and len(values) == 1, (len(tensors), values)
+    return int(values.pop())
+
+
+def _save_merged_here(target: Path, v: int) -> None:
+    from deltakit.taskvec import PlannedTensor, write_checkpoint
+    items = [PlannedTensor(f"w{i}", (256, 256), torch.float32) for i in range(8)]
+    write_checkpoint(target, items, lambda it: torch.full(it.shape, float(v)), kind="merged", fsync=False)
+
+
 def _save_adapter_here(target: Path, v: int) -> None:
     model = _tiny()
     ad = dk.attach(model, dk.LoraConfig(r=2, targets=("query", "value")))
@@ -159,13 +181,14 @@ DELAYS = [0.004, 0.015, 0.03, 0.05, 0.08, 0.12, 0.17, 0.24]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind,mode", [("adapter", "exchange"), ("dir", "exchange"), ("adapter", "fallback"),
-                                       ("dir", "fallback")])
+@pytest.mark.parametrize("kind,mode", [("adapter", "exchange"), ("dir", "exchange"), ("merged", "exchange"),
+                                       ("adapter", "fallback"), ("dir", "fallback")])
 def test_kill_9_at_many_points_leaves_a_complete_version(server, tmp_path, kind, mode):
-    """8 kills per case, 32 in all. Old versions are 1000*k (written here), new ones count up from
+    """8 kills per case, 40 in all. Old versions are 1000*k (written here), new ones count up from
     1000*k + 1 in the killed writer; after each kill the target is one complete version that is
     at least the old one, and the next write (here) leaves nothing but the target."""
-    read, write = (_adapter_version, _save_adapter_here) if kind == "adapter" else (_dir_version, _save_dir_here)
+    read, write = {"adapter": (_adapter_version, _save_adapter_here), "dir": (_dir_version, _save_dir_here),
+                   "merged": (_merged_version, _save_merged_here)}[kind]
     target = tmp_path / "out"
     saw_debris = saw_absent = 0
     versions = []
