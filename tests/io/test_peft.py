@@ -255,7 +255,8 @@ def test_export_refuses_other_methods_and_foreign_dirs(tmp_path):
     assert (tmp_path / "b" / "notes.txt").read_text() == "mine"
     export_peft(ad, tmp_path / "c")
     export_peft(ad, tmp_path / "c")  # replacing our own export is fine
-    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [CONFIG, WEIGHTS]
+    # deltakit.json marks it as deltakit's peft export (what `export --overwrite` may replace)
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == sorted([CONFIG, WEIGHTS, "deltakit.json"])
 
 
 def test_stored_base_embedding_must_match_the_model(tmp_path):

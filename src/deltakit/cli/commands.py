@@ -12,6 +12,14 @@ from .._fmt import table
 from ..core.registry import ConfigError, get_method, methods
 
 BUNDLED_HELP = "model directory, hub id, or 'minilm' for the bundled all-MiniLM-L6-v2 (default)"
+OUT_HELP = "output directory (written atomically); it must not exist or be empty, unless --overwrite"
+
+
+def add_overwrite(p: argparse.ArgumentParser, kind: str) -> None:
+    """The one ``--overwrite`` flag of every command that writes a directory."""
+    p.add_argument("--overwrite", action="store_true",
+                   help=f"replace an existing output if it is a deltakit {kind} output "
+                        "(anything else, or one of the inputs, is refused even then)")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -82,7 +90,8 @@ def add_export(sub) -> None:
                                    "(safetensors) with the adapter folded into the base weights; 'peft' "
                                    "writes a Hugging Face peft LoRA adapter directory.")
     p.add_argument("adapter", help="adapter directory")
-    p.add_argument("-o", "--out", required=True, help="output directory (written atomically)")
+    p.add_argument("-o", "--out", required=True, help=OUT_HELP)
+    add_overwrite(p, "merged / peft export (the same --format)")
     p.add_argument("--format", choices=["merged", "peft"], default="merged", help="what to write (default merged)")
     p.add_argument("--model", default=None,
                    help="base model (default: the one recorded in the adapter manifest); " + BUNDLED_HELP)
@@ -95,6 +104,8 @@ def add_export(sub) -> None:
 
 def _load_base_for(man: dict, model_arg: str | None):
     from ..io.models import load_base_for
+    # load_base_for seeds the draw of weights the checkpoint lacks (a new classifier head), so two
+    # exports of one adapter are byte-identical (a full-delta head merges as init + (v - init)).
     return load_base_for(man, model_arg)
 
 
@@ -114,9 +125,12 @@ def run_export(args) -> int:
     from ..core.adapter import merge_and_detach
     from ..io.adapter_files import load_adapter
     from ..io.adapter_files import read_manifest
-    from ..io.files import atomic_dir
+    from ..io.files import atomic_dir, guard_output
 
     man = read_manifest(args.adapter)
+    base_src = args.model or (man.get("base_model") or {}).get("name_or_path")
+    guard_output(args.out, args.format, inputs=[args.adapter, *([base_src] if base_src else [])],
+                 overwrite=args.overwrite)
     _refuse_nonfinite(Path(args.adapter), man)
     model, path = _load_base_for(man, args.model)
     adapter = load_adapter(model, args.adapter, strict_base=args.strict_base)
@@ -128,7 +142,7 @@ def run_export(args) -> int:
         merge_and_detach(model)
         if args.dtype:
             model.to(getattr(torch, args.dtype))
-        with atomic_dir(out) as tmp:
+        with atomic_dir(out, kind="merged") as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             try:
                 from transformers import AutoTokenizer
@@ -192,7 +206,8 @@ def add_train(sub) -> None:
     p.add_argument("--autocast", default=None, choices=["bf16", "fp16"],
                    help="mixed precision: forward under torch.autocast, fp32 master weights (default off)")
     p.add_argument("--ckpt-dir", default=None, help="checkpoint directory; training resumes from it")
-    p.add_argument("-o", "--out", required=True, help="adapter output directory")
+    p.add_argument("-o", "--out", required=True, help="adapter " + OUT_HELP)
+    add_overwrite(p, "adapter")
     p.set_defaults(func=run_train)
 
 
@@ -212,8 +227,11 @@ def run_train(args) -> int:
     from ..io.adapter_files import save_adapter
     from ..io.models import head_modules, load_classifier
     from ..train import fit
+    from ..io.files import guard_output
     from ..train.data import make_loader, num_labels
 
+    guard_output(args.out, "adapter", inputs=[p for p in (args.train, args.dev, args.model) if p],
+                 overwrite=args.overwrite)
     spec = get_method(args.method)
     settings = parse_settings(spec.config, args.set)
     train_rows = _read_split(args.train, "train", args.max_rows, args.seed)

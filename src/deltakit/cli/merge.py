@@ -47,7 +47,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
                        description="Stream a merge into an HF-layout checkpoint directory (atomic).",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", nargs="?", help="recipe YAML (deltakit format, or mergekit's merge_method format)")
-    p.add_argument("-o", "--out", help="output checkpoint directory")
+    p.add_argument("-o", "--out", help="output checkpoint directory; it must not exist or be empty, unless --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output if it is a deltakit merged checkpoint "
+                        "(anything else, or one of the recipe's models, is refused even then)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--fsync", action="store_true",
@@ -109,13 +112,18 @@ def _print_list(as_json: bool) -> None:
 
 
 def run(args) -> int:
-    from deltakit.merge import run_recipe
+    from deltakit.io.files import guard_output
+    from deltakit.merge import load_recipe, run_recipe
 
     if args.list:
         _print_list(args.json)
         return 0
     if not args.recipe or not args.out:
         raise ValueError("expected RECIPE and -o OUT, found " + ("no recipe" if not args.recipe else "no -o OUT"))
-    out = run_recipe(args.recipe, args.out, progress=not args.no_progress, fsync=args.fsync)
+    recipe = load_recipe(args.recipe)
+    inputs = [args.recipe, *recipe.models, *([recipe.base_model] if recipe.base_model else []),
+              *(f for files in recipe.stats.values() for f in files)]
+    guard_output(args.out, "merged", inputs=[i for i in inputs if isinstance(i, str)], overwrite=args.overwrite)
+    out = run_recipe(recipe, args.out, progress=not args.no_progress, fsync=args.fsync)
     print(f"wrote merged checkpoint to {out}")
     return 0

@@ -19,7 +19,8 @@ from ..core.fingerprint import fingerprint_matches, model_fingerprint
 from ..core.layer import DeltaLayer
 from ..core.load import AdapterLoadError, attach_state
 from ..core.registry import ConfigError, get_method
-from .files import DeltakitFileError, atomic_dir, load_tensors, read_json, save_tensors, sha256_file, write_json
+from .files import (DeltakitFileError, atomic_dir, load_tensors, read_json, recover, save_tensors, sha256_file,
+                    write_json)
 
 __all__ = ["save_adapter", "load_adapter", "read_manifest", "AdapterLoadError", "MANIFEST", "TENSORS"]
 
@@ -51,7 +52,7 @@ def save_adapter(adapter: Adapter, path: str | os.PathLike, *, training: dict | 
             "type": type(base).__name__,
             "shapes": {k: list(v.shape) for k, v in base.named_parameters(recurse=False)},
         }
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, kind="adapter") as tmp:
         save_tensors(tmp / TENSORS, state, metadata={"format": FORMAT})
         write_json(tmp / MANIFEST, {
             "format": FORMAT,
@@ -91,6 +92,7 @@ def _base_model_info(model: nn.Module) -> dict:
 
 def read_manifest(path: str | os.PathLike) -> dict:
     path = Path(path)
+    recover(path)  # a save killed between its two renames (no renameat2) left the old one aside
     if not path.is_dir():
         raise DeltakitFileError(f"expected an adapter directory at {path}, found {'a file' if path.exists() else 'nothing'}")
     man = read_json(path / MANIFEST)

@@ -172,8 +172,9 @@ def load_base_for(manifest: dict, model: str | None = None, seed: int = 0):
             raise
         raise type(e)(f"the adapter's recorded base: {e}; pass --model") from None
     quiet_transformers()
-    torch.manual_seed(seed)
-    loaded = cls.from_pretrained(path, **kwargs)
+    with torch.random.fork_rng(devices=[]):  # seeded, and the caller's RNG stream is left alone
+        torch.manual_seed(seed)
+        loaded = cls.from_pretrained(path, **kwargs)
     record_name(loaded, src)
     return loaded, path
 

@@ -311,7 +311,7 @@ def export_peft(adapter: Adapter, out_dir: str | os.PathLike) -> Path:
         "alpha_pattern": {},
         "use_dora": False,
     }
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, kind="peft") as tmp:
         save_tensors(tmp / WEIGHTS, tensors, metadata={"format": "pt"})
         write_json(tmp / CONFIG, peft_cfg)
     return out_dir

@@ -295,7 +295,7 @@ def merge_checkpoints(models: Sequence[Source], out_dir: str | os.PathLike, plan
         return write_checkpoint(out_dir, items, produce, max_shard_bytes=max_shard_bytes,
                                 metadata={"deltakit_merge": plan.method.name}, copy_files_from=copy_from,
                                 progress=progress, desc=f"merge ({plan.method.name})", validate=finite,
-                                fsync=fsync)
+                                fsync=fsync, kind="merged")
     finally:
         if pool is not None:
             for fut in pending.values():

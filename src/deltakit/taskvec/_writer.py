@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from deltakit.io.files import DeltakitFileError, atomic_dir, write_json
+from deltakit.io.files import OUTPUT_MARKER, DeltakitFileError, atomic_dir, write_json
 
 from ._checkpoint import INDEX_NAME, SINGLE_NAME, dtype_to_safetensors
 
@@ -111,6 +111,7 @@ def write_checkpoint(
     desc: str = "writing",
     validate: Callable[[PlannedTensor, torch.Tensor], None] | None = None,
     fsync: bool = True,
+    kind: str | None = None,
 ) -> Path:
     """Write ``produce(item)`` for every planned item into ``out_dir`` atomically.
 
@@ -123,7 +124,8 @@ def write_checkpoint(
     ``fsync=False`` skips flushing each shard to the disk before the rename: the directory
     still appears whole or not at all if the process dies, but a power loss may leave it
     incomplete (the level of ``save_pretrained`` and mergekit); it saves the disk's write-back
-    time on slow disks.
+    time on slow disks. ``kind`` marks the directory as a deltakit output of that kind
+    (see :func:`deltakit.io.files.atomic_dir`).
     """
     items = list(items)
     names = [it.name for it in items]
@@ -137,12 +139,12 @@ def write_checkpoint(
         from tqdm.auto import tqdm
         bar = tqdm(total=len(items), desc=desc, unit="tensor")
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, kind=kind) as tmp:
         if copy_files_from is not None:
             src = Path(copy_files_from)
             if src.is_dir():
                 for p in src.iterdir():
-                    if p.is_file() and not p.name.endswith(".safetensors") and p.name != INDEX_NAME \
+                    if p.is_file() and not p.name.endswith(".safetensors") and p.name not in (INDEX_NAME, OUTPUT_MARKER) \
                             and not p.name.endswith((".bin", ".pt", ".pth", ".ckpt")):
                         shutil.copy2(p, tmp / p.name)
         weight_map: dict[str, str] = {}
