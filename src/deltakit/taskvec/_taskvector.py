@@ -111,16 +111,22 @@ def _manifest(ck: LazyCheckpoint, path) -> dict[str, dict[str, Any]]:
     except (KeyError, json.JSONDecodeError) as e:
         raise DeltakitFileError(f"{path}: expected a JSON 'entries' manifest in the metadata, found {e}") from None
     for n, e in entries.items():
-        missing = [k for k in e.get("tensors", {}).values() if k not in ck]
+        if not (isinstance(e, dict) and isinstance(e.get("codec"), str) and isinstance(e.get("shape"), list)
+                and isinstance(e.get("tensors"), dict)):
+            raise DeltakitFileError(f"{path}: entry {n!r} expected codec, shape and tensors, found {e}")
+        missing = [k for k in e["tensors"].values() if k not in ck]
         if missing:
             raise DeltakitFileError(f"{path}: entry {n!r} expected stored tensor {missing[0]!r}, found none")
+        if e["codec"] != DENSE:
+            try:
+                get_codec(e["codec"])  # an unknown codec fails at load, not at first use
+            except KeyError as err:
+                raise DeltakitFileError(f"{path}: entry {n!r}: {err.args[0]}") from None
     return entries
 
 
 def _loaded_entry(ck: LazyCheckpoint, e: Mapping[str, Any]) -> _Entry:
     codec, parts, meta = e["codec"], dict(e["tensors"]), e.get("meta", {})
-    if codec != DENSE:
-        get_codec(codec)  # an unknown codec fails at load, not at first use
 
     def thunk() -> Delta:
         return decode(codec, {p: ck.get(k) for p, k in parts.items()}, meta)
