@@ -17,8 +17,11 @@ once (:func:`save_tensors`: one file, atomic, bytes identical to ``safetensors.s
 for a single metadata key).
 
 This is a hand-written parser and writer rather than the ``safetensors`` package because it
-reads one tensor at a time into memory we own (the package maps whole files) and streams
-writes; measured on a 285 MB two-shard checkpoint, see the commit that introduced it.
+reads one tensor at a time into memory the caller owns (the package maps whole files) and
+streams writes shard by shard. Measured (285 MB, two shards, warm page cache, each tensor
+copied into a preallocated model-sized buffer; 2 busy shared cores): ``read_into`` 0.16-0.18 s,
+:func:`load_tensors` (mapped views) 0.6-0.7 s, the package's ``safe_open`` 0.3-0.8 s, one fresh
+tensor per read (``LazyCheckpoint.get``) 0.8-1.2 s, the cost being the fresh pages.
 """
 from __future__ import annotations
 
