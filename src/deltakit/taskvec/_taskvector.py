@@ -115,6 +115,8 @@ def _manifest(ck: LazyCheckpoint, path) -> dict[str, dict[str, Any]]:
                 and isinstance(e.get("tensors"), dict)):
             raise DeltakitFileError(f"{path}: entry {n!r} expected codec, shape and tensors, found {e}")
         missing = [k for k in e["tensors"].values() if k not in ck]
+        if e["codec"] == DENSE and "value" not in e["tensors"]:
+            missing = [f"{n} (its dense 'value' part)"]
         if missing:
             raise DeltakitFileError(f"{path}: entry {n!r} expected stored tensor {missing[0]!r}, found none")
         if e["codec"] != DENSE:
@@ -270,6 +272,8 @@ class TaskVector:
         return as_dense(self.get(name), dtype)
 
     def shape(self, name: str) -> tuple[int, ...]:
+        if name not in self._entries:
+            raise KeyError(f"expected a task-vector entry named {name!r}, found none")
         entry = self._entries[name]
         if entry.shape is None:
             entry = self._entries[name] = replace(entry, shape=tuple(self.get(name).shape))
