@@ -18,10 +18,11 @@ for a single metadata key).
 
 This is a hand-written parser and writer rather than the ``safetensors`` package because it
 reads one tensor at a time into memory the caller owns (the package maps whole files) and
-streams writes shard by shard. Measured (285 MB, two shards, warm page cache, each tensor
-copied into a preallocated model-sized buffer; 2 busy shared cores): ``read_into`` 0.16-0.18 s,
-:func:`load_tensors` (mapped views) 0.6-0.7 s, the package's ``safe_open`` 0.3-0.8 s, one fresh
-tensor per read (``LazyCheckpoint.get``) 0.8-1.2 s, the cost being the fresh pages.
+streams writes shard by shard. Measured (285 MB in two shards, warm page cache, every tensor
+copied into a preallocated model-sized buffer, best of 11 on 2 shared busy cores):
+``read_into`` 0.19 s, :func:`load_tensors` (mapped views) 0.49-0.55 s, the package's
+``load_file`` / ``safe_open`` 0.67-0.96 s, a fresh tensor per read (``LazyCheckpoint.get``)
+0.76-1.02 s, the cost being the fresh pages.
 """
 from __future__ import annotations
 
