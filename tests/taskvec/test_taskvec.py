@@ -99,7 +99,7 @@ def test_writer_is_readable_by_safetensors(tmp_path, shard_bytes):
 def test_writer_starts_writeback_of_exactly_each_tensors_bytes(tmp_path, monkeypatch, fsync):
     """With fsync on, the disk write of each tensor is started as soon as it is written (the
     hint's ranges are the tensors' byte ranges in the file); with fsync off, never."""
-    from deltakit.taskvec import _writer
+    from deltakit.io import tensors as _writer
 
     calls: list[tuple[int, int]] = []
     monkeypatch.setattr(_writer, "_sync_file_range", lambda: lambda fd, off, n: calls.append((off, n)))

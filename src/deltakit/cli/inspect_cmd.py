@@ -28,7 +28,7 @@ def nonfinite_tensors(tensor_file: Path) -> list[str]:
     """Names of the floating tensors in ``tensor_file`` that hold NaN or inf (file order)."""
     import torch
 
-    from ..io.files import load_tensors
+    from ..io.tensors import load_tensors
 
     return [k for k, v in load_tensors(tensor_file).items()
             if v.is_floating_point() and not bool(torch.isfinite(v).all())]

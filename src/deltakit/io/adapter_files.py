@@ -19,8 +19,8 @@ from ..core.fingerprint import fingerprint_matches, model_fingerprint
 from ..core.layer import DeltaLayer
 from ..core.load import AdapterLoadError, attach_state
 from ..core.registry import ConfigError, get_method
-from .files import (DeltakitFileError, atomic_dir, load_tensors, read_json, recover, save_tensors, sha256_file,
-                    write_json)
+from .files import DeltakitFileError, atomic_dir, read_json, recover, sha256_file, write_json
+from .tensors import load_tensors, save_tensors
 
 __all__ = ["save_adapter", "load_adapter", "read_manifest", "AdapterLoadError", "MANIFEST", "TENSORS"]
 

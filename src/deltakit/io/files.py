@@ -1,4 +1,5 @@
-"""Atomic writes, output guards, crash recovery, checksums and safe tensor loading.
+"""Atomic writes, output guards, crash recovery, checksums and JSON files
+(tensors: :mod:`deltakit.io.tensors`).
 
 Every file deltakit writes goes through :func:`atomic_write` (temp file in the same
 directory, fsync, ``os.replace``) and every directory through :func:`atomic_dir` (built
@@ -29,10 +30,6 @@ import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 __all__ = [
     "DeltakitFileError",
@@ -442,37 +439,19 @@ def read_json(path: str | os.PathLike) -> dict:
         raise DeltakitFileError(f"{path} is not valid JSON: {e}") from None
 
 
-def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
-                 metadata: Mapping[str, str] | None = None) -> None:
-    """Write tensors to a safetensors file atomically (contiguous CPU copies)."""
-    flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.close(fd)
-        save_file(flat, tmp, metadata=dict(metadata) if metadata else None)
-        _usual_mode(tmp)  # after: save_file re-creates the file
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Load a safetensors file; a missing, truncated or corrupt file is a one-line error."""
-    path = Path(path)
-    if not path.is_file():
-        raise DeltakitFileError(f"expected a safetensors file at {path}, found nothing")
-    try:
-        return load_file(str(path), device=str(device))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise DeltakitFileError(f"{path} is not a readable safetensors file ({e})") from None
-
-
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def __getattr__(name: str):
+    # save_tensors / load_tensors live in the one safetensors layer (deltakit.io.tensors),
+    # which imports this module; resolving them on first use keeps the old import path
+    # without an import cycle.
+    if name in ("save_tensors", "load_tensors"):
+        from . import tensors
+        return getattr(tensors, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -29,7 +29,8 @@ from ..core.adapter import Adapter, adapters
 from ..core.load import AdapterLoadError, attach_state
 from ..core.targets import _named_modules
 from ..methods.lora import LoRA, LoraConfig
-from .files import DeltakitFileError, atomic_dir, load_tensors, read_json, save_tensors, write_json
+from .files import DeltakitFileError, atomic_dir, read_json, write_json
+from .tensors import load_tensors, save_tensors
 
 __all__ = ["import_peft", "export_peft", "read_peft_config", "PeftFormatError", "CONFIG", "WEIGHTS"]
 

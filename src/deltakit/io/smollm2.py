@@ -57,7 +57,7 @@ def materialize() -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .files import atomic_dir
-    from .files import save_tensors
+    from .tensors import save_tensors
 
     tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF_FILE)
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF_FILE)

@@ -1,21 +1,27 @@
 """A factored weight delta that stays factored until someone needs it dense."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+from ._values import Delta, DeltaValue, as_dense, register_codec
 
 __all__ = ["LowRank", "Delta", "as_dense"]
 
 
+@register_codec("lowrank")
 @dataclass(frozen=True, eq=False)
-class LowRank:
+class LowRank(DeltaValue):
     """``dW = scale * B @ A`` (LoRA's ``lora_B @ lora_A``), reshaped to ``shape``.
 
     Shapes: ``B`` (out, r), ``A`` (r, in), ``dense()`` (out, in) or ``shape`` when the
     target is e.g. a conv kernel (out, in_c, kh, kw) with in = in_c*kh*kw.
     Sum of two LowRank deltas is exact and stays LowRank: the factors are
     concatenated along r, ``s1 B1 A1 + s2 B2 A2 = [s1 B1, s2 B2] @ [A1; A2]``.
+    Stored in files as codec ``lowrank``: parts ``B`` and ``A``, meta ``scale`` and ``shape``.
 
     >>> d = LowRank(torch.ones(4, 1), torch.ones(1, 3), scale=0.5)
     >>> d.dense().shape
@@ -68,27 +74,28 @@ class LowRank:
         err = float((S[r:].pow(2).sum() / total).sqrt()) if total > 0 else 0.0
         return cls(U[:, :r] * S[:r], Vh[:r], 1.0, shape), err
 
-    def dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def to_dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Materialise ``scale * B @ A`` (computed in fp32 or wider, returned in ``dtype``)."""
         work = torch.float64 if self.dtype == torch.float64 else torch.float32
         out = (self.B.to(work) @ self.A.to(work)) * self.scale
         return out.reshape(self.shape).to(dtype or work)
 
-    def norm(self) -> float:
-        """Frobenius norm without forming B @ A: ``|sBA|^2 = s^2 tr((B^T B)(A A^T))``, O(r^2 (out+in))."""
-        work = torch.float64
-        g = (self.B.to(work).T @ self.B.to(work)) * (self.A.to(work) @ self.A.to(work).T)
-        return float(abs(self.scale) * g.sum().clamp_min(0).sqrt())
+    dense = to_dense  # the name this class had before the DeltaValue protocol
 
-    def __mul__(self, c: float) -> LowRank:
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"B": self.B, "A": self.A}
+
+    def meta(self) -> dict[str, Any]:
+        return {"scale": self.scale, "shape": list(self.shape)}
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> LowRank:
+        return cls(tensors["B"], tensors["A"], float(meta["scale"]), tuple(meta["shape"]))
+
+    def scaled(self, c: float) -> LowRank:
         return LowRank(self.B, self.A, self.scale * float(c), self.shape)
 
-    __rmul__ = __mul__
-
-    def __neg__(self) -> LowRank:
-        return self * -1.0
-
-    def __add__(self, other: object):
+    def added(self, other: Delta) -> Delta:
         if isinstance(other, LowRank):
             if other.shape != self.shape:
                 raise ValueError(f"LowRank add: expected shape {self.shape}, found {other.shape}")
@@ -99,22 +106,18 @@ class LowRank:
                            torch.cat([self.A, other.A], 0), 1.0, self.shape)
         if isinstance(other, torch.Tensor):
             return self.dense(torch.promote_types(other.dtype, torch.float32)) + other
-        return NotImplemented
+        return super().added(other)
 
-    __radd__ = __add__
+    def norm(self) -> float:
+        """Frobenius norm without forming B @ A: ``|sBA|^2 = s^2 tr((B^T B)(A A^T))``, O(r^2 (out+in))."""
+        work = torch.float64
+        g = (self.B.to(work).T @ self.B.to(work)) * (self.A.to(work) @ self.A.to(work).T)
+        return float(abs(self.scale) * g.sum().clamp_min(0).sqrt())
 
-    def __sub__(self, other: object):
-        return self + (-other)  # type: ignore[operator]
+    def __mul__(self, c: float) -> LowRank:
+        return self.scaled(c)
 
-    def __rsub__(self, other: object):
-        return (-self) + other
+    __rmul__ = __mul__
 
-
-Delta = torch.Tensor | LowRank
-
-
-def as_dense(d: Delta, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A tensor for any delta value (LowRank materialised)."""
-    if isinstance(d, LowRank):
-        return d.dense(dtype)
-    return d if dtype is None else d.to(dtype)
+    def __neg__(self) -> LowRank:
+        return self.scaled(-1.0)

@@ -2,8 +2,15 @@
 
 Task arithmetic (Ilharco et al., 2023, https://arxiv.org/abs/2212.04089):
 ``tau = theta_ft - theta_base``; models are edited by ``theta_base + sum_i lambda_i tau_i``.
-Every entry is a zero-argument function returning a tensor or a :class:`LowRank`,
-so arithmetic composes functions and nothing is read until a value is asked for.
+Every entry is a zero-argument function returning a delta value (a tensor, a
+:class:`LowRank`, or any registered :class:`DeltaValue`), so arithmetic composes functions
+and nothing is read until a value is asked for.
+
+Files (``save`` / ``load``): a HF-layout safetensors directory whose header metadata holds
+``deltakit = deltakit.taskvector/2`` and ``entries``, a JSON manifest giving every entry's
+codec, shape, stored tensors and codec metadata. A dense entry is stored under its own name
+(so a dense task vector is also a plain checkpoint); part ``p`` of an entry ``n`` with codec
+``c`` is stored as ``n.c_p``. Version 1 files (dense + ``lowrank`` metadata) still load.
 """
 from __future__ import annotations
 
@@ -11,40 +18,39 @@ import json
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from deltakit.io.files import DeltakitFileError
+from deltakit.io.tensors import DEFAULT_SHARD_BYTES, LazyCheckpoint, PlannedTensor, write_checkpoint
 
-from ._checkpoint import LazyCheckpoint
-from ._lowrank import Delta, LowRank, as_dense
-from ._writer import DEFAULT_SHARD_BYTES, PlannedTensor, write_checkpoint
+from ._lowrank import LowRank
+from ._values import (DENSE, Delta, DeltaValue, add_values, as_dense, decode, encode, get_codec, scale_value,
+                      value_norm)
 
 __all__ = ["TaskVector"]
 
 Thunk = Callable[[], Delta]
-_FORMAT = "deltakit.taskvector/1"
-_LR_B, _LR_A = ".lowrank_B", ".lowrank_A"
+_FORMAT_V1 = "deltakit.taskvector/1"
+_FORMAT = "deltakit.taskvector/2"
+_LR_B, _LR_A = ".lowrank_B", ".lowrank_A"  # version 1 names (the v2 rule gives the same)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One lazy entry and what is known about it without computing it."""
+
+    thunk: Thunk
+    shape: tuple[int, ...] | None = None
+    codec: str | None = None            # DENSE when known to give a plain tensor
+    dtype: torch.dtype | None = None    # known for dense entries read from files / given as tensors
 
 
 def _work_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
-
-
-def _add(a: Delta, b: Delta) -> Delta:
-    if isinstance(a, LowRank) or isinstance(b, LowRank):
-        return a + b  # LowRank handles both orders
-    return a + b
-
-
-def _dense_thunk(f: Thunk) -> Thunk:
-    f._dense = True  # type: ignore[attr-defined]  # known to return a dense tensor
-    return f
-
-
-def _keep_kind(src: Thunk, f: Thunk) -> Thunk:
-    return _dense_thunk(f) if getattr(src, "_dense", False) else f
 
 
 def _source(x: str | os.PathLike | LazyCheckpoint | Mapping[str, torch.Tensor]):
@@ -67,13 +73,78 @@ def _get(src, name: str, dtype: torch.dtype) -> torch.Tensor:
     return src[name].detach().to("cpu", dtype)
 
 
+def _entry_of(name: str, v: Thunk | Delta) -> _Entry:
+    if isinstance(v, torch.Tensor):
+        t = v.detach()
+        return _Entry(lambda: t, tuple(t.shape), DENSE, t.dtype)
+    if isinstance(v, DeltaValue):
+        return _Entry(lambda: v, tuple(v.shape), v.codec or None)
+    if callable(v):
+        return _Entry(v)
+    raise TypeError(f"{name}: expected a tensor, a DeltaValue or a callable, found {type(v).__name__}")
+
+
+def _v1_manifest(ck: LazyCheckpoint) -> dict[str, dict[str, Any]]:
+    """A version 1 file's entries in the version 2 manifest form."""
+    lowrank: dict[str, list] = json.loads(ck.metadata.get("lowrank", "{}"))
+    out: dict[str, dict[str, Any]] = {}
+    for k in ck.keys():
+        if k.endswith(_LR_B):
+            n = k[: -len(_LR_B)]
+            scale, shape = lowrank[n]
+            out[n] = {"codec": "lowrank", "shape": shape, "tensors": {"B": k, "A": n + _LR_A},
+                      "meta": {"scale": scale, "shape": shape}}
+        elif not k.endswith(_LR_A):
+            out[k] = {"codec": DENSE, "shape": list(ck.shape(k)), "tensors": {"value": k}}
+    return out
+
+
+def _manifest(ck: LazyCheckpoint, path) -> dict[str, dict[str, Any]]:
+    fmt = ck.metadata.get("deltakit")
+    if fmt == _FORMAT_V1:
+        return _v1_manifest(ck)
+    if fmt != _FORMAT:
+        raise DeltakitFileError(f"{path}: expected a deltakit task vector ({_FORMAT} or {_FORMAT_V1}), "
+                                f"found metadata {fmt!r}")
+    try:
+        entries = json.loads(ck.metadata["entries"])
+    except (KeyError, json.JSONDecodeError) as e:
+        raise DeltakitFileError(f"{path}: expected a JSON 'entries' manifest in the metadata, found {e}") from None
+    for n, e in entries.items():
+        if not (isinstance(e, dict) and isinstance(e.get("codec"), str) and isinstance(e.get("shape"), list)
+                and isinstance(e.get("tensors"), dict)):
+            raise DeltakitFileError(f"{path}: entry {n!r} expected codec, shape and tensors, found {e}")
+        missing = [k for k in e["tensors"].values() if k not in ck]
+        if e["codec"] == DENSE and "value" not in e["tensors"]:
+            missing = [f"{n} (its dense 'value' part)"]
+        if missing:
+            raise DeltakitFileError(f"{path}: entry {n!r} expected stored tensor {missing[0]!r}, found none")
+        if e["codec"] != DENSE:
+            try:
+                get_codec(e["codec"])  # an unknown codec fails at load, not at first use
+            except KeyError as err:
+                raise DeltakitFileError(f"{path}: entry {n!r}: {err.args[0]}") from None
+    return entries
+
+
+def _loaded_entry(ck: LazyCheckpoint, e: Mapping[str, Any]) -> _Entry:
+    codec, parts, meta = e["codec"], dict(e["tensors"]), e.get("meta", {})
+
+    def thunk() -> Delta:
+        return decode(codec, {p: ck.get(k) for p, k in parts.items()}, meta)
+    dtype = ck.dtype(parts["value"]) if codec == DENSE else None
+    return _Entry(thunk, tuple(e["shape"]), codec, dtype)
+
+
 class TaskVector:
     """Lazy ``name -> dW`` mapping with plain-Python arithmetic.
 
     Build with :meth:`from_checkpoints`, :meth:`from_state_dicts`, :meth:`from_mapping`
     or :meth:`load`. ``tv1 + tv2`` takes the union of names (a missing name is a zero
     delta); ``c * tv`` and ``-tv`` scale every entry. Shapes: each ``tv[name]`` has the
-    shape of the parameter it edits.
+    shape of the parameter it edits. Entries may be any delta value (see
+    :class:`DeltaValue`); arithmetic keeps LowRank factored and goes through ``to_dense()``
+    for codecs that do not say otherwise.
 
     >>> base = {"w": torch.zeros(2, 2)}
     >>> ft = {"w": torch.ones(2, 2)}
@@ -84,8 +155,15 @@ class TaskVector:
     """
 
     def __init__(self, entries: Mapping[str, Thunk], shapes: Mapping[str, tuple[int, ...]] | None = None) -> None:
-        self._entries: dict[str, Thunk] = dict(entries)
-        self._shapes: dict[str, tuple[int, ...]] = {k: tuple(v) for k, v in (shapes or {}).items()}
+        shapes = shapes or {}
+        self._entries: dict[str, _Entry] = {
+            n: _Entry(t, tuple(shapes[n]) if n in shapes else None) for n, t in entries.items()}
+
+    @classmethod
+    def _of(cls, entries: Mapping[str, _Entry]) -> TaskVector:
+        tv = cls({})
+        tv._entries = dict(entries)
+        return tv
 
     # -- construction -------------------------------------------------------
     @classmethod
@@ -99,14 +177,13 @@ class TaskVector:
         """
         ft, b = _source(finetuned), _source(base)
         wanted = list(names) if names is not None else list(b.keys())
-        entries: dict[str, Thunk] = {}
-        shapes: dict[str, tuple[int, ...]] = {}
-        ft_keys = set(ft.keys())
         if strict and names is None:
             extra = [k for k in ft.keys() if k not in set(b.keys()) and _dtype_of(ft, k).is_floating_point]
             if extra:
                 raise DeltakitFileError(f"expected every fine-tuned tensor in the base, found {extra[0]!r} "
                                         f"only in the fine-tuned model ({len(extra)} such)")
+        ft_keys = set(ft.keys())
+        entries: dict[str, _Entry] = {}
         for n in wanted:
             if n not in ft_keys:
                 if strict and _dtype_of(b, n).is_floating_point:
@@ -118,9 +195,8 @@ class TaskVector:
             if sb != sf:
                 raise DeltakitFileError(f"{n}: expected fine-tuned shape {sb} (the base's), found {sf}")
             work = dtype if dtype is not None else _work_dtype(_dtype_of(b, n), _dtype_of(ft, n))
-            entries[n] = _dense_thunk(lambda n=n, work=work: _get(ft, n, work) - _get(b, n, work))
-            shapes[n] = sb
-        return cls(entries, shapes)
+            entries[n] = _Entry(lambda n=n, work=work: _get(ft, n, work) - _get(b, n, work), sb, DENSE, work)
+        return cls._of(entries)
 
     @classmethod
     def from_state_dicts(cls, finetuned: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor],
@@ -129,23 +205,10 @@ class TaskVector:
         return cls.from_checkpoints(finetuned, base, **kw)
 
     @classmethod
-    def from_mapping(cls, mapping: Mapping[str, Thunk | torch.Tensor | LowRank]) -> TaskVector:
-        """Hook for adapters: each value is a tensor, a LowRank, or a zero-arg callable returning one."""
-        entries: dict[str, Thunk] = {}
-        shapes: dict[str, tuple[int, ...]] = {}
-        for n, v in mapping.items():
-            if isinstance(v, torch.Tensor):
-                t = v.detach()
-                entries[n] = _dense_thunk(lambda t=t: t)
-                shapes[n] = tuple(t.shape)
-            elif isinstance(v, LowRank):
-                entries[n] = lambda v=v: v
-                shapes[n] = tuple(v.shape)
-            elif callable(v):
-                entries[n] = v
-            else:
-                raise TypeError(f"{n}: expected a tensor, LowRank or callable, found {type(v).__name__}")
-        return cls(entries, shapes)
+    def from_mapping(cls, mapping: Mapping[str, Thunk | Delta]) -> TaskVector:
+        """Hook for adapters: each value is a tensor, a delta value (LowRank or any registered
+        codec), or a zero-arg callable returning one."""
+        return cls._of({n: _entry_of(n, v) for n, v in mapping.items()})
 
     @classmethod
     def from_adapter(cls, adapter, *, include_full: bool = True) -> TaskVector:
@@ -175,26 +238,11 @@ class TaskVector:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> TaskVector:
-        """Open a task vector written by :meth:`save` (lazily; LowRank entries stay factored)."""
+        """Open a task vector written by :meth:`save`, lazily: only headers are read now, each
+        entry's tensors when it is asked for; every entry comes back in its codec (LowRank
+        stays factored). Version 1 files load too."""
         ck = LazyCheckpoint(path)
-        if ck.metadata.get("deltakit") != _FORMAT:
-            raise DeltakitFileError(f"{path}: expected a deltakit task vector ({_FORMAT}), "
-                                    f"found metadata {ck.metadata.get('deltakit')!r}")
-        lowrank: dict[str, list] = json.loads(ck.metadata.get("lowrank", "{}"))
-        entries: dict[str, Thunk] = {}
-        shapes: dict[str, tuple[int, ...]] = {}
-        for k in ck.keys():
-            if k.endswith(_LR_A):
-                continue
-            if k.endswith(_LR_B):
-                n = k[: -len(_LR_B)]
-                scale, shape = lowrank[n]
-                entries[n] = lambda n=n, s=scale, sh=tuple(shape): LowRank(ck.get(n + _LR_B), ck.get(n + _LR_A), s, sh)
-                shapes[n] = tuple(shape)
-            else:
-                entries[k] = _dense_thunk(lambda k=k: ck.get(k))
-                shapes[k] = ck.shape(k)
-        return cls(entries, shapes)
+        return cls._of({n: _loaded_entry(ck, e) for n, e in _manifest(ck, path).items()})
 
     # -- mapping API ---------------------------------------------------------
     def keys(self) -> list[str]:
@@ -210,12 +258,12 @@ class TaskVector:
         return name in self._entries
 
     def get(self, name: str) -> Delta:
-        """The delta for one name (tensor or LowRank); computed now, not cached."""
+        """The delta value for one name (tensor, LowRank, ...); computed now, not cached."""
         try:
-            thunk = self._entries[name]
+            entry = self._entries[name]
         except KeyError:
             raise KeyError(f"expected a task-vector entry named {name!r}, found none") from None
-        return thunk()
+        return entry.thunk()
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.dense(name)
@@ -224,9 +272,12 @@ class TaskVector:
         return as_dense(self.get(name), dtype)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        if name not in self._shapes:
-            self._shapes[name] = tuple(self.get(name).shape)
-        return self._shapes[name]
+        if name not in self._entries:
+            raise KeyError(f"expected a task-vector entry named {name!r}, found none")
+        entry = self._entries[name]
+        if entry.shape is None:
+            entry = self._entries[name] = replace(entry, shape=tuple(self.get(name).shape))
+        return entry.shape  # type: ignore[return-value]
 
     def items(self) -> Iterator[tuple[str, Delta]]:
         for n in self._entries:
@@ -234,11 +285,12 @@ class TaskVector:
 
     def select(self, names: Iterable[str] | Callable[[str], bool]) -> TaskVector:
         keep = [n for n in self._entries if names(n)] if callable(names) else list(names)
-        return TaskVector({n: self._entries[n] for n in keep}, {n: self._shapes[n] for n in keep if n in self._shapes})
+        return TaskVector._of({n: self._entries[n] for n in keep})
 
     def map(self, fn: Callable[[str, Delta], Delta]) -> TaskVector:
         """A new task vector with ``fn(name, dW)`` applied lazily per entry."""
-        return TaskVector({n: (lambda n=n, t=t: fn(n, t())) for n, t in self._entries.items()}, self._shapes)
+        return TaskVector._of({n: _Entry(lambda n=n, t=e.thunk: fn(n, t()), e.shape)
+                               for n, e in self._entries.items()})
 
     # -- arithmetic (lazy) ---------------------------------------------------
     def __add__(self, other: object) -> TaskVector:
@@ -246,27 +298,28 @@ class TaskVector:
             return self  # lets sum([tv1, tv2]) work
         if not isinstance(other, TaskVector):
             return NotImplemented
-        entries: dict[str, Thunk] = {}
-        for n in self._entries.keys() | other._entries.keys():
-            a, b = self._entries.get(n), other._entries.get(n)
-            if a is not None and b is not None:
-                sa, sb = self._shapes.get(n), other._shapes.get(n)
-                if sa is not None and sb is not None and sa != sb:
-                    raise ValueError(f"{n}: expected shape {sa}, found {sb}")
-                f = lambda a=a, b=b: _add(a(), b())  # noqa: E731
-                entries[n] = _dense_thunk(f) if getattr(a, "_dense", False) and getattr(b, "_dense", False) else f
-            else:
-                entries[n] = a or b  # type: ignore[assignment]
         order = list(self._entries) + [n for n in other._entries if n not in self._entries]
-        return TaskVector({n: entries[n] for n in order}, {**other._shapes, **self._shapes})
+        return TaskVector._of({n: self._sum_entry(n, self._entries.get(n), other._entries.get(n)) for n in order})
 
     __radd__ = __add__
+
+    @staticmethod
+    def _sum_entry(n: str, a: _Entry | None, b: _Entry | None) -> _Entry:
+        if a is None or b is None:
+            return a or b  # type: ignore[return-value]
+        if a.shape is not None and b.shape is not None and a.shape != b.shape:
+            raise ValueError(f"{n}: expected shape {a.shape}, found {b.shape}")
+        dense = a.codec == DENSE and b.codec == DENSE
+        dtype = torch.promote_types(a.dtype, b.dtype) if dense and a.dtype and b.dtype else None
+        return _Entry(lambda: add_values(a.thunk(), b.thunk()), a.shape or b.shape, DENSE if dense else None, dtype)
 
     def __mul__(self, c: float) -> TaskVector:
         if not isinstance(c, (int, float)):
             return NotImplemented
         c = float(c)
-        return TaskVector({n: _keep_kind(t, lambda t=t: t() * c) for n, t in self._entries.items()}, self._shapes)
+        return TaskVector._of({n: _Entry(lambda t=e.thunk: scale_value(t(), c), e.shape,
+                                         DENSE if e.codec == DENSE else None, e.dtype if e.codec == DENSE else None)
+                               for n, e in self._entries.items()})
 
     __rmul__ = __mul__
 
@@ -282,10 +335,7 @@ class TaskVector:
     # -- statistics ----------------------------------------------------------
     def norms(self) -> dict[str, float]:
         """Per-tensor L2 (Frobenius) norm; LowRank entries without forming B @ A."""
-        out = {}
-        for n, d in self.items():
-            out[n] = d.norm() if isinstance(d, LowRank) else float(torch.linalg.vector_norm(d.double()))
-        return out
+        return {n: value_norm(d) for n, d in self.items()}
 
     def norm(self) -> float:
         """Global L2 norm ``sqrt(sum_name |dW_name|^2)``."""
@@ -403,41 +453,46 @@ class TaskVector:
     # -- saving --------------------------------------------------------------
     def save(self, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
              max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
-        """Write to a directory in HF layout (atomic, streamed). LowRank entries stay factored.
+        """Write to a directory in HF layout (atomic, streamed); every entry keeps its codec.
 
-        ``dtype``: storage dtype for dense entries (default: as computed, usually fp32).
+        ``dtype``: storage dtype of floating-point tensors (dense entries and the floating
+        parts of compact values; integer parts such as quantised codes keep theirs).
+        Default: as computed. Dense entries are computed when written, one at a time;
+        compact values are computed while planning and held until written (small by design).
         """
         plan: list[PlannedTensor] = []
-        factors: dict[str, LowRank] = {}
+        held: dict[str, torch.Tensor] = {}
+        manifest: dict[str, dict[str, Any]] = {}
         for n in self._entries:
-            if n in self._shapes and not self._maybe_lowrank(n):
-                d = None
-            else:
-                d = self.get(n)
-            if isinstance(d, LowRank):
-                factors[n] = d  # factors are small by construction; keep them
-                plan.append(PlannedTensor(n + _LR_B, tuple(d.B.shape), dtype or d.B.dtype))
-                plan.append(PlannedTensor(n + _LR_A, tuple(d.A.shape), dtype or d.A.dtype))
-            else:
-                shape = self._shapes.get(n) or tuple(d.shape)  # type: ignore[union-attr]
-                dt = dtype or (d.dtype if d is not None else torch.float32)
-                plan.append(PlannedTensor(n, shape, dt))
-            del d
+            manifest[n] = self._plan_entry(n, dtype, plan, held)
 
         def produce(it: PlannedTensor) -> torch.Tensor:
-            if it.name.endswith(_LR_B) and it.name[: -len(_LR_B)] in factors:
-                return factors[it.name[: -len(_LR_B)]].B.to(it.dtype)
-            if it.name.endswith(_LR_A) and it.name[: -len(_LR_A)] in factors:
-                return factors[it.name[: -len(_LR_A)]].A.to(it.dtype)
+            if it.name in held:
+                return held.pop(it.name).to(it.dtype)
             return as_dense(self.get(it.name)).to(it.dtype)
 
-        meta = {"deltakit": _FORMAT,
-                "lowrank": json.dumps({n: [f.scale, list(f.shape)] for n, f in factors.items()})}
+        meta = {"deltakit": _FORMAT, "entries": json.dumps(manifest, separators=(",", ":"))}
         return write_checkpoint(path, plan, produce, max_shard_bytes=max_shard_bytes, metadata=meta)
 
-    def _maybe_lowrank(self, name: str) -> bool:
-        # Entries built from checkpoints are dense; everything else may be factored.
-        return not getattr(self._entries[name], "_dense", False)
+    def _plan_entry(self, n: str, dtype: torch.dtype | None, plan: list[PlannedTensor],
+                    held: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Add entry ``n``'s stored tensors to ``plan`` -> its manifest record."""
+        e = self._entries[n]
+        if e.codec == DENSE and e.shape is not None and e.dtype is not None:
+            plan.append(PlannedTensor(n, e.shape, dtype or e.dtype))  # known without computing it
+            return {"codec": DENSE, "shape": list(e.shape), "tensors": {"value": n}}
+        d = self.get(n)
+        codec, parts, meta = encode(d)
+        if codec == DENSE:  # computed again when written: memory stays one tensor
+            plan.append(PlannedTensor(n, tuple(d.shape), dtype or d.dtype))
+            return {"codec": DENSE, "shape": list(d.shape), "tensors": {"value": n}}
+        stored: dict[str, str] = {}
+        for p, t in parts.items():
+            key = stored[p] = f"{n}.{codec}_{p}"
+            t = t.detach()
+            plan.append(PlannedTensor(key, tuple(t.shape), dtype if dtype and t.is_floating_point() else t.dtype))
+            held[key] = t
+        return {"codec": codec, "shape": list(d.shape), "tensors": stored, "meta": meta}
 
     def __repr__(self) -> str:
         return f"TaskVector({len(self)} tensors)"

@@ -32,7 +32,8 @@ from typing import Any
 
 import torch
 
-from deltakit.io.files import DeltakitFileError, atomic_dir, load_tensors, read_json, save_tensors, write_json
+from deltakit.io.files import DeltakitFileError, atomic_dir, read_json, write_json
+from deltakit.io.tensors import load_tensors, save_tensors
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "prune_checkpoints",
            "rng_state", "set_rng_state", "CHECKPOINT_FORMAT"]
