@@ -412,9 +412,11 @@ def _loop(run: _Run, bar: tqdm, eval_fn: Callable | None, *, loss_fn, autocast, 
             _check_parameters(run, step)
             _log(run, step, meter)
         if eval_fn is not None and ((eval_every and step % eval_every == 0) or last):
-            stop = _evaluate_step(run, step, eval_fn, bar)
-            if stop:
+            _check_parameters(run, step)  # an early stop must not keep non-finite "best" parameters
+            if _evaluate_step(run, step, eval_fn, bar):
                 run.stopped_at = step
+                if meter.losses:  # report the loss of the steps since the last log line too
+                    _log(run, step, meter)
         if run.ckpt_dir is not None and ((ckpt_every and step % ckpt_every == 0) or last
                                          or run.stopped_at is not None):
             _check_parameters(run, step)
