@@ -105,6 +105,7 @@ def test_resumed_run_stops_where_the_uninterrupted_one_does(tmp_path):
     model = _model()
     res = _scripted_fit(model, _Clock(), ckpt_dir=tmp_path, ckpt_every=3)
     assert (res.steps, res.best_step, res.metrics) == (ref.steps, ref.best_step, ref.metrics)
+    assert res.history == ref.history  # the loss window open at the checkpoint (steps 1-6) was kept
     for (n, a), (_, b) in zip(ref_model.named_parameters(), model.named_parameters()):
         assert torch.equal(a, b), n
     # the stop was checkpointed: running again is a no-op that gives the same best model

@@ -319,6 +319,7 @@ class _Run:
     start: int = 0
     steps_done: int = 0
     stopped_at: int | None = None  # the step early stopping ended the run at
+    window: list[float] = field(default_factory=list)  # losses since the last log line, kept across a resume
     history: list[dict[str, float]] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
 
@@ -373,7 +374,7 @@ def _start(run: _Run, resume: bool, seed: int) -> None:
     extra = state["extra"]
     run.start = run.steps_done = state["step"]
     run.history, run.metrics = extra.get("history", []), extra.get("metrics", {})
-    run.stopped_at = extra.get("stopped_at")
+    run.stopped_at, run.window = extra.get("stopped_at"), extra.get("window", [])
     if run.stopper is not None and "early_stopping" in extra:
         best = ckpt.load_extra_tensors(last, "best") if "best" in state.get("extra_tensors", []) else {}
         run.stopper.load_state_dict(extra["early_stopping"], best)
@@ -398,7 +399,7 @@ def _loop(run: _Run, bar: tqdm, eval_fn: Callable | None, *, loss_fn, autocast, 
     """The steps from ``run.start + 1`` to the end (or an early stop), with logging, evals and checkpoints."""
     if run.stopped_at is not None:
         return
-    stream, meter = _batch_stream(run), _Meter(run.total - run.start)
+    stream, meter = _batch_stream(run), _Meter(run.total - run.start, run.window)
     for step in range(run.start + 1, run.total + 1):
         loss, tokens = _train_step(run, stream, step, loss_fn, autocast, max_grad_norm)
         for cb in callbacks:
@@ -420,7 +421,7 @@ def _loop(run: _Run, bar: tqdm, eval_fn: Callable | None, *, loss_fn, autocast, 
         if run.ckpt_dir is not None and ((ckpt_every and step % ckpt_every == 0) or last
                                          or run.stopped_at is not None):
             _check_parameters(run, step)
-            _save(run, step, keep_last)
+            _save(run, step, keep_last, meter.losses)
         if run.stopped_at is not None:
             if run.progress and run.main:
                 bar.write(f"early stop at step {step}: {run.stopper.metric} has not improved on "
@@ -484,10 +485,10 @@ def _check_parameters(run: _Run, step: int) -> None:
 class _Meter:
     """Loss, tokens and time since the last log line; throughput and ETA for the progress output."""
 
-    def __init__(self, steps_left: int):
+    def __init__(self, steps_left: int, losses: list[float]):
         self.t0 = self.t_window = time.perf_counter()
         self.steps_left, self.done = steps_left, 0
-        self.losses: list[float] = []
+        self.losses = list(losses)
         self.tokens = 0
 
     def add(self, loss: float, tokens: int) -> None:
@@ -536,12 +537,12 @@ def _evaluate_step(run: _Run, step: int, eval_fn: Callable, bar: tqdm) -> bool:
     return run.stopper is not None and run.stopper.update(step, results, run.params)
 
 
-def _save(run: _Run, step: int, keep_last: int) -> None:
+def _save(run: _Run, step: int, keep_last: int, window: list[float]) -> None:
     rng = {f"{k}/{r}": t for k, v in ckpt.rng_state().items()
            for r, t in enumerate(ddp.all_gather_tensor(v, run.info.device))}
     if run.main:
         extra: dict[str, Any] = {"history": run.history, "config": run.config, "metrics": run.metrics,
-                                 "stopped_at": run.stopped_at}
+                                 "stopped_at": run.stopped_at, "window": window}
         tensors = {}
         if run.stopper is not None:
             extra["early_stopping"] = run.stopper.state_dict()
