@@ -21,9 +21,11 @@ How :func:`fit` behaves, and why:
   IncreLoRA budgets and LISA's layer sampling.
 - *Divergence fails loudly.* The loss is checked every step (it is read anyway), the
   gradient norm every step when clipping (clipping computes it), and the trainable
-  parameters at every log step, evaluation, checkpoint and at the end (one fused
-  ``isfinite`` and one sync: ~0.3 ms for a MiniLM LoRA, ~10 ms for all 22 M MiniLM
-  weights). Anything non-finite raises :class:`TrainingDivergedError` with the step
+  parameters at every log step, evaluation, checkpoint and at the end (a max-abs norm
+  per tensor and one sync; measured on a loaded 2-core CPU: 0.28 ms for a MiniLM LoRA,
+  26 tensors, against 4.8 s for one training step of batch 16; for all 22.7 M MiniLM
+  weights about a fifth of one step, paid once per ``log_every`` steps). Anything
+  non-finite raises :class:`TrainingDivergedError` with the step
   *before* a checkpoint could hold it, so the last good checkpoint stays the newest.
   A NaN parameter also makes the next loss NaN, so no step goes unchecked for long.
 - *Early stopping.* After ``early_stopping_patience`` evaluations in a row without a
@@ -401,11 +403,12 @@ def _loop(run: _Run, bar: tqdm, eval_fn: Callable | None, *, loss_fn, autocast, 
         return
     stream, meter = _batch_stream(run), _Meter(run.total - run.start, run.window)
     for step in range(run.start + 1, run.total + 1):
+        t = time.perf_counter()
         loss, tokens = _train_step(run, stream, step, loss_fn, autocast, max_grad_norm)
         for cb in callbacks:
             cb.on_step(step, run.model)
         run.steps_done = step
-        meter.add(loss, tokens * run.info.world_size)  # every rank sees an equal share of the batch
+        meter.add(loss, tokens * run.info.world_size, time.perf_counter() - t)  # ranks see equal shares
         bar.update(1)
         bar.set_postfix(meter.postfix(run.scheduler.get_last_lr()[0]), refresh=False)
         last = step == run.total
@@ -483,24 +486,28 @@ def _check_parameters(run: _Run, step: int) -> None:
 
 
 class _Meter:
-    """Loss, tokens and time since the last log line; throughput and ETA for the progress output."""
+    """Loss and tokens since the last log line; throughput and ETA for the progress output.
+
+    Tokens/s counts training steps only (an evaluation or checkpoint in the window would
+    make the model look slower); the ETA uses wall time, as periodic evaluations recur.
+    """
 
     def __init__(self, steps_left: int, losses: list[float]):
-        self.t0 = self.t_window = time.perf_counter()
+        self.t0 = time.perf_counter()
         self.steps_left, self.done = steps_left, 0
         self.losses = list(losses)
-        self.tokens = 0
+        self.tokens, self.seconds = 0, 0.0
 
-    def add(self, loss: float, tokens: int) -> None:
+    def add(self, loss: float, tokens: int, seconds: float) -> None:
         self.losses.append(loss)
         self.tokens += tokens
+        self.seconds += seconds
         self.done += 1
 
     def rates(self) -> tuple[float, float]:
-        """(tokens/s over the current window, seconds left at the average step time so far)."""
-        now = time.perf_counter()
-        tok_s = self.tokens / max(now - self.t_window, 1e-9)
-        return tok_s, (now - self.t0) / max(self.done, 1) * (self.steps_left - self.done)
+        """(tokens/s of the training steps in the window, seconds left at the wall time per step so far)."""
+        eta = (time.perf_counter() - self.t0) / max(self.done, 1) * (self.steps_left - self.done)
+        return self.tokens / max(self.seconds, 1e-9), eta
 
     def postfix(self, lr: float) -> dict[str, str]:
         loss = sum(self.losses) / len(self.losses) if self.losses else float("nan")
@@ -510,7 +517,7 @@ class _Meter:
         """(mean loss, tokens/s, seconds left) of the window, and start a new window."""
         tok_s, eta = self.rates()
         mean = sum(self.losses) / len(self.losses)
-        self.losses, self.tokens, self.t_window = [], 0, time.perf_counter()
+        self.losses, self.tokens, self.seconds = [], 0, 0.0
         return mean, tok_s, eta
 
 
