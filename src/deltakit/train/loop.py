@@ -273,7 +273,7 @@ def fit(
     if early_stopping_patience is not None:
         name = early_stopping_metric or (metric if isinstance(metric, str) else metric[0])
         run.stopper = EarlyStopping(name if name.startswith("eval_") else f"eval_{name}", early_stopping_patience)
-    _start(run, resume, seed)
+    _start(run, resume, seed, callbacks)
     bar = tqdm(total=run.total, initial=run.start, disable=not (progress and run.main and sys.stderr.isatty()),
                dynamic_ncols=True)
     was_training = model.training
@@ -360,7 +360,7 @@ def _setup(model: torch.nn.Module, train_loader: DataLoader, params: Mapping[str
                 grad_accum, config)
 
 
-def _start(run: _Run, resume: bool, seed: int) -> None:
+def _start(run: _Run, resume: bool, seed: int, callbacks: Sequence[Any]) -> None:
     """Resume from the newest checkpoint in ``run.ckpt_dir``, or seed a fresh run."""
     last = ckpt.latest_checkpoint(run.ckpt_dir) if run.ckpt_dir is not None else None
     if last is not None and not resume:  # pruning would delete the newer steps of the old run
@@ -382,6 +382,10 @@ def _start(run: _Run, resume: bool, seed: int) -> None:
         run.stopper.load_state_dict(extra["early_stopping"], best)
     if not same_order:
         torch.manual_seed(seed + run.info.rank)
+    if callbacks and run.main and run.start < run.total and run.stopped_at is None:
+        warnings.warn(f"resuming {last} with callbacks whose state is not checkpointed "
+                      f"({', '.join(type(c).__name__ for c in callbacks)}); the run will not match an "
+                      "uninterrupted one", stacklevel=3)
     if run.progress and run.main:
         print(f"resuming from {last} (step {run.start} of {run.total})", file=sys.stderr, flush=True)
 
