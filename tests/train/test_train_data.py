@@ -151,7 +151,8 @@ def test_check_labels_accepts_consistent_data():
     ((0, 1, 2), None, 2, r"expected labels 0\.\.1 \(--num-labels 2\), found \[2\]"),
     ((0, 1), (0, 1), 3, r"expected 3 classes 0\.\.2 in the training data \(--num-labels 3\), found 2: \[0, 1\] "
                         r"\(missing \[2\]\)"),
-    ((1, 2, 2), None, None, r"expected 3 classes 0\.\.2 .*\(the largest label 2\), found 2: \[1, 2\] \(missing \[0\]\)"),
+    ((1, 2, 2), None, None, r"expected 3 classes 0\.\.2 .*\(the largest label 2\), found 2: \[1, 2\] "
+                            r"\(missing \[0\]\)"),
     ((0, 1), None, 1, r"expected at least 2 classes, found num_labels=1"),
 ])
 def test_check_labels_errors(train, dev, k, match):

@@ -137,8 +137,9 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, params: dict[str, torch.nn.Para
     """
     path = Path(ckpt_dir) / f"step-{step:08d}"
     extra_tensors = dict(extra_tensors or {})
-    if bad := sorted(set(extra_tensors) & {"trainable", "optimizer", "rng"} | {k for k in extra_tensors if "/" in k}):
-        raise ValueError(f"expected extra_tensors keys other than trainable / optimizer / rng and without '/', found {bad}")
+    if bad := sorted(k for k in extra_tensors if k in ("trainable", "optimizer", "rng") or "/" in k):
+        raise ValueError(f"expected extra_tensors keys other than trainable / optimizer / rng and without '/', "
+                         f"found {bad}")
     state: dict[str, Any] = {"format": CHECKPOINT_FORMAT, "step": step, "extra": extra or {},
                              "extra_tensors": sorted(extra_tensors)}
     opt_tensors: dict[str, torch.Tensor] = {}
@@ -159,7 +160,8 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, params: dict[str, torch.nn.Para
     return path
 
 
-def load_extra_tensors(path: str | os.PathLike, key: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+def load_extra_tensors(path: str | os.PathLike, key: str,
+                       device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """The ``extra_tensors[key]`` a checkpoint was saved with."""
     path = Path(path)
     if key not in read_json(path / "trainer_state.json").get("extra_tensors", []):
@@ -246,17 +248,21 @@ def default_checkpoint_dir(out: str | os.PathLike) -> Path:
 def claim_checkpoint_dir(ckpt_dir: str | os.PathLike, run: Mapping[str, Any]) -> Path | None:
     """Bind ``ckpt_dir`` to one run (``run``: the settings that decide its result) before training.
 
-    A new or empty directory records ``run`` in ``run.json``; one already bound to the same
-    ``run`` is a resume and returns its newest checkpoint (None if it has none yet). A
-    directory bound to other settings, or holding files that are not ours, is refused
-    (one line naming the first differences): resuming it would silently mix two runs.
+    A new or empty directory (or one whose run never wrote a checkpoint) records ``run`` in
+    ``run.json``; one already bound to the same ``run`` is a resume and returns its newest
+    checkpoint. A directory with checkpoints of other settings, or holding files that are
+    not ours, is refused (one line naming the first differences): resuming it would
+    silently mix two runs.
     """
     ckpt_dir = Path(ckpt_dir)
     run = json.loads(json.dumps(run))  # the JSON form, as it will be compared after a restart
     saved_file = ckpt_dir / RUN_FILE
+    if saved_file.is_file() and latest_checkpoint(ckpt_dir) is None:
+        saved_file.unlink()  # bound to a run that never checkpointed: nothing to lose, bind it anew
     if saved_file.is_file():
         saved = read_json(saved_file)
-        if diff := {k: (saved.get(k), run.get(k)) for k in sorted(set(saved) | set(run)) if saved.get(k) != run.get(k)}:
+        diff = {k: (saved.get(k), run.get(k)) for k in sorted(set(saved) | set(run)) if saved.get(k) != run.get(k)}
+        if diff:
             shown = ", ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in list(diff.items())[:3])
             raise ValueError(f"expected the checkpoints in {ckpt_dir} to be from this run, found another run's "
                              f"({shown}); delete {ckpt_dir} to start over")

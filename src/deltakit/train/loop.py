@@ -431,8 +431,9 @@ def _loop(run: _Run, bar: tqdm, eval_fn: Callable | None, *, loss_fn, autocast, 
             _save(run, step, keep_last, meter.losses)
         if run.stopped_at is not None:
             if run.progress and run.main:
-                bar.write(f"early stop at step {step}: {run.stopper.metric} has not improved on "
-                          f"{run.stopper.best:.4f} (step {run.stopper.best_step}) for {run.stopper.patience} evaluations")
+                stop = run.stopper
+                bar.write(f"early stop at step {step}: {stop.metric} has not improved on {stop.best:.4f} "
+                          f"(step {stop.best_step}) for {stop.patience} evaluations")
             return
 
 
