@@ -99,13 +99,13 @@ def test_loader_from_datasets_dataset(tok):
 def test_non_utf8_names_file_line_and_byte(tmp_path):
     p = tmp_path / "train.tsv"
     p.write_bytes("sentence\tlabel\ncaf\u00e9 ok\t1\n".encode() + b"na\xefve\t0\n")
-    # header 15 bytes + "café ok\t1\n" 11 bytes (é is two): line 3 starts at byte 26, 0xef is 2 further
+    # header 15 bytes + "café ok\t1\n" 11 bytes (é is two): line 3 starts at offset 26; 0xef is its 3rd byte
     with pytest.raises(DataFormatError, match=r"train\.tsv line 3: expected UTF-8 text, found byte 0xef "
-                                              r"at byte offset 28 \(byte 2 of the line\)$"):
+                                              r"at byte offset 28 \(byte 3 of the line\)$"):
         read_rows(p)
     j = tmp_path / "a.jsonl"
     j.write_bytes(b'{"sentence": "x", "label": 1}\n{"sentence": "\xff", "label": 0}\n')
-    with pytest.raises(DataFormatError, match=r"a\.jsonl line 2: .* byte offset 44 \(byte 14 of the line\)"):
+    with pytest.raises(DataFormatError, match=r"a\.jsonl line 2: .* byte offset 44 \(byte 15 of the line\)"):
         read_rows(j)
 
 

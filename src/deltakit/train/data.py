@@ -115,7 +115,7 @@ def decode_text_file(path: str | os.PathLike) -> str:
     except UnicodeDecodeError as e:
         at = skip + e.start
         line = data.count(b"\n", 0, at) + 1
-        column = at - (data.rfind(b"\n", 0, at) + 1)
+        column = at - data.rfind(b"\n", 0, at)  # 1-based, as editors count; the offset is 0-based, as hexdump
         raise DataFormatError(f"{path} line {line}: expected UTF-8 text, found byte 0x{data[at]:02x} "
                               f"at byte offset {at} (byte {column} of the line)") from None
 
