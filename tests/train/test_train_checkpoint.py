@@ -97,3 +97,46 @@ def test_failed_load_leaves_params_untouched(tmp_path):
     with pytest.raises(ValueError, match="parameter groups"):
         load_checkpoint(path, params2, wrong_opt)
     assert all(torch.equal(before[n], params2[n]) for n in params2)
+
+
+def test_extra_tensors_round_trip(tmp_path):
+    from deltakit.train.checkpoint import load_extra_tensors
+    model, params, opt, sched = _setup()
+    best = {"1.weight": torch.arange(8.0).reshape(2, 4)}
+    path = save_checkpoint(tmp_path, params, opt, sched, step=2, extra_tensors={"best": best})
+    assert torch.equal(load_extra_tensors(path, "best")["1.weight"], best["1.weight"])
+    plain = save_checkpoint(tmp_path, params, step=3)
+    with pytest.raises(DeltakitFileError, match=r"expected extra tensors 'best' in the checkpoint .*step-00000003"):
+        load_extra_tensors(plain, "best")
+    with pytest.raises(ValueError, match=r"other than trainable / optimizer / rng and without '/', "
+                                         r"found \['a/b', 'rng'\]"):
+        save_checkpoint(tmp_path, params, step=4, extra_tensors={"rng": best, "a/b": best, "ok": best})
+
+
+def test_default_checkpoint_dir_is_a_visible_sibling(tmp_path):
+    from deltakit.train.checkpoint import default_checkpoint_dir
+    assert default_checkpoint_dir(tmp_path / "runs" / "ad") == tmp_path / "runs" / "ad.ckpt"
+    assert default_checkpoint_dir(f"{tmp_path}/runs/ad/") == tmp_path / "runs" / "ad.ckpt"
+
+
+def test_claim_checkpoint_dir_binds_one_run(tmp_path):
+    from deltakit.train.checkpoint import claim_checkpoint_dir
+    d = tmp_path / "ad.ckpt"
+    run = {"lr": 1e-3, "data": [("train", "ab12")], "set": ["r=2"]}
+    assert claim_checkpoint_dir(d, run) is None
+    assert json.loads((d / "run.json").read_text()) == {"lr": 1e-3, "data": [["train", "ab12"]], "set": ["r=2"]}
+    assert claim_checkpoint_dir(d, {**run, "lr": 1.0}) is None  # no checkpoint yet: rebinding loses nothing
+    model, params, opt, sched = _setup()
+    save_checkpoint(d, params, opt, sched, step=5)
+    assert claim_checkpoint_dir(d, {**run, "lr": 1.0}).name == "step-00000005"  # the same run: resume
+    with pytest.raises(ValueError, match=r"expected the checkpoints in .*ad\.ckpt to be from this run, found another "
+                                         r"run's \(lr: 1\.0 then, 0\.001 now\); delete .*ad\.ckpt to start over$"):
+        claim_checkpoint_dir(d, run)
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep")
+    (other / ".x.123.tmp").write_text("")  # a killed atomic write's debris does not count
+    with pytest.raises(ValueError, match=r"expected .*mine to be empty or a deltakit checkpoint directory, "
+                                         r"found \['notes\.txt'\]"):
+        claim_checkpoint_dir(other, run)
+    assert (other / "notes.txt").read_text() == "keep" and not (other / "run.json").exists()

@@ -3,8 +3,9 @@ import json
 import pytest
 import torch
 
-from deltakit.train.data import (DataFormatError, TextClassificationDataset, load_glue_dir, make_loader, num_labels,
-                                 read_rows, rows_from_dataset, write_tsv)
+from deltakit.train.data import (DataFormatError, TextClassificationDataset, check_labels, count_empty_texts,
+                                 describe_rows, label_histogram, load_glue_dir, make_loader, num_labels, provenance,
+                                 read_rows, rows_from_dataset, split_file, write_tsv)
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +94,78 @@ def test_loader_from_datasets_dataset(tok):
     ds = datasets.Dataset.from_dict({"sentence": ["good", "bad", "fine"], "label": [1, 0, 1]})
     batch = next(iter(make_loader(ds, tok, batch_size=3, max_length=8)))
     assert batch["labels"].tolist() == [1, 0, 1] and batch["input_ids"].shape[0] == 3
+
+
+def test_non_utf8_names_file_line_and_byte(tmp_path):
+    p = tmp_path / "train.tsv"
+    p.write_bytes("sentence\tlabel\ncaf\u00e9 ok\t1\n".encode() + b"na\xefve\t0\n")
+    # header 15 bytes + "café ok\t1\n" 11 bytes (é is two): line 3 starts at offset 26; 0xef is its 3rd byte
+    with pytest.raises(DataFormatError, match=r"train\.tsv line 3: expected UTF-8 text, found byte 0xef "
+                                              r"at byte offset 28 \(byte 3 of the line\)$"):
+        read_rows(p)
+    j = tmp_path / "a.jsonl"
+    j.write_bytes(b'{"sentence": "x", "label": 1}\n{"sentence": "\xff", "label": 0}\n')
+    with pytest.raises(DataFormatError, match=r"a\.jsonl line 2: .* byte offset 44 \(byte 15 of the line\)"):
+        read_rows(j)
+
+
+@pytest.mark.parametrize("suffix,body", [
+    (".tsv", "sentence\tlabel\nhi\t1\nho\t0\n"),
+    (".csv", "sentence,label\nhi,1\nho,0\n"),
+    (".jsonl", '{"sentence": "hi", "label": 1}\n{"sentence": "ho", "label": 0}\n'),
+])
+def test_utf8_bom_is_accepted(tmp_path, suffix, body):
+    p = tmp_path / f"train{suffix}"
+    p.write_bytes(b"\xef\xbb\xbf" + body.encode())
+    assert read_rows(p) == [{"sentence": "hi", "label": 1}, {"sentence": "ho", "label": 0}]
+
+
+def test_jsonl_text_may_hold_line_separator(tmp_path):
+    p = tmp_path / "a.jsonl"
+    p.write_text(json.dumps({"sentence": "a\u2028b", "label": 1}, ensure_ascii=False) + "\n")
+    assert read_rows(p) == [{"sentence": "a\u2028b", "label": 1}]
+
+
+def test_histogram_and_empty_texts():
+    rows = [{"sentence": s, "label": y} for s, y in [("a", 2), ("", 0), ("  ", 2), ("b", 2), ("c", 0)]]
+    assert label_histogram(rows) == {0: 2, 2: 3} and list(label_histogram(rows)) == [0, 2]
+    assert count_empty_texts(rows) == 2
+    pairs = [{"sentence1": "a", "sentence2": "", "label": 0}, {"sentence1": "a", "sentence2": "b", "label": 1}]
+    assert count_empty_texts(pairs) == 1
+    assert describe_rows(rows) == "5 rows, labels {0: 2, 2: 3}, 2 empty texts"
+
+
+def _rows(*labels):
+    return [{"sentence": f"s{i}", "label": y} for i, y in enumerate(labels)]
+
+
+def test_check_labels_accepts_consistent_data():
+    assert check_labels(_rows(0, 1, 1)) == 2
+    assert check_labels(_rows(0, 1, 2), _rows(2, 0)) == 3
+    assert check_labels(_rows(0, 1, 2), _rows(1), num_labels=3) == 3
+
+
+@pytest.mark.parametrize("train,dev,k,match", [
+    ((1, 1, 1), None, None, r"at least 2 classes in the training data, found only label \[1\]"),
+    ((0, 1), (0, 2), None, r"every dev label among the training labels \[0, 1\], found \[2\] only in dev"),
+    ((0, 1, 2), None, 2, r"expected labels 0\.\.1 \(--num-labels 2\), found \[2\]"),
+    ((0, 1), (0, 1), 3, r"expected 3 classes 0\.\.2 in the training data \(--num-labels 3\), found 2: \[0, 1\] "
+                        r"\(missing \[2\]\)"),
+    ((1, 2, 2), None, None, r"expected 3 classes 0\.\.2 .*\(the largest label 2\), found 2: \[1, 2\] "
+                            r"\(missing \[0\]\)"),
+    ((0, 1), None, 1, r"expected at least 2 classes, found num_labels=1"),
+])
+def test_check_labels_errors(train, dev, k, match):
+    with pytest.raises(DataFormatError, match=match) as e:
+        check_labels(_rows(*train), _rows(*dev) if dev else None, num_labels=k)
+    assert "\n" not in str(e.value)
+
+
+def test_provenance_and_split_file(tmp_path):
+    write_tsv(tmp_path / "train.tsv", _rows(0, 1, 0))
+    f = split_file(tmp_path, "train")
+    assert f == tmp_path / "train.tsv" and split_file(f, "dev") == f
+    import hashlib
+    got = provenance(f, "train", read_rows(f, max_rows=2))
+    assert got == {"split": "train", "path": str(f.resolve()), "rows": 2,
+                   "sha256": hashlib.sha256(f.read_bytes()).hexdigest()}

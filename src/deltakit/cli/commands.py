@@ -188,7 +188,12 @@ def run_bench(args) -> int:
 def add_train(sub) -> None:
     p = sub.add_parser("train", help="train an adapter on a text-classification file",
                        description="Train one adapter on CSV / TSV / JSONL data with GLUE-style columns "
-                                   "(sentence or sentence1+sentence2, label) and save it as a directory.")
+                                   "(sentence or sentence1+sentence2, label) and save it as a directory. "
+                                   "The data is checked first (label histogram, empty texts, classes). "
+                                   "Checkpoints go to OUT.ckpt beside -o OUT (or --ckpt-dir) every "
+                                   "--ckpt-every steps: after a crash, re-run the same command to resume "
+                                   "exactly; OUT.ckpt is removed once the adapter is saved. Training that "
+                                   "diverges (NaN / inf) stops with an error naming the step and saves nothing.")
     p.add_argument("--model", default="minilm", help=BUNDLED_HELP)
     p.add_argument("--train", required=True, help="training file (.csv, .tsv, .jsonl) or a GLUE-style directory")
     p.add_argument("--dev", default=None, help="evaluation file (default: none, or dev.tsv of a directory)")
@@ -203,6 +208,18 @@ def add_train(sub) -> None:
     p.add_argument("--metric", default="accuracy", choices=["accuracy", "f1", "f1_macro", "mcc"],
                    help="evaluation metric (default accuracy)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--num-labels", type=int, default=None, metavar="K",
+                   help="number of classes; the training data must have exactly labels 0..K-1 "
+                        "(default: 1 + the largest label, with the same check)")
+    p.add_argument("--eval-every", type=int, default=None, metavar="N",
+                   help="evaluate on the dev data every N steps (default: only at the end)")
+    p.add_argument("--early-stop", type=int, default=None, metavar="PATIENCE",
+                   help="stop after PATIENCE evaluations (--eval-every) without improving --metric; the saved "
+                        "adapter is then the best evaluated one, not the last (default off)")
+    p.add_argument("--ckpt-every", type=int, default=50, metavar="N",
+                   help="checkpoint every N steps (default 50; 0: none without --ckpt-dir) to --ckpt-dir, else to "
+                        "OUT.ckpt beside -o OUT, which is removed after the adapter is saved; re-running the same "
+                        "command resumes from the newest checkpoint")
     p.add_argument("--autocast", default=None, choices=["bf16", "fp16"],
                    help="mixed precision: forward under torch.autocast, fp32 master weights (default off)")
     p.add_argument("--ckpt-dir", default=None, help="checkpoint directory; training resumes from it")
@@ -234,11 +251,8 @@ def run_train(args) -> int:
                  overwrite=args.overwrite)
     spec = get_method(args.method)
     settings = parse_settings(spec.config, args.set)
-    train_rows = _read_split(args.train, "train", args.max_rows, args.seed)
-    dev_path = args.dev or (args.train if Path(args.train).is_dir() else None)
-    dev_rows = _read_split(dev_path, "dev") if dev_path else None
-    k = num_labels(train_rows, *([dev_rows] if dev_rows else []))
-    model, tok = load_classifier(args.model, max(k, 2), seed=args.seed)
+    train_rows, dev_rows, k, data = _train_data(args)
+    model, tok = load_classifier(args.model, k, seed=args.seed)
     settings.setdefault("modules_to_save", head_modules(model))
     config = spec.config(**settings)
     adapter = attach(model, config, name=Path(args.out).name or "default")
@@ -248,14 +262,73 @@ def run_train(args) -> int:
                                shuffle=True, seed=args.seed)
     dev_loader = make_loader(dev_rows, tok, batch_size=64, max_length=args.max_length) if dev_rows else None
     params, callbacks = adapter.training_hooks(loader=train_loader, total_steps=args.steps)
+    record = _train_settings(args, spec.name, k)
+    ckpt_dir, owned = _checkpoint_dir(args, {**record, "data": [(d["split"], d["sha256"]) for d in data]})
     result = fit(model, train_loader, eval_loader=dev_loader, metric=args.metric, lr=args.lr,
                  max_steps=args.steps, warmup_steps=max(1, args.steps // 10), seed=args.seed,
-                 ckpt_dir=args.ckpt_dir, eval_every=None, params=params, callbacks=callbacks,
+                 ckpt_dir=ckpt_dir, ckpt_every=args.ckpt_every or None, eval_every=args.eval_every,
+                 early_stopping_patience=args.early_stop, params=params, callbacks=callbacks,
                  autocast={"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.autocast))
-    save_adapter(adapter, args.out)
+    training = {"steps": result.steps, "metrics": result.metrics, "data": data, "settings": record}
+    if result.best_step is not None:
+        training["best_step"] = result.best_step
+    save_adapter(adapter, args.out, training=training)
+    if owned:  # the adapter is safely saved: the checkpoints are debris now
+        import shutil
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
     shown = {k: round(v, 4) for k, v in result.metrics.items()}
-    print(f"saved {args.out}  {json.dumps(shown)}")
+    print(f"saved {args.out}  {json.dumps(shown, allow_nan=False)}"
+          + (f" (best evaluation: step {result.best_step} of {result.steps})" if result.best_step else ""))
     return 0
+
+
+def _train_data(args) -> tuple[list[dict], list[dict] | None, int, list[dict]]:
+    """(train rows, dev rows, number of classes, provenance), after checking the flags and the labels.
+
+    Prints each split's label histogram and empty-text count first, so a skewed or broken
+    file shows before minutes of training.
+    """
+    from ..train.data import check_labels, describe_rows, provenance, read_rows, split_file
+
+    for flag, v, low in (("--eval-every", args.eval_every, 1), ("--early-stop", args.early_stop, 1),
+                         ("--ckpt-every", args.ckpt_every, 0), ("--steps", args.steps, 1)):
+        if v is not None and v < low:
+            raise ValueError(f"{flag}: expected an integer >= {low}, found {v}")
+    train_file = split_file(args.train, "train")
+    dev_path = args.dev or (args.train if Path(args.train).is_dir() else None)
+    dev_file = split_file(dev_path, "dev") if dev_path else None
+    if args.early_stop and not (args.eval_every and dev_file):
+        raise ValueError("--early-stop: expected --eval-every and dev data (--dev, or a directory with dev.tsv), "
+                         f"found --eval-every {args.eval_every} and {dev_file or 'no dev data'}")
+    splits = [("train", train_file, read_rows(train_file, max_rows=args.max_rows, seed=args.seed))]
+    if dev_file:
+        splits.append(("dev", dev_file, read_rows(dev_file)))
+    for split, f, rows in splits:
+        print(f"{split:<5} {f}: {describe_rows(rows)}")
+    k = check_labels(splits[0][2], splits[1][2] if dev_file else None, num_labels=args.num_labels)
+    return splits[0][2], splits[1][2] if dev_file else None, k, [provenance(f, s, r) for s, f, r in splits]
+
+
+def _train_settings(args, method: str, k: int) -> dict:
+    """The arguments that decide what ``train`` produces: recorded in the manifest, and a checkpoint
+    directory resumes only for the same ones (``--ckpt-every`` and ``-o`` do not count)."""
+    return {"model": args.model, "method": method, "set": list(args.set), "lr": args.lr, "steps": args.steps,
+            "batch_size": args.batch_size, "max_length": args.max_length, "max_rows": args.max_rows,
+            "metric": args.metric, "seed": args.seed, "autocast": args.autocast, "num_labels": k,
+            "eval_every": args.eval_every, "early_stop": args.early_stop}
+
+
+def _checkpoint_dir(args, run: dict) -> tuple[Path | None, bool]:
+    """(where ``fit`` checkpoints, whether this command owns the directory and removes it after saving)."""
+    from ..train.checkpoint import claim_checkpoint_dir, default_checkpoint_dir
+
+    if args.ckpt_dir is None and not args.ckpt_every:
+        return None, False
+    path = Path(args.ckpt_dir) if args.ckpt_dir else default_checkpoint_dir(args.out)
+    if claim_checkpoint_dir(path, run) is None:
+        every = f"every {args.ckpt_every} steps" if args.ckpt_every else "at the end"
+        print(f"checkpoints {every} in {path}; after a crash, re-run the same command to resume")
+    return path, args.ckpt_dir is None
 
 
 # ----------------------------------------------------------------------------- demo

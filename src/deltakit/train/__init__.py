@@ -11,18 +11,22 @@ Example:
     3
 """
 from deltakit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from deltakit.train.data import (DataFormatError, TextClassificationDataset, load_glue_dir, make_loader, num_labels,
-                                 read_rows, rows_from_dataset, write_tsv)
+from deltakit.train.data import (DataFormatError, TextClassificationDataset, check_labels, describe_rows,
+                                 label_histogram, load_glue_dir, make_loader, num_labels, provenance, read_rows,
+                                 rows_from_dataset, write_tsv)
 from deltakit.train.distributed import is_main_process, setup_distributed
-from deltakit.train.loop import (TrainResult, compute_loss, evaluate, fit, make_optimizer, make_scheduler,
-                                 trainable_parameters)
+from deltakit.train.early_stop import EarlyStopping
+from deltakit.train.loop import (TrainingDivergedError, TrainResult, compute_loss, evaluate, fit, make_optimizer,
+                                 make_scheduler, trainable_parameters)
 from deltakit.train.metrics import accuracy, f1, f1_macro, mcc
 from deltakit.train.synthetic import make_task, task_num_labels, write_task
 
 __all__ = [
-    "fit", "TrainResult", "evaluate", "compute_loss", "trainable_parameters", "make_optimizer",
-    "make_scheduler", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
+    "fit", "TrainResult", "TrainingDivergedError", "EarlyStopping", "evaluate", "compute_loss",
+    "trainable_parameters", "make_optimizer", "make_scheduler", "save_checkpoint", "load_checkpoint",
+    "latest_checkpoint",
     "setup_distributed", "is_main_process", "accuracy", "f1", "f1_macro", "mcc",
     "read_rows", "rows_from_dataset", "load_glue_dir", "write_tsv", "num_labels", "DataFormatError",
+    "check_labels", "label_histogram", "describe_rows", "provenance",
     "TextClassificationDataset", "make_loader", "make_task", "write_task", "task_num_labels",
 ]

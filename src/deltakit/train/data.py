@@ -22,7 +22,10 @@ Example:
 """
 from __future__ import annotations
 
+import codecs
+import collections
 import csv
+import io
 import json
 import os
 import random
@@ -33,13 +36,20 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from deltakit.io.files import DeltakitFileError, atomic_write
+from deltakit.io.files import DeltakitFileError, atomic_write, sha256_file
 
 __all__ = [
     "DataFormatError",
     "read_rows",
     "rows_from_dataset",
     "load_glue_dir",
+    "split_file",
+    "decode_text_file",
+    "provenance",
+    "label_histogram",
+    "count_empty_texts",
+    "describe_rows",
+    "check_labels",
     "write_tsv",
     "num_labels",
     "TextClassificationDataset",
@@ -91,9 +101,65 @@ def _subsample(rows: list[Row], max_rows: int | None, seed: int) -> list[Row]:
     return [rows[i] for i in keep]
 
 
+def decode_text_file(path: str | os.PathLike) -> str:
+    """The file's text as UTF-8, without a leading byte-order mark (Excel and Notepad write one).
+
+    A byte sequence that is not UTF-8 is a one-line error naming the file, line and byte
+    offset, so the user can find it (``UnicodeDecodeError`` alone names neither).
+    """
+    path = Path(path)
+    data = path.read_bytes()
+    skip = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return data[skip:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        at = skip + e.start
+        line = data.count(b"\n", 0, at) + 1
+        column = at - data.rfind(b"\n", 0, at)  # 1-based, as editors count; the offset is 0-based, as hexdump
+        raise DataFormatError(f"{path} line {line}: expected UTF-8 text, found byte 0x{data[at]:02x} "
+                              f"at byte offset {at} (byte {column} of the line)") from None
+
+
+def _read_jsonl(text: str, path: Path) -> tuple[list[Row], list[str]]:
+    rows, columns = [], None
+    for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataFormatError(f"{path} line {n}: expected a JSON object, found invalid JSON ({e})") from None
+        if not isinstance(obj, dict):
+            raise DataFormatError(f"{path} line {n}: expected a JSON object, found {type(obj).__name__}")
+        _text_columns(obj.keys(), f"{path} line {n}")
+        columns = columns or list(obj)
+        rows.append(obj)
+    if not rows:
+        raise DataFormatError(f"{path}: expected at least one data row, found none")
+    return rows, columns
+
+
+def _read_delimited(text: str, path: Path) -> tuple[list[Row], list[str]]:
+    quoting = dict(delimiter="\t", quoting=csv.QUOTE_NONE) if path.suffix == ".tsv" else {}
+    reader = csv.reader(io.StringIO(text, newline=""), **quoting)
+    header = next(reader, None)
+    if header is None:
+        raise DataFormatError(f"{path}: expected a header line, found an empty file")
+    _text_columns(header, str(path))
+    rows = []
+    for n, fields in enumerate(reader, 2):
+        if not fields:
+            continue
+        if len(fields) != len(header):
+            raise DataFormatError(f"{path} line {n}: expected {len(header)} fields {header}, found {len(fields)}")
+        rows.append(dict(zip(header, fields)))
+    return rows, header
+
+
 def read_rows(path: str | os.PathLike, *, max_rows: int | None = None, seed: int = 0) -> list[Row]:
     """Read a ``.tsv`` (no quoting), ``.csv`` or ``.jsonl`` file of GLUE-style rows.
 
+    The file must be UTF-8 (a leading byte-order mark is accepted).
     ``max_rows``: keep a seeded random subset of this size (in file order).
     """
     path = Path(path)
@@ -101,38 +167,11 @@ def read_rows(path: str | os.PathLike, *, max_rows: int | None = None, seed: int
         raise DataFormatError(f"{path}: expected a file ending in {' / '.join(_SUFFIXES)}, found {path.suffix!r}")
     if not path.is_file():
         raise DataFormatError(f"{path}: expected a data file, found nothing")
-    with open(path, newline="", encoding="utf-8") as f:
-        if path.suffix == ".jsonl":
-            rows, columns = [], None
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataFormatError(f"{path} line {n}: expected a JSON object, found invalid JSON ({e})") from None
-                if not isinstance(obj, dict):
-                    raise DataFormatError(f"{path} line {n}: expected a JSON object, found {type(obj).__name__}")
-                _text_columns(obj.keys(), f"{path} line {n}")
-                columns = columns or list(obj)
-                rows.append(obj)
-            if not rows:
-                raise DataFormatError(f"{path}: expected at least one data row, found none")
-            return _subsample(_clean(rows, columns, str(path), line0=1), max_rows, seed)
-        quoting = dict(delimiter="\t", quoting=csv.QUOTE_NONE) if path.suffix == ".tsv" else {}
-        reader = csv.reader(f, **quoting)
-        header = next(reader, None)
-        if header is None:
-            raise DataFormatError(f"{path}: expected a header line, found an empty file")
-        _text_columns(header, str(path))
-        rows = []
-        for n, fields in enumerate(reader, 2):
-            if not fields:
-                continue
-            if len(fields) != len(header):
-                raise DataFormatError(f"{path} line {n}: expected {len(header)} fields {header}, found "
-                                      f"{len(fields)}")
-            rows.append(dict(zip(header, fields)))
+    text = decode_text_file(path)
+    if path.suffix == ".jsonl":
+        rows, columns = _read_jsonl(text, path)
+        return _subsample(_clean(rows, columns, str(path), line0=1), max_rows, seed)
+    rows, header = _read_delimited(text, path)
     return _subsample(_clean(rows, header, str(path)), max_rows, seed)
 
 
@@ -147,17 +186,80 @@ def rows_from_dataset(ds: Any, *, max_rows: int | None = None, seed: int = 0) ->
     return _subsample(_clean(rows, columns, source, line0=0), max_rows, seed)
 
 
+def split_file(path: str | os.PathLike, split: str) -> Path:
+    """``path`` itself if it is a file, else ``<path>/<split>.{tsv,csv,jsonl}`` (the first that exists)."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    for suffix in _SUFFIXES:
+        if (path / f"{split}{suffix}").is_file():
+            return path / f"{split}{suffix}"
+    raise DataFormatError(f"{path}: expected {split}.tsv, {split}.csv or {split}.jsonl, found "
+                          f"{sorted(p.name for p in path.iterdir())}")
+
+
 def load_glue_dir(path: str | os.PathLike, split: str, max_rows: int | None = None, seed: int = 0) -> list[Row]:
     """Rows of ``<path>/<split>.{tsv,csv,jsonl}`` (the first that exists), optionally subsampled.
 
     Example: ``load_glue_dir("/work/shared/data/text/sst2", "dev", max_rows=200)``.
     """
     path = Path(path)
-    for suffix in _SUFFIXES:
-        if (path / f"{split}{suffix}").is_file():
-            return read_rows(path / f"{split}{suffix}", max_rows=max_rows, seed=seed)
-    raise DataFormatError(f"{path}: expected {split}.tsv, {split}.csv or {split}.jsonl, found "
-                          f"{sorted(p.name for p in path.iterdir()) if path.is_dir() else 'no such directory'}")
+    if not path.is_dir():
+        raise DataFormatError(f"{path}: expected {split}.tsv, {split}.csv or {split}.jsonl, found no such directory")
+    return read_rows(split_file(path, split), max_rows=max_rows, seed=seed)
+
+
+def provenance(path: str | os.PathLike, split: str, rows: Sequence[Row]) -> dict[str, Any]:
+    """What an adapter manifest records about one data file: ``{split, path, sha256, rows}``.
+
+    ``rows`` counts the rows used (after ``max_rows``), ``sha256`` is of the whole file, so
+    the file can be found and checked again.
+    """
+    path = Path(path)
+    return {"split": split, "path": str(path.resolve()), "sha256": sha256_file(path), "rows": len(rows)}
+
+
+def label_histogram(rows: Sequence[Row]) -> dict[int, int]:
+    """``{label: count}`` in label order."""
+    return dict(sorted(collections.Counter(int(r["label"]) for r in rows).items()))
+
+
+def count_empty_texts(rows: Sequence[Row]) -> int:
+    """Rows with an empty (or whitespace-only) text in any text column: usually a data bug."""
+    cols = _text_columns(rows[0] if rows else [], "rows")
+    return sum(any(not str(r[c]).strip() for c in cols) for r in rows)
+
+
+def describe_rows(rows: Sequence[Row]) -> str:
+    """One line to print before training, e.g. ``64 rows, labels {0: 31, 1: 33}, 0 empty texts``."""
+    return f"{len(rows)} rows, labels {label_histogram(rows)}, {count_empty_texts(rows)} empty texts"
+
+
+def check_labels(train: Sequence[Row], dev: Sequence[Row] | None = None, num_labels: int | None = None) -> int:
+    """The number of classes K, after checking the labels make sense for a K-way classifier.
+
+    K is ``num_labels`` when given, else ``1 + max(label)``. Errors (one line each): a
+    label >= K; training data with a single class; a label in ``dev`` that ``train`` never
+    has (the model cannot learn it); train classes other than ``0 .. K-1`` (a class the
+    user said exists, or that the label range implies, e.g. labels 1..K, never occurs).
+    """
+    seen = set(label_histogram(train))
+    dev_seen = set(label_histogram(dev)) if dev else set()
+    k = num_labels if num_labels is not None else 1 + max(seen | dev_seen)
+    said = f"--num-labels {k}" if num_labels is not None else f"the largest label {k - 1}"
+    if k < 2:
+        raise DataFormatError(f"expected at least 2 classes, found num_labels={k}")
+    if too_big := sorted(x for x in seen | dev_seen if x >= k):
+        raise DataFormatError(f"expected labels 0..{k - 1} ({said}), found {too_big}")
+    if len(seen) < 2:
+        raise DataFormatError(f"expected at least 2 classes in the training data, found only label {sorted(seen)}")
+    if unseen := sorted(dev_seen - seen):
+        raise DataFormatError(f"expected every dev label among the training labels {sorted(seen)}, "
+                              f"found {unseen} only in dev")
+    if missing := sorted(set(range(k)) - seen):
+        raise DataFormatError(f"expected {k} classes 0..{k - 1} in the training data ({said}), "
+                              f"found {len(seen)}: {sorted(seen)} (missing {missing})")
+    return k
 
 
 def write_tsv(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> None:

@@ -2,11 +2,52 @@
 
 :func:`fit` trains exactly the parameters with ``requires_grad=True`` (after
 ``deltakit.attach`` that is the adapter) with AdamW, a warmup + constant / linear /
-cosine schedule, gradient accumulation and clipping, periodic evaluation, atomic
-checkpoints that resume bit-for-bit, and data parallelism under ``torchrun``. The
-building blocks it calls (:func:`trainable_parameters`, :func:`make_optimizer`,
-:func:`make_scheduler`, :func:`compute_loss`, :func:`evaluate`, and the modules
-``checkpoint`` / ``distributed``) are public so an edited copy stays short.
+cosine schedule, gradient accumulation and clipping, periodic evaluation, early
+stopping, atomic checkpoints that resume bit-for-bit, and data parallelism under
+``torchrun``. The building blocks it calls (:func:`trainable_parameters`,
+:func:`make_optimizer`, :func:`make_scheduler`, :func:`compute_loss`, :func:`evaluate`,
+and the modules ``checkpoint`` / ``distributed`` / ``early_stop``) are public so an
+edited copy stays short.
+
+How :func:`fit` behaves, and why:
+
+- *Data order.* ``train_loader`` is rebuilt with a seeded, rank-sharded sampler
+  (shuffled iff it was shuffled), so the order is a function of ``seed`` and the step:
+  that is what makes resume exact and ``torchrun`` runs equal to one process with the
+  global batch.
+- *Parameter set.* ``params`` (default: every ``requires_grad`` parameter) fixes the
+  optimised set up front, for schedules that freeze and unfreeze parts while training
+  (LISA: pass ``dict(adapter.named_parameters())``). ``callbacks`` drive AdaLoRA /
+  IncreLoRA budgets and LISA's layer sampling.
+- *Divergence fails loudly.* The loss is checked every step (it is read anyway), the
+  gradient norm every step when clipping (clipping computes it), and the trainable
+  parameters at every log step, evaluation, checkpoint and at the end (a max-abs norm
+  per tensor and one sync; measured on a loaded 2-core CPU: 0.28 ms for a MiniLM LoRA,
+  26 tensors, against 4.8 s for one training step of batch 16; for all 22.7 M MiniLM
+  weights about a fifth of one step, paid once per ``log_every`` steps). Anything
+  non-finite raises :class:`TrainingDivergedError` with the step
+  *before* a checkpoint could hold it, so the last good checkpoint stays the newest.
+  A NaN parameter also makes the next loss NaN, so no step goes unchecked for long.
+- *Early stopping.* After ``early_stopping_patience`` evaluations in a row without a
+  strict improvement of ``early_stopping_metric`` (lower is better for names ending
+  in ``loss``), training stops and the best evaluated parameters (kept as one CPU copy
+  of the trainable parameters) are copied back: the model ``fit`` leaves is the best
+  one and ``TrainResult.metrics`` are its evaluation. The best copy is checkpointed
+  too, so a resumed run stops where the uninterrupted one would.
+- *Mixed precision.* ``autocast=torch.bfloat16`` (or float16) runs each forward and
+  loss under ``torch.autocast`` with fp32 master weights; backward and the optimiser
+  step run outside it. Calling ``fit`` inside your own ``torch.autocast`` block also
+  works: autocast caches the low-precision copy of every weight for the life of the
+  block, so ``fit`` clears that cache after each optimiser step; without that, the
+  forward would keep using the weights as they were before training.
+- *Progress.* On a terminal, a tqdm bar with loss, learning rate, tokens/s
+  (non-padding tokens, from ``attention_mask`` when the batch has one) and ETA;
+  otherwise one line per log step with the same figures.
+- *torchrun.* Gradients of the trainable parameters are averaged over processes (see
+  :mod:`deltakit.train.distributed` for why not DDP), only rank 0 prints and writes
+  checkpoints, and every rank evaluates the whole eval set (the models are identical,
+  so are the numbers). Losses are averaged over ranks every step, so every rank sees
+  a divergence at the same step.
 
 Example:
     >>> import torch
@@ -26,8 +67,9 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
+import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -39,9 +81,10 @@ from tqdm.auto import tqdm
 from deltakit.io.files import read_json
 from deltakit.train import checkpoint as ckpt
 from deltakit.train import distributed as ddp
+from deltakit.train.early_stop import EarlyStopping
 from deltakit.train.metrics import METRICS
 
-__all__ = ["fit", "TrainResult", "evaluate", "trainable_parameters", "make_optimizer",
+__all__ = ["fit", "TrainResult", "TrainingDivergedError", "evaluate", "trainable_parameters", "make_optimizer",
            "make_scheduler", "compute_loss", "to_device", "Schedule"]
 
 Schedule = Literal["constant", "linear", "cosine"]
@@ -54,13 +97,16 @@ class TrainResult:
 
     ``history``: one dict per log / eval event, e.g. ``{"step": 10, "loss": 0.61, "lr": 1e-4}``
     or ``{"step": 50, "eval_accuracy": 0.82}``. ``metrics``: the last evaluation (keys
-    ``eval_*``) plus ``train_loss`` (mean over the last log window). ``steps``: optimiser
-    steps taken in total (including those before a resume).
+    ``eval_*``; with early stopping, the best one's) plus ``train_loss`` (mean over the
+    last log window). ``steps``: optimiser steps taken in total (including those before a
+    resume; fewer than asked when training stopped early). ``best_step``: with early
+    stopping, the step whose parameters the model holds, else None.
     """
 
     history: list[dict[str, float]] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
     steps: int = 0
+    best_step: int | None = None
 
 
 def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -173,172 +219,361 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, metric: str | Sequence[
     return result
 
 
+class TrainingDivergedError(RuntimeError):
+    """Training produced a non-finite loss, gradient, parameter or evaluation result.
+
+    Raised by :func:`fit` before anything non-finite is checkpointed; ``step`` is the
+    optimiser step at which it was found and ``last_checkpoint`` the newest good
+    checkpoint (None without one).
+    """
+
+    def __init__(self, step: int, what: str, last_checkpoint: Path | None = None):
+        self.step, self.what, self.last_checkpoint = step, what, last_checkpoint
+        kept = (f"the last good checkpoint {last_checkpoint} is kept" if last_checkpoint is not None
+                else "no checkpoint was written")
+        super().__init__(f"training diverged at step {step}: {what}; nothing was saved from it and {kept} "
+                         "(try a lower learning rate)")
+
+
 def fit(
-    model: torch.nn.Module,
-    train_loader: DataLoader,
-    *,
-    eval_loader: DataLoader | None = None,
-    eval_fn: Callable[[torch.nn.Module], Mapping[str, float]] | None = None,
-    metric: str | Sequence[str] = "accuracy",
-    lr: float = 1e-4,
-    weight_decay: float = 0.0,
-    max_steps: int | None = None,
-    epochs: int | None = None,
-    grad_accum: int = 1,
-    schedule: Schedule = "linear",
-    warmup_steps: int = 0,
-    max_grad_norm: float | None = 1.0,
-    eval_every: int | None = None,
-    log_every: int = 10,
-    ckpt_dir: str | Path | None = None,
-    ckpt_every: int | None = None,
-    keep_last: int = 2,
-    resume: bool = True,
-    seed: int = 0,
-    progress: bool = True,
-    loss_fn: Callable[[torch.nn.Module, Batch], torch.Tensor] | None = None,
-    params: Mapping[str, torch.nn.Parameter] | None = None,
-    callbacks: Sequence[Any] = (),
-    autocast: torch.dtype | None = None,
+    model: torch.nn.Module, train_loader: DataLoader, *,
+    eval_loader: DataLoader | None = None, eval_fn: Callable[[torch.nn.Module], Mapping[str, float]] | None = None,
+    metric: str | Sequence[str] = "accuracy", lr: float = 1e-4, weight_decay: float = 0.0,
+    max_steps: int | None = None, epochs: int | None = None, grad_accum: int = 1, schedule: Schedule = "linear",
+    warmup_steps: int = 0, max_grad_norm: float | None = 1.0, eval_every: int | None = None, log_every: int = 10,
+    ckpt_dir: str | Path | None = None, ckpt_every: int | None = None, keep_last: int = 2, resume: bool = True,
+    seed: int = 0, progress: bool = True, loss_fn: Callable[[torch.nn.Module, Batch], torch.Tensor] | None = None,
+    params: Mapping[str, torch.nn.Parameter] | None = None, callbacks: Sequence[Any] = (),
+    autocast: torch.dtype | None = None, early_stopping_patience: int | None = None,
+    early_stopping_metric: str | None = None,
 ) -> TrainResult:
-    """Train the ``requires_grad`` parameters of ``model`` on ``train_loader``.
+    """Train the ``requires_grad`` parameters of ``model`` (or ``params``) on ``train_loader``.
 
     Give exactly one of ``max_steps`` / ``epochs`` (a step is one optimiser update of
-    ``grad_accum`` batches). ``train_loader`` is rebuilt with a seeded, rank-sharded
-    sampler (shuffled iff it was shuffled), so the data order is a function of ``seed``
-    and the step, which is what makes resume exact and ``torchrun`` runs equal to one
-    process with the global batch. Evaluation runs every ``eval_every`` steps and at the
-    end: ``eval_fn(model)`` or :func:`evaluate` on ``eval_loader`` with ``metric``.
-    With ``ckpt_dir``, a checkpoint is written every ``ckpt_every`` steps and at the end,
-    and with ``resume`` training continues from the newest one.
-    ``params`` (default: every ``requires_grad`` parameter) fixes the optimised set up
-    front, for schedules that freeze and unfreeze parts while training (LISA: pass
-    ``dict(adapter.named_parameters())``). Each of ``callbacks`` has
-    ``on_step(step, model)`` called after every optimiser step (AdaLoRA / IncreLoRA
-    budgets, LISA's layer sampling).
-
-    ``autocast=torch.bfloat16`` (or float16) runs each forward and loss under
-    ``torch.autocast`` with fp32 master weights; backward and the optimiser step run
-    outside it. Calling ``fit`` inside your own ``torch.autocast`` block also works:
-    autocast caches the low-precision copy of every weight for the life of the block,
-    so ``fit`` clears that cache after each optimiser step; without that, the forward
-    would keep using the weights as they were before training.
-
-    Under ``torchrun`` gradients of the trainable parameters are averaged over processes
-    (see :mod:`deltakit.train.distributed` for why not DDP), only rank 0 prints and writes
-    checkpoints, and every rank evaluates the whole eval set (the models are identical,
-    so are the numbers). Logged losses are averaged over ranks.
-    See the module docstring for an example.
+    ``grad_accum`` batches). Evaluation runs every ``eval_every`` steps and at the end:
+    ``eval_fn(model)`` or :func:`evaluate` on ``eval_loader`` with ``metric``. With
+    ``ckpt_dir``, a checkpoint is written every ``ckpt_every`` steps and at the end, and
+    with ``resume`` training continues from the newest one, bit for bit. Each of
+    ``callbacks`` has ``on_step(step, model)`` called after every optimiser step.
+    ``autocast=torch.bfloat16`` runs forwards in bf16 with fp32 master weights.
+    ``early_stopping_patience=P`` stops after P evaluations without improving
+    ``early_stopping_metric`` (default: the first of ``metric``) and leaves the best
+    evaluated parameters in the model. A non-finite loss, gradient, parameter or
+    evaluation raises :class:`TrainingDivergedError` naming the step.
+    The module docstring says why each of these works the way it does, with an example.
     """
+    _check_arguments(max_steps, epochs, grad_accum, log_every, early_stopping_patience, eval_every,
+                     eval_fn is not None or eval_loader is not None)
+    if eval_fn is None and eval_loader is not None:
+        def eval_fn(m: torch.nn.Module) -> dict[str, float]:
+            return evaluate(m, eval_loader, metric)
+    run = _setup(model, train_loader, params, lr=lr, weight_decay=weight_decay, schedule=schedule,
+                 warmup_steps=warmup_steps, max_steps=max_steps, epochs=epochs, grad_accum=grad_accum, seed=seed)
+    run.ckpt_dir, run.progress = (Path(ckpt_dir) if ckpt_dir is not None else None), progress
+    if early_stopping_patience is not None:
+        name = early_stopping_metric or (metric if isinstance(metric, str) else metric[0])
+        run.stopper = EarlyStopping(name if name.startswith("eval_") else f"eval_{name}", early_stopping_patience)
+    _start(run, resume, seed, callbacks)
+    bar = tqdm(total=run.total, initial=run.start, disable=not (progress and run.main and sys.stderr.isatty()),
+               dynamic_ncols=True)
+    was_training = model.training
+    model.train()
+    try:
+        _loop(run, bar, eval_fn, loss_fn=loss_fn, autocast=autocast, max_grad_norm=max_grad_norm,
+              callbacks=callbacks, log_every=log_every, eval_every=eval_every, ckpt_every=ckpt_every,
+              keep_last=keep_last)
+    finally:
+        bar.close()
+        model.train(was_training)
+    _finish(run, eval_fn)
+    return TrainResult(history=run.history, metrics=run.metrics, steps=run.steps_done, best_step=run.best_step)
+
+
+def _check_arguments(max_steps: int | None, epochs: int | None, grad_accum: int, log_every: int,
+                     patience: int | None, eval_every: int | None, has_eval: bool) -> None:
     if (max_steps is None) == (epochs is None):
         raise ValueError(f"expected exactly one of max_steps / epochs, found max_steps={max_steps}, epochs={epochs}")
     if grad_accum < 1 or log_every < 1:
         raise ValueError(f"expected grad_accum >= 1 and log_every >= 1, found {grad_accum} and {log_every}")
-    if eval_fn is None and eval_loader is not None:
-        def eval_fn(m: torch.nn.Module) -> dict[str, float]:
-            return evaluate(m, eval_loader, metric)
+    if patience is not None and not (has_eval and eval_every):
+        raise ValueError("expected eval_every and an eval_loader / eval_fn with early_stopping_patience, found "
+                         f"eval_every={eval_every} and {'an' if has_eval else 'no'} evaluation")
 
+
+@dataclass
+class _Run:
+    """Everything one :func:`fit` call trains with: its steps are small functions of it."""
+
+    model: torch.nn.Module
+    params: dict[str, torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loader: DataLoader
+    sampler: ddp.ResumableSampler
+    info: ddp.DistInfo
+    device: torch.device
+    total: int
+    grad_accum: int
+    config: dict[str, Any]
+    ckpt_dir: Path | None = None
+    progress: bool = True
+    stopper: EarlyStopping | None = None
+    start: int = 0
+    steps_done: int = 0
+    stopped_at: int | None = None  # the step early stopping ended the run at
+    window: list[float] = field(default_factory=list)  # losses since the last log line, kept across a resume
+    history: list[dict[str, float]] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def main(self) -> bool:
+        return self.info.rank == 0
+
+    @property
+    def best_step(self) -> int | None:
+        return self.stopper.best_step if self.stopper is not None and self.stopper.best is not None else None
+
+    def diverged(self, step: int, what: str) -> TrainingDivergedError:
+        last = ckpt.latest_checkpoint(self.ckpt_dir) if self.ckpt_dir is not None else None
+        return TrainingDivergedError(step, what, last)
+
+
+def _setup(model: torch.nn.Module, train_loader: DataLoader, params: Mapping[str, torch.nn.Parameter] | None, *,
+           lr: float, weight_decay: float, schedule: Schedule, warmup_steps: int, max_steps: int | None,
+           epochs: int | None, grad_accum: int, seed: int) -> _Run:
+    """Process group, device, parameter set, sharded loader, optimiser and schedule."""
     info = ddp.setup_distributed()
     if info.device is not None:
         model.to(info.device)
-    device = _model_device(model)
     params = dict(params) if params is not None else trainable_parameters(model)
     if not params:
         raise ValueError("expected at least one parameter with requires_grad=True, found none")
     loader, sampler = ddp.shard_loader(train_loader, info.rank, info.world_size, seed)
-    batches_per_epoch = len(loader)
-    if batches_per_epoch == 0:
+    if len(loader) == 0:
         raise ValueError("expected a non-empty train_loader, found 0 batches")
-    total = max_steps if max_steps is not None else epochs * math.ceil(batches_per_epoch / grad_accum)
+    total = max_steps if max_steps is not None else epochs * math.ceil(len(loader) / grad_accum)
     optimizer = make_optimizer(params, lr, weight_decay)
     scheduler = make_scheduler(optimizer, schedule, warmup_steps, total)
     config = {"seed": seed, "grad_accum": grad_accum, "batch_size": loader.batch_size,
               "world_size": info.world_size, "lr": lr, "schedule": schedule, "total_steps": total}
+    return _Run(model, params, optimizer, scheduler, loader, sampler, info, _model_device(model), total,
+                grad_accum, config)
 
-    start, history = 0, []
-    last = ckpt.latest_checkpoint(ckpt_dir) if ckpt_dir is not None else None
+
+def _start(run: _Run, resume: bool, seed: int, callbacks: Sequence[Any]) -> None:
+    """Resume from the newest checkpoint in ``run.ckpt_dir``, or seed a fresh run."""
+    last = ckpt.latest_checkpoint(run.ckpt_dir) if run.ckpt_dir is not None else None
     if last is not None and not resume:  # pruning would delete the newer steps of the old run
         raise ValueError(f"expected an empty ckpt_dir with resume=False, found {last}; "
                          "pass resume=True to continue it or choose another directory")
-    if last is not None:
-        same_order = _state_matches(last, config, info.rank)
-        state = ckpt.load_checkpoint(last, params, optimizer, scheduler, rank=info.rank, restore_rng=same_order)
-        start, history = state["step"], state["extra"].get("history", [])
-        if not same_order:
-            torch.manual_seed(seed + info.rank)
-    else:
-        torch.manual_seed(seed + info.rank)
-        ddp.broadcast_parameters(params.values())
+    if last is None:
+        torch.manual_seed(seed + run.info.rank)
+        ddp.broadcast_parameters(run.params.values())
+        return
+    same_order = _state_matches(last, run.config, run.info.rank)
+    state = ckpt.load_checkpoint(last, run.params, run.optimizer, run.scheduler, rank=run.info.rank,
+                                 restore_rng=same_order)
+    extra = state["extra"]
+    run.start = run.steps_done = state["step"]
+    run.history, run.metrics = extra.get("history", []), extra.get("metrics", {})
+    run.stopped_at, run.window = extra.get("stopped_at"), extra.get("window", [])
+    if run.stopper is not None and "early_stopping" in extra:
+        best = ckpt.load_extra_tensors(last, "best") if "best" in state.get("extra_tensors", []) else {}
+        run.stopper.load_state_dict(extra["early_stopping"], best)
+    if not same_order:
+        torch.manual_seed(seed + run.info.rank)
+    if callbacks and run.main and run.start < run.total and run.stopped_at is None:
+        warnings.warn(f"resuming {last} with callbacks whose state is not checkpointed "
+                      f"({', '.join(type(c).__name__ for c in callbacks)}); the run will not match an "
+                      "uninterrupted one", stacklevel=3)
+    if run.progress and run.main:
+        print(f"resuming from {last} (step {run.start} of {run.total})", file=sys.stderr, flush=True)
 
-    def batch_stream():  # endless micro-batches, starting where step `start` left off
-        epoch, skip = divmod(start * grad_accum, batches_per_epoch)
-        while True:
-            sampler.set_epoch(epoch)
-            sampler.skip = skip * loader.batch_size
-            yield from loader
-            epoch, skip = epoch + 1, 0
 
-    def save(step: int) -> None:
-        rng = {f"{k}/{r}": t for k, v in ckpt.rng_state().items()
-               for r, t in enumerate(ddp.all_gather_tensor(v, info.device))}
-        if info.rank == 0:
-            ckpt.save_checkpoint(ckpt_dir, params, optimizer, scheduler, step=step, rng=rng,
-                                 extra={"history": history, "config": config})
-            ckpt.prune_checkpoints(ckpt_dir, keep_last)
-        ddp.barrier()
+def _batch_stream(run: _Run) -> Iterator[Batch]:
+    """Endless micro-batches, starting where step ``run.start`` left off."""
+    epoch, skip = divmod(run.start * run.grad_accum, len(run.loader))
+    while True:
+        run.sampler.set_epoch(epoch)
+        run.sampler.skip = skip * run.loader.batch_size
+        yield from run.loader
+        epoch, skip = epoch + 1, 0
 
-    main = info.rank == 0
-    tty = sys.stderr.isatty()
-    bar = tqdm(total=total, initial=start, disable=not (progress and main and tty), dynamic_ncols=True)
-    was_training = model.training
-    model.train()
-    stream = batch_stream()
-    window: list[float] = []
-    metrics: dict[str, float] = {}
-    for step in range(start + 1, total + 1):
-        loss_step = 0.0
-        for _ in range(grad_accum):
-            batch = to_device(next(stream), device)
-            with (torch.autocast(device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()):
-                loss = compute_loss(model, batch, loss_fn).float() / grad_accum
-            loss.backward()
-            loss_step += loss.item()
-        ddp.all_reduce_gradients(params.values())
-        if max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params.values(), max_grad_norm)
-        optimizer.step()
-        torch.clear_autocast_cache()  # casts of the old weights, if an outer autocast block made any
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+
+def _loop(run: _Run, bar: tqdm, eval_fn: Callable | None, *, loss_fn, autocast, max_grad_norm, callbacks,
+          log_every: int, eval_every: int | None, ckpt_every: int | None, keep_last: int) -> None:
+    """The steps from ``run.start + 1`` to the end (or an early stop), with logging, evals and checkpoints."""
+    if run.stopped_at is not None:
+        return
+    stream, meter = _batch_stream(run), _Meter(run.total - run.start, run.window)
+    for step in range(run.start + 1, run.total + 1):
+        t = time.perf_counter()
+        loss, tokens = _train_step(run, stream, step, loss_fn, autocast, max_grad_norm)
         for cb in callbacks:
-            cb.on_step(step, model)
-        window.append(loss_step)
+            cb.on_step(step, run.model)
+        run.steps_done = step
+        meter.add(loss, tokens * run.info.world_size, time.perf_counter() - t)  # ranks see equal shares
         bar.update(1)
+        bar.set_postfix(meter.postfix(run.scheduler.get_last_lr()[0]), refresh=False)
+        last = step == run.total
+        if step % log_every == 0 or last:
+            _check_parameters(run, step)
+            _log(run, step, meter)
+        if eval_fn is not None and ((eval_every and step % eval_every == 0) or last):
+            _check_parameters(run, step)  # an early stop must not keep non-finite "best" parameters
+            if _evaluate_step(run, step, eval_fn, bar):
+                run.stopped_at = step
+                if meter.losses:  # report the loss of the steps since the last log line too
+                    _log(run, step, meter)
+        if run.ckpt_dir is not None and ((ckpt_every and step % ckpt_every == 0) or last
+                                         or run.stopped_at is not None):
+            _check_parameters(run, step)
+            _save(run, step, keep_last, meter.losses)
+        if run.stopped_at is not None:
+            if run.progress and run.main:
+                stop = run.stopper
+                bar.write(f"early stop at step {step}: {stop.metric} has not improved on {stop.best:.4f} "
+                          f"(step {stop.best_step}) for {stop.patience} evaluations")
+            return
 
-        if step % log_every == 0 or step == total:
-            mean = _mean_over_ranks(sum(window) / len(window), device)
-            lr_now = scheduler.get_last_lr()[0]
-            history.append({"step": step, "loss": mean, "lr": lr_now})
-            metrics["train_loss"] = mean
-            window = []
-            bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr_now:.2e}")
-            if progress and main and not tty:
-                print(f"step {step}/{total} loss {mean:.4f} lr {lr_now:.2e}", flush=True)
-        if eval_fn is not None and ((eval_every and step % eval_every == 0) or step == total):
-            metrics.update({f"eval_{k}": float(v) for k, v in eval_fn(model).items()})
-            history.append({"step": step, **{k: v for k, v in metrics.items() if k.startswith("eval_")}})
-            if progress and main:
-                bar.write(f"step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-            model.train()
-        if ckpt_dir is not None and ((ckpt_every and step % ckpt_every == 0) or step == total):
-            save(step)
-    bar.close()
-    model.train(was_training)
-    if start >= total and eval_fn is not None:  # resumed a finished run: report its metrics again
-        metrics.update({f"eval_{k}": float(v) for k, v in eval_fn(model).items()})
-    if info.created_group:
+
+def _count_tokens(batch: Batch) -> int:
+    """Non-padding tokens of a batch (from ``attention_mask``), else its ``input_ids`` size, else 0."""
+    mask = batch.get("attention_mask")
+    if isinstance(mask, torch.Tensor):
+        return int(mask.sum())
+    ids = batch.get("input_ids")
+    return ids.numel() if isinstance(ids, torch.Tensor) else 0
+
+
+def _train_step(run: _Run, stream: Iterator[Batch], step: int, loss_fn, autocast: torch.dtype | None,
+                max_grad_norm: float | None) -> tuple[float, int]:
+    """One optimiser step of ``grad_accum`` micro-batches; returns (loss averaged over ranks, tokens)."""
+    loss_step, tokens = 0.0, 0
+    for _ in range(run.grad_accum):
+        batch = next(stream)
+        if isinstance(batch, Mapping):
+            tokens += _count_tokens(batch)
+        batch = to_device(batch, run.device)
+        cast = torch.autocast(run.device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
+        with cast:
+            loss = compute_loss(run.model, batch, loss_fn).float() / run.grad_accum
+        loss.backward()
+        loss_step += loss.item()
+    loss_step = _mean_over_ranks(loss_step, run.device)  # so every rank sees the same divergence
+    if not math.isfinite(loss_step):
+        raise run.diverged(step, f"the loss is {loss_step}")
+    ddp.all_reduce_gradients(run.params.values())
+    if max_grad_norm:
+        norm = torch.nn.utils.clip_grad_norm_(run.params.values(), max_grad_norm)
+        if not torch.isfinite(norm):
+            raise run.diverged(step, f"the gradient norm is {norm.item()}")
+    run.optimizer.step()
+    torch.clear_autocast_cache()  # casts of the old weights, if an outer autocast block made any
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return loss_step, tokens
+
+
+def _check_parameters(run: _Run, step: int) -> None:
+    """Raise if any trainable parameter holds a NaN / inf (one device sync for all of them).
+
+    The max-abs norm is NaN / inf exactly when the tensor holds one, and reduces without
+    the bool copy ``isfinite(p).all()`` makes (3x faster on CPU).
+    """
+    norms = torch.stack([torch.linalg.vector_norm(p.detach(), float("inf")).float() if p.numel()
+                         else p.new_zeros((), dtype=torch.float32) for p in run.params.values()])
+    finite = torch.isfinite(norms)
+    if not bool(finite.all()):
+        bad = [n for n, ok in zip(run.params, finite.tolist()) if not ok]
+        raise run.diverged(step, f"{len(bad)} of {len(run.params)} trainable parameters are not finite "
+                                 f"(first: {bad[0]})")
+
+
+class _Meter:
+    """Loss and tokens since the last log line; throughput and ETA for the progress output.
+
+    Tokens/s counts training steps only (an evaluation or checkpoint in the window would
+    make the model look slower); the ETA uses wall time, as periodic evaluations recur.
+    """
+
+    def __init__(self, steps_left: int, losses: list[float]):
+        self.t0 = time.perf_counter()
+        self.steps_left, self.done = steps_left, 0
+        self.losses = list(losses)
+        self.tokens, self.seconds = 0, 0.0
+
+    def add(self, loss: float, tokens: int, seconds: float) -> None:
+        self.losses.append(loss)
+        self.tokens += tokens
+        self.seconds += seconds
+        self.done += 1
+
+    def rates(self) -> tuple[float, float]:
+        """(tokens/s of the training steps in the window, seconds left at the wall time per step so far)."""
+        eta = (time.perf_counter() - self.t0) / max(self.done, 1) * (self.steps_left - self.done)
+        return self.tokens / max(self.seconds, 1e-9), eta
+
+    def postfix(self, lr: float) -> dict[str, str]:
+        loss = sum(self.losses) / len(self.losses) if self.losses else float("nan")
+        return {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{self.rates()[0]:,.0f}"}
+
+    def flush(self) -> tuple[float, float, float]:
+        """(mean loss, tokens/s, seconds left) of the window, and start a new window."""
+        tok_s, eta = self.rates()
+        mean = sum(self.losses) / len(self.losses)
+        self.losses, self.tokens, self.seconds = [], 0, 0.0
+        return mean, tok_s, eta
+
+
+def _log(run: _Run, step: int, meter: _Meter) -> None:
+    mean, tok_s, eta = meter.flush()
+    lr_now = run.scheduler.get_last_lr()[0]
+    run.history.append({"step": step, "loss": mean, "lr": lr_now})
+    run.metrics["train_loss"] = mean
+    if run.progress and run.main and not sys.stderr.isatty():
+        print(f"step {step}/{run.total} loss {mean:.4f} lr {lr_now:.2e} {tok_s:,.0f} tok/s "
+              f"eta {tqdm.format_interval(eta)}", flush=True)
+
+
+def _evaluate_step(run: _Run, step: int, eval_fn: Callable, bar: tqdm) -> bool:
+    """Evaluate, record, and tell whether early stopping says stop."""
+    results = {f"eval_{k}": float(v) for k, v in eval_fn(run.model).items()}
+    run.model.train()
+    if bad := {k: v for k, v in results.items() if not math.isfinite(v)}:
+        raise run.diverged(step, f"the evaluation gave {bad}")
+    run.metrics.update(results)
+    run.history.append({"step": step, **results})
+    if run.progress and run.main:
+        bar.write(f"step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in run.metrics.items()))
+    return run.stopper is not None and run.stopper.update(step, results, run.params)
+
+
+def _save(run: _Run, step: int, keep_last: int, window: list[float]) -> None:
+    rng = {f"{k}/{r}": t for k, v in ckpt.rng_state().items()
+           for r, t in enumerate(ddp.all_gather_tensor(v, run.info.device))}
+    if run.main:
+        extra: dict[str, Any] = {"history": run.history, "config": run.config, "metrics": run.metrics,
+                                 "stopped_at": run.stopped_at, "window": window}
+        tensors = {}
+        if run.stopper is not None:
+            extra["early_stopping"] = run.stopper.state_dict()
+            tensors = {"best": run.stopper.best_params} if run.stopper.best_params else {}
+        ckpt.save_checkpoint(run.ckpt_dir, run.params, run.optimizer, run.scheduler, step=step, rng=rng,
+                             extra=extra, extra_tensors=tensors)
+        ckpt.prune_checkpoints(run.ckpt_dir, keep_last)
+    ddp.barrier()
+
+
+def _finish(run: _Run, eval_fn: Callable | None) -> None:
+    """Restore the best parameters after early stopping; report a resumed finished run's metrics again."""
+    if run.stopper is not None and run.stopper.best is not None:
+        run.stopper.restore(run.params)
+        run.metrics.update(run.stopper.best_metrics)
+    elif run.start >= run.total and eval_fn is not None:
+        run.metrics.update({f"eval_{k}": float(v) for k, v in eval_fn(run.model).items()})
+    if run.info.created_group:
         torch.distributed.destroy_process_group()
-    return TrainResult(history=history, metrics=metrics, steps=max(start, total))
 
 
 def _state_matches(path: Path, config: dict[str, Any], rank: int) -> bool:
