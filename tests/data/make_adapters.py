@@ -1,9 +1,10 @@
 """Writes the frozen adapter files under ``tests/data/adapters/`` (run ONCE, then never again).
 
-These files were written by deltakit 0.x at commit fbfea24 (before the seeded-RNG
+These files were written by deltakit 0.1.0 at commit fbfea24 (before the seeded-RNG
 helper was unified) and are the promise that adapters saved by that release load
-and give the same outputs forever. Re-running this script would overwrite the
-promise with whatever the code does today, so it refuses to overwrite.
+and give the same outputs forever. Re-writing one would replace the promise with
+whatever the code does today, so the script only writes cases that are missing (run
+it against the release a new case should pin, e.g. ``git archive fbfea24 src``):
 
     PYTHONPATH=src python tests/data/make_adapters.py
 
@@ -13,7 +14,6 @@ attached). ``base.safetensors`` holds the base weights and the input ``x``.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
@@ -42,6 +42,7 @@ CASES: dict[str, tuple[str, dict]] = {
     "lora_fa": ("lora_fa", dict(r=4, seed=17)),
     "lora_fa_gaussian": ("lora_fa", dict(r=4, seed=18, init="gaussian")),
     "tied_lora": ("tied_lora", dict(r=4, seed=19)),
+    "tied_lora_frozen": ("tied_lora", dict(r=4, seed=20, trainable=("u", "v"))),
     # the offset is re-derived at load by a randomized SVD
     "pissa_lowrank": ("pissa", dict(r=2, svd_niter=2)),
     # stored in full (a baseline for the file format itself)
@@ -51,14 +52,15 @@ CASES: dict[str, tuple[str, dict]] = {
 
 
 def main() -> None:
-    if OUT.exists():
-        sys.exit(f"{OUT} exists: these files are frozen; delete it only if you mean to break the promise")
-    OUT.mkdir(parents=True)
+    OUT.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     base = base_model().eval()
     x = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
-    save_file({**{k: v.contiguous() for k, v in base.state_dict().items()}, "x": x}, OUT / "base.safetensors")
+    if not (OUT / "base.safetensors").exists():
+        save_file({**{k: v.contiguous() for k, v in base.state_dict().items()}, "x": x}, OUT / "base.safetensors")
     for case, (method, kw) in CASES.items():
+        if (OUT / case).exists():
+            continue    # frozen: never overwritten
         model = base_model().eval()
         model.load_state_dict(base.state_dict())
         adapter = dk.attach(model, dk.get_method(method).config(targets=T, **kw), name=case)

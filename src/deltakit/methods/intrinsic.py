@@ -28,7 +28,6 @@ Stored parameters: ``d`` (DID), or ``d`` split as ``d - m`` for z and ``m`` lamb
 from __future__ import annotations
 
 import math
-import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -38,6 +37,7 @@ from torch import Tensor, nn
 
 from ..core.delta import BuildContext, WeightDelta
 from ..core.registry import ConfigError, DeltaConfig, positive, register_method
+from ..core.seeding import generator
 from ._base_ops import Conv1D
 from ._sparse_common import ALL_LINEAR
 
@@ -127,7 +127,7 @@ class Intrinsic(WeightDelta):
         if self.kind == "auto":
             self.kind = "dense" if D * dz <= config.dense_max else "fastfood"
         device = ctx.shared.z.device
-        g = torch.Generator().manual_seed((config.seed * 1_000_003 + zlib.crc32(ctx.name.encode())) % 2**63)
+        g = generator(config.seed, ctx.name, scheme="path")
         if self.kind == "dense":
             P = torch.randn(D, dz, generator=g)
             self.register_buffer("P", (P / P.norm(dim=0, keepdim=True)).to(device), persistent=False)  # (D, d)

@@ -42,7 +42,8 @@ from torch import Tensor, nn
 
 from ..core.delta import BuildContext, param_dtype
 from ..core.registry import ConfigError, DeltaConfig, register_method
-from ._banks import FactoredDelta, derived_seed, layout, linear_shape, target_device
+from ..core.seeding import generator
+from ._banks import FactoredDelta, layout, linear_shape, target_device
 from ._base_ops import Conv1D, in_out
 
 __all__ = ["MosConfig", "MoS", "ShardPools"]
@@ -101,9 +102,8 @@ def _keys(fan_in: int, fan_out: int, l: int) -> tuple[str, str]:
     return f"A_{fan_in // l}", f"B_{fan_out // l}"
 
 
-def _select(pool_size: int, count: int, seed: int) -> Tensor:
+def _select(pool_size: int, count: int, g: torch.Generator) -> Tensor:
     """``count`` pool indices: fresh random permutations of the pool, concatenated."""
-    g = torch.Generator().manual_seed(seed)
     reps = -(-count // pool_size)
     return torch.cat([torch.randperm(pool_size, generator=g) for _ in range(reps)])[:count]
 
@@ -150,7 +150,7 @@ class MoS(FactoredDelta):
         pools = self._shared.pools
         # pair dissociation: independent index draws for A and B
         for key, name in ((self.key_A, "index_A"), (self.key_B, "index_B")):
-            idx = _select(pools[key].shape[0], n_pub, derived_seed(config.seed, ctx.name, name)) if n_pub else \
+            idx = _select(pools[key].shape[0], n_pub, generator(config.seed, ctx.name, name, scheme="joined")) if n_pub else \
                 torch.zeros(0, dtype=torch.long)
             self.register_buffer(name, idx.to(dev), persistent=False)
 

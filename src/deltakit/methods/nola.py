@@ -32,7 +32,8 @@ from torch import Tensor, nn
 
 from ..core.delta import BuildContext, param_dtype
 from ..core.registry import ConfigError, DeltaConfig, register_method
-from ._banks import FactoredDelta, derived_seed, layout, linear_shape, seeded_kaiming, seeded_uniform
+from ..core.seeding import derive_seed, generator
+from ._banks import FactoredDelta, layout, linear_shape, seeded_kaiming, seeded_uniform
 from ._base_ops import Conv1D
 
 __all__ = ["NolaConfig", "NOLA"]
@@ -72,7 +73,7 @@ _CHUNK = 64  # bases regenerated at once in on-the-fly mode
 def _bases(seed: int, shape: tuple[int, int], start: int, stop: int) -> Tensor:
     """Bases ``start .. stop-1`` of one family, each from its own derived seed (so any
     chunking gives the same matrices): (stop - start, *shape), kaiming-uniform."""
-    return torch.stack([seeded_kaiming(shape, derived_seed(seed, i)) for i in range(start, stop)])
+    return torch.stack([seeded_kaiming(shape, generator(seed, i, scheme="joined")) for i in range(start, stop)])
 
 
 class _OnTheFly(torch.autograd.Function):
@@ -113,14 +114,15 @@ class NOLA(FactoredDelta):
         self.layout = layout(base)
         self.scale = config.lora_alpha / r
         # Per-target bases from (seed, path): stable across runs and target orderings.
-        seed = derived_seed(config.seed, ctx.name)
-        self.spec_A = (derived_seed(seed, "A"), (r, fan_in))      # each A_i drawn like LoRA's A
-        self.spec_B = (derived_seed(seed, "B"), (fan_out, r))
+        # scheme "joined": NOLA's derivation as first released (saved adapters depend on it)
+        seed = derive_seed(config.seed, ctx.name, scheme="joined")
+        self.spec_A = (derive_seed(seed, "A", scheme="joined"), (r, fan_in))   # each A_i drawn like LoRA's A
+        self.spec_B = (derive_seed(seed, "B", scheme="joined"), (fan_out, r))
         self.in_memory = config.basis_in_memory
         if self.in_memory:
             self.register_buffer("basis_A", _bases(*self.spec_A, 0, k).to(dev, dtype), persistent=False)
             self.register_buffer("basis_B", _bases(*self.spec_B, 0, l).to(dev, dtype), persistent=False)
-        self.nola_alpha = nn.Parameter(seeded_uniform((k,), 1.0 / math.sqrt(k), seed + 2).to(dev, dtype))
+        self.nola_alpha = nn.Parameter(seeded_uniform((k,), 1.0 / math.sqrt(k), generator(seed + 2, scheme="raw")).to(dev, dtype))
         self.nola_beta = nn.Parameter(torch.zeros(l, device=dev, dtype=dtype))
 
     def low_rank(self) -> tuple[Tensor, Tensor]:

@@ -55,6 +55,7 @@ from torch import Tensor, nn
 from ..core.delta import ActivationDelta, BuildContext, param_dtype
 from ..core.layer import DeltaStateError
 from ..core.registry import ConfigError, DeltaConfig, register_method
+from ..core.seeding import generator
 
 __all__ = ["PromptTuningConfig", "PromptTuning", "BACKBONES"]
 
@@ -283,7 +284,7 @@ class PromptTuning(PromptedBackbone):
 def init_prompt(weight: Tensor, n: int, config: PromptTuningConfig) -> Tensor:
     """Initial soft prompt (n, d) from the (V, d) embedding matrix."""
     V, d = weight.shape
-    g = torch.Generator().manual_seed(config.seed)
+    g = generator(config.seed, scheme="raw")
     if config.init == "vocab":
         ids = torch.randint(0, min(config.vocab_sample, V), (n,), generator=g)
         return weight.detach()[ids.to(weight.device)].clone()

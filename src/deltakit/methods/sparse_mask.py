@@ -32,7 +32,6 @@ All start equal to the base (D = 0).
 """
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
@@ -43,6 +42,7 @@ from torch import Tensor, nn
 from ..core.adapter import Adapter, disabled
 from ..core.delta import BuildContext
 from ..core.registry import ConfigError, register_method
+from ..core.seeding import generator
 from ._sparse_common import SparseConfig, SparseMaskDelta, top_k
 
 __all__ = ["SparseRandomConfig", "SaraConfig", "SparseGradConfig", "SparseRandom", "Sara", "SparseGrad",
@@ -85,16 +85,11 @@ class SparseGradConfig(SparseConfig):
     calibration_batches: int = 4
 
 
-def _path_seed(seed: int, name: str) -> int:
-    # stable across processes (Python's hash() of str is salted)
-    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
-
-
 @register_method("sparse_random", SparseRandomConfig, paper="https://arxiv.org/abs/2405.02596",
                  description="train a seeded random fixed subset (density p) of each weight's entries")
 class SparseRandom(SparseMaskDelta):
     def select(self, base: nn.Module, config: SparseRandomConfig, ctx: BuildContext, k: int) -> Tensor:
-        g = torch.Generator().manual_seed(_path_seed(config.seed, ctx.name))
+        g = generator(config.seed, ctx.name, scheme="path")
         return torch.sort(torch.randperm(base.weight.numel(), generator=g)[:k]).values
 
 

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from ..core.delta import BuildContext, param_dtype
 from ..core.registry import ConfigError, DeltaConfig, register_method
+from ..core.seeding import generator
 from ._banks import FactoredDelta, layout, linear_shape, target_device
 from ._base_ops import Conv1D, in_out
 
@@ -61,7 +62,7 @@ class VeraShared(nn.Module):
 
     def __init__(self, r: int, in_max: int, out_max: int, seed: int, device: torch.device):
         super().__init__()
-        g = torch.Generator(device="cpu").manual_seed(seed)
+        g = generator(seed, scheme="raw")   # peft: projection_prng_key, no keys mixed in
         A = torch.empty(r, in_max).uniform_(-math.sqrt(6 / in_max), math.sqrt(6 / in_max), generator=g)
         B = torch.empty(out_max, r).uniform_(-math.sqrt(6 / r), math.sqrt(6 / r), generator=g)
         self.register_buffer("vera_A", A.to(device), persistent=False)
