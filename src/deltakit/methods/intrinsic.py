@@ -36,7 +36,8 @@ import torch
 from torch import Tensor, nn
 
 from ..core.delta import BuildContext, WeightDelta
-from ..core.registry import ConfigError, DeltaConfig, positive, register_method
+from ..core.fields import knob
+from ..core.registry import ConfigError, DeltaConfig, register_method
 from ..core.seeding import generator
 from ._base_ops import Conv1D
 from ._sparse_common import ALL_LINEAR
@@ -46,24 +47,16 @@ __all__ = ["IntrinsicConfig", "Intrinsic", "fwht", "fastfood"]
 
 @dataclass(frozen=True)
 class IntrinsicConfig(DeltaConfig):
-    """Intrinsic-dimension hyper-parameters.
+    """Intrinsic-dimension hyper-parameters."""
 
-    Attributes:
-        d: the subspace dimension (total trainable parameters, SAID's lambdas included).
-        projection: ``auto``, ``dense`` (Gaussian) or ``fastfood``.
-        said: structure-aware variant: one learned scale per target.
-        seed: seed of the random projections (each target mixes in its path).
-        dense_max: ``auto`` uses a dense P_t while ``D_t * d`` is at most this.
-    """
-
-    d: int = 1000
-    projection: Literal["auto", "dense", "fastfood"] = "auto"
-    said: bool = False
-    seed: int = 0
-    dense_max: int = 2**22
-
-    def validate(self) -> None:
-        positive(self, "d", "dense_max")
+    d: int = knob(
+        1000, ge=1, log=True, doc="the subspace dimension (total trainable parameters, SAID's lambdas "
+                                  "included)")
+    projection: Literal["auto", "dense", "fastfood"] = knob(
+        "auto", doc="``auto``, ``dense`` (Gaussian) or ``fastfood``")
+    said: bool = knob(False, doc="structure-aware variant: one learned scale per target")
+    seed: int = knob(0, doc="seed of the random projections (each target mixes in its path)")
+    dense_max: int = knob(2**22, ge=1, doc="``auto`` uses a dense P_t while ``D_t * d`` is at most this")
 
 
 def fwht(x: Tensor) -> Tensor:

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.delta import BuildContext, param_dtype
+from ..core.fields import knob
 from ..core.registry import ConfigError, DeltaConfig, register_method
 from ..core.seeding import generator
 from ._banks import FactoredDelta, layout, linear_shape, target_device
@@ -51,31 +52,19 @@ __all__ = ["MosConfig", "MoS", "ShardPools"]
 
 @dataclass(frozen=True)
 class MosConfig(DeltaConfig):
-    """MoS hyper-parameters.
+    """MoS hyper-parameters."""
 
-    Attributes:
-        r: rank each target's A (r, in) and B (out, r) are assembled to.
-        equivalent_rank: trainable budget per target, in rank-vectors (LoRA-equivalent rank).
-        private_rank: how many of each target's rank-vectors are private (shard privatization).
-        shards_per_vector: ``l``, shards concatenated into one rank-vector (vector sharding);
-            must divide every target's in and out.
-        alpha: scale numerator; dW is multiplied by ``alpha / r``.
-        seed: seed that, with each target's path, regenerates the index matrices (not saved).
-    """
-
-    r: int = 8
-    equivalent_rank: int = 2
-    private_rank: int = 1
-    shards_per_vector: int = 2
-    alpha: float = 16.0
-    seed: int = 0
+    r: int = knob(8, ge=1, log=True, doc="rank each target's A (r, in) and B (out, r) are assembled to")
+    equivalent_rank: int = knob(2, ge=1, doc="trainable budget per target, in rank-vectors (LoRA-equivalent rank)")
+    private_rank: int = knob(1, ge=0, doc="how many of each target's rank-vectors are private (shard privatization)")
+    shards_per_vector: int = knob(
+        2, ge=1, doc="``l``, shards concatenated into one rank-vector (vector sharding); must divide every "
+                     "target's in and out")
+    alpha: float = knob(16.0, gt=0, log=True, doc="scale numerator; dW is multiplied by ``alpha / r``")
+    seed: int = knob(0, doc="seed that, with each target's path, regenerates the index matrices (not saved)")
 
     def validate(self) -> None:
-        for n in ("r", "equivalent_rank", "shards_per_vector"):
-            v = getattr(self, n)
-            if not isinstance(v, int) or v <= 0:
-                raise ConfigError(f"MosConfig.{n}: expected a positive integer, found {v!r}")
-        if not isinstance(self.private_rank, int) or not 0 <= self.private_rank <= self.equivalent_rank:
+        if self.private_rank > self.equivalent_rank:
             raise ConfigError(f"MosConfig.private_rank: expected an integer in [0, equivalent_rank="
                               f"{self.equivalent_rank}], found {self.private_rank!r}")
         if self.equivalent_rank > self.r:

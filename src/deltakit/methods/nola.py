@@ -31,7 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from ..core.delta import BuildContext, param_dtype
-from ..core.registry import ConfigError, DeltaConfig, register_method
+from ..core.fields import knob
+from ..core.registry import DeltaConfig, register_method
 from ..core.seeding import derive_seed, generator
 from ._banks import FactoredDelta, layout, linear_shape, seeded_kaiming, seeded_uniform
 from ._base_ops import Conv1D
@@ -41,30 +42,19 @@ __all__ = ["NolaConfig", "NOLA"]
 
 @dataclass(frozen=True)
 class NolaConfig(DeltaConfig):
-    """NOLA hyper-parameters.
+    """NOLA hyper-parameters."""
 
-    Attributes:
-        r: rank of the reconstructed A (r, in) and B (out, r).
-        num_basis_A: number ``k`` of random basis matrices (and coefficients) for A.
-        num_basis_B: number ``l`` of random basis matrices (and coefficients) for B.
-        lora_alpha: scale numerator; dW is multiplied by ``lora_alpha / r`` as in LoRA.
-        seed: seed that, with each target's path, regenerates the bases (not saved).
-        basis_in_memory: keep the bases as buffers (fast) or regenerate them in every
-            forward / backward pass (``k * r * in + l * out * r`` fewer floats per target).
-    """
-
-    r: int = 8
-    num_basis_A: int = 1024
-    num_basis_B: int = 1024
-    lora_alpha: float = 16.0
-    seed: int = 0
-    basis_in_memory: bool = True
-
-    def validate(self) -> None:
-        for n in ("r", "num_basis_A", "num_basis_B"):
-            v = getattr(self, n)
-            if not isinstance(v, int) or v <= 0:
-                raise ConfigError(f"NolaConfig.{n}: expected a positive integer, found {v!r}")
+    r: int = knob(8, ge=1, log=True, doc="rank of the reconstructed A (r, in) and B (out, r)")
+    num_basis_A: int = knob(
+        1024, ge=1, log=True, doc="number ``k`` of random basis matrices (and coefficients) for A")
+    num_basis_B: int = knob(
+        1024, ge=1, log=True, doc="number ``l`` of random basis matrices (and coefficients) for B")
+    lora_alpha: float = knob(
+        16.0, gt=0, log=True, doc="scale numerator; dW is multiplied by ``lora_alpha / r`` as in LoRA")
+    seed: int = knob(0, doc="seed that, with each target's path, regenerates the bases (not saved)")
+    basis_in_memory: bool = knob(
+        True, doc="keep the bases as buffers (fast) or regenerate them in every forward / backward pass (``k "
+                  "* r * in + l * out * r`` fewer floats per target)")
 
 
 _CHUNK = 64  # bases regenerated at once in on-the-fly mode

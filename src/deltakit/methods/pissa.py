@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.delta import BuildContext
+from ..core.fields import knob
 from ..core.registry import ConfigError, register_method
 from ..core.seeding import generator
 from ._base_ops import Conv1D
@@ -46,27 +47,18 @@ __all__ = ["PissaConfig", "PiSSA"]
 
 @dataclass(frozen=True)
 class PissaConfig(LoraConfig):
-    """PiSSA hyper-parameters: LoRA's (``r``, ``alpha``, ``dropout``, ``use_rslora``), plus
-
-    Attributes:
-        init: always ``"pissa"`` (A, B from the top-r singular triplets of W).
-        offset: ``"recompute"`` re-derives the frozen offset ``B0 A0`` from the base at
-            load (not stored); ``"store"`` saves it in the adapter file.
-        svd_niter: None = exact SVD; N = randomized SVD with N subspace iterations
-            (``torch.svd_lowrank`` from a fixed seed, peft's ``pissa_niter_N``): much faster
-            on large weights, and still reproducible at load.
-    """
+    """PiSSA hyper-parameters: LoRA's (``r``, ``alpha``, ``dropout``, ``use_rslora``) plus the fields below."""
 
     method: ClassVar[str] = ""
 
-    init: Literal["pissa"] = "pissa"
-    offset: Literal["recompute", "store"] = "recompute"
-    svd_niter: int | None = None
-
-    def validate(self) -> None:
-        super().validate()
-        if self.svd_niter is not None and (not isinstance(self.svd_niter, int) or self.svd_niter < 0):
-            raise ConfigError(f"PissaConfig.svd_niter: expected None or an integer >= 0, found {self.svd_niter!r}")
+    init: Literal["pissa"] = knob("pissa", doc="always ``\"pissa\"`` (A, B from the top-r singular triplets of W)")
+    offset: Literal["recompute", "store"] = knob(
+        "recompute", doc="``\"recompute\"`` re-derives the frozen offset ``B0 A0`` from the base at load (not "
+                         "stored); ``\"store\"`` saves it in the adapter file")
+    svd_niter: int | None = knob(
+        None, ge=0, doc="None = exact SVD; N = randomized SVD with N subspace iterations "
+                        "(``torch.svd_lowrank`` from a fixed seed, peft's ``pissa_niter_N``): much faster on "
+                        "large weights, and still reproducible at load")
 
 
 def _top_svd(mat: Tensor, r: int, niter: int | None) -> tuple[Tensor, Tensor, Tensor]:

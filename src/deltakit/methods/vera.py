@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.delta import BuildContext, param_dtype
+from ..core.fields import knob
 from ..core.registry import ConfigError, DeltaConfig, register_method
 from ..core.seeding import generator
 from ._banks import FactoredDelta, layout, linear_shape, target_device
@@ -40,21 +41,12 @@ __all__ = ["VeraConfig", "VeRA", "VeraShared"]
 
 @dataclass(frozen=True)
 class VeraConfig(DeltaConfig):
-    """VeRA hyper-parameters.
+    """VeRA hyper-parameters."""
 
-    Attributes:
-        r: rank of the shared random matrices (the paper uses large r, e.g. 256-1024).
-        d_initial: initial value of every entry of the scaling vector ``d`` (paper: 0.1).
-        seed: seed that regenerates the shared random A and B (not saved as tensors).
-    """
-
-    r: int = 256
-    d_initial: float = 0.1
-    seed: int = 0
-
-    def validate(self) -> None:
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise ConfigError(f"VeraConfig.r: expected a positive integer, found {self.r!r}")
+    r: int = knob(
+        256, ge=1, log=True, doc="rank of the shared random matrices (the paper uses large r, e.g. 256-1024)")
+    d_initial: float = knob(0.1, doc="initial value of every entry of the scaling vector ``d`` (paper: 0.1)")
+    seed: int = knob(0, doc="seed that regenerates the shared random A and B (not saved as tensors)")
 
 
 class VeraShared(nn.Module):
