@@ -97,6 +97,11 @@ class FieldSpec:
             return f"{what} {'<' if self.high_open else '<='} {_num(hi)}"
         return what
 
+    @property
+    def item_type(self) -> Any:
+        """The type of one value: ``float | tuple[float, ...] | None`` -> float (a per-model entry)."""
+        return _scalar(self.type)
+
     def contains(self, v: float) -> bool:
         if self.low is not None and (v < self.low or self.low_open and v == self.low):
             return False
@@ -304,14 +309,15 @@ def _coerce_union(value: Any, tp: Any, where: str) -> Any:
     raise ConfigError(f"{where}: expected {_type_text(tp)}, found {value!r}")
 
 
-def coerce_fields(config_cls: type, values: Mapping[str, Any], where: str) -> dict[str, Any]:
+def coerce_fields(config_cls: type, values: Mapping[str, Any], where: str, owner: str | None = None
+                  ) -> dict[str, Any]:
     """Coerce ``{field: plain value}`` for ``config_cls``; an unknown field is a one-line error
-    ``"<where>.<key>: expected a field of <Class> ([...]), found '<key>'"``."""
+    ``"<where>.<key>: expected a field of <owner> ([...]), found '<key>'"`` (owner: the class name)."""
     hints = {s.name: s.type for s in _specs(config_cls)}
     out = {}
     for k, v in values.items():
         if k not in hints:
-            raise ConfigError(f"{where}.{k}: expected a field of {config_cls.__name__} ({sorted(hints)}), "
+            raise ConfigError(f"{where}.{k}: expected a field of {owner or config_cls.__name__} ({sorted(hints)}), "
                               f"found {k!r}")
         out[k] = coerce(v, hints[k], f"{where}.{k}")
     return out
