@@ -63,7 +63,7 @@ def test_train_inspect_export_roundtrip(tiny_model_dir, data_file, tmp_path, cap
     (["inspect", "/nonexistent/adapter"], "expected an adapter directory"),
     (["train", "--train", "/nonexistent.tsv", "-o", "/tmp/x"], "nonexistent.tsv"),
     (["train", "--train", "x.tsv", "--method", "nope", "-o", "/tmp/x"], "unknown method 'nope'"),
-    (["train", "--train", "x.tsv", "--set", "r=abc", "-o", "/tmp/x"], "--set r: expected int, found 'abc'"),
+    (["train", "--train", "x.tsv", "--set", "r=abc", "-o", "/tmp/x"], "--set r: expected an integer, found 'abc'"),
     (["train", "--train", "x.tsv", "--set", "rank=4", "-o", "/tmp/x"], "has no field 'rank'"),
 ])
 def test_errors_are_one_line_and_nonzero(argv, needle, capsys):

@@ -313,10 +313,12 @@ def test_merge_list_shows_parameters_and_defaults(capsys):
     rows = {r["method"]: r for r in json.loads(capsys.readouterr().out)}
     ties = {p["name"]: p for p in rows["ties"]["parameters"]}
     assert ties["density"]["default"] == 0.2 and ties["lam"]["default"] == 1.0
-    assert ties["sparsify"]["type"].startswith("one of none|magnitude")
+    assert ties["sparsify"]["type"].startswith("one of ['none', 'magnitude'")
+    assert ties["density"]["doc"] and ties["density"]["type"] == "a number in [0, 1], or one per model"
     assert rows["fisher"]["statistics"] == ["fisher"]
     assert main(["merge", "--list"]) == 0
-    assert "    density    = 0.2  (float or per-model list of float)" in capsys.readouterr().out
+    assert "    density    = 0.2  (a number in [0, 1], or one per model) fraction of entries kept" in \
+        capsys.readouterr().out
 
 
 def test_readme_and_help_carry_the_example_recipe(capsys):

@@ -24,42 +24,19 @@ def add_overwrite(p: argparse.ArgumentParser, kind: str) -> None:
 
 # ----------------------------------------------------------------------------- helpers
 def parse_settings(spec_config: type, pairs: list[str]) -> dict:
-    """``["r=8", "targets=query,value"]`` -> typed config fields."""
-    hints = typing.get_type_hints(spec_config)
-    fields = {f.name for f in dataclasses.fields(spec_config)}
+    """``["r=8", "targets=query,value"]`` -> typed config fields (through the fields' declaration:
+    the same coercion YAML recipes use; ranges are checked when the config is built)."""
+    from ..core.fields import coerce, fields_of
+    names = {s.name: s for s in fields_of(spec_config)}
     out = {}
     for pair in pairs:
         if "=" not in pair:
             raise ConfigError(f"--set expects KEY=VALUE, found {pair!r}")
         key, raw = pair.split("=", 1)
-        if key not in fields:
-            raise ConfigError(f"{spec_config.__name__} has no field {key!r}; expected one of {sorted(fields)}")
-        out[key] = _coerce(hints[key], raw, key)
+        if key not in names:
+            raise ConfigError(f"{spec_config.__name__} has no field {key!r}; expected one of {sorted(names)}")
+        out[key] = coerce(raw, names[key].type, f"--set {key}")
     return out
-
-
-def _coerce(hint, raw: str, key: str):
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        if raw.lower() in ("none", "null") and type(None) in args:
-            return None
-        hint = next(a for a in args if a is not type(None))
-        origin, args = typing.get_origin(hint), typing.get_args(hint)
-    try:
-        if hint is bool:
-            if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError
-            return raw.lower() in ("true", "1", "yes")
-        if hint in (int, float, str):
-            return hint(raw)
-        if origin is tuple:
-            item = args[0] if args else str
-            return tuple(item(v) for v in raw.split(",") if v)
-        if origin is typing.Literal:
-            return raw
-    except ValueError:
-        raise ConfigError(f"--set {key}: expected {getattr(hint, '__name__', hint)}, found {raw!r}") from None
-    return raw
 
 
 # ----------------------------------------------------------------------------- methods

@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import typing
 
 __all__ = ["add_parser", "run", "EXAMPLE_RECIPE", "method_parameters"]
 
@@ -65,29 +63,16 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def _type_name(hint) -> str:
-    """``float | tuple[float, ...] | None`` -> ``float or per-model list, or null``."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is typing.Literal:
-        return "one of " + "|".join(map(str, args))
-    if origin is tuple:
-        return f"per-model list of {_type_name(args[0])}"
-    if args and origin is not None:  # a union
-        parts = [_type_name(a) for a in args if a is not type(None)]
-        text = " or ".join(parts)
-        return text + (", or null" if type(None) in args else "")
-    return getattr(hint, "__name__", str(hint))
-
-
 def method_parameters(method) -> list[dict]:
-    """``[{"name", "type", "default"}]`` for one merge method's config fields, as the recipe reads them."""
-    hints = typing.get_type_hints(method.config)
+    """``[{"name", "type", "default", "range", "doc"}]`` for one merge method's config fields,
+    read from the fields' one declaration (:func:`deltakit.core.fields.fields_of`)."""
+    from deltakit.core.fields import fields_of
+
     out = []
-    for f in dataclasses.fields(method.config):
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
-        out.append({"name": f.name, "type": _type_name(hints[f.name]),
-                    "default": list(default) if isinstance(default, tuple) else default})
+    for f in fields_of(method.config):
+        default = list(f.default) if isinstance(f.default, tuple) else f.default
+        kind = f.describe() + (", or one per model" if f.per_model else "")
+        out.append({"name": f.name, "type": kind, "default": default, "doc": f.doc})
     return out
 
 
@@ -105,7 +90,7 @@ def _print_list(as_json: bool) -> None:
         print(f"{r['method']}  (merges {r['inputs']}; {r['reference']}{stats})")
         width = max(len(p["name"]) for p in r["parameters"]) if r["parameters"] else 0
         for p in r["parameters"]:
-            print(f"    {p['name'].ljust(width)}  = {json.dumps(p['default'])}  ({p['type']})")
+            print(f"    {p['name'].ljust(width)}  = {json.dumps(p['default'])}  ({p['type']}) {p['doc']}")
     print("\nA per-model field goes under each models[] entry (weights as 'weight: 1.0', density: 0.5) or, as one "
           "value for all, under parameters; the others go under parameters. A number list gives a gradient over "
           "layer depth, [{filter: mlp, value: 0.5}, {value: 0.2}] a value by tensor name.")

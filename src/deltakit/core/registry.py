@@ -11,41 +11,34 @@ A duplicate name is an error; there is no central table to edit.
 from __future__ import annotations
 
 import dataclasses
-import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from .fields import ConfigError, check_fields, knob
+
 __all__ = ["DeltaConfig", "MethodSpec", "register_method", "get_method", "methods", "ConfigError"]
-
-
-class ConfigError(ValueError):
-    """A config field has a value outside what the method accepts."""
 
 
 @dataclass(frozen=True)
 class DeltaConfig:
     """Fields every method shares: where to attach.
 
-    Attributes:
-        targets: module paths / suffixes / ``re:`` regexes; None = the family default.
-        target_types: module classes or class names the targets must be.
-        layers: only targets whose block index is in this set.
-        exclude: patterns removed from the match.
-        modules_to_save: modules trained in full and stored whole (e.g. a new
-            classification head), as in peft's ``modules_to_save``.
-        adapter_dtype: dtype of the delta parameters; ``"auto"`` keeps fp32 under a
-            half-precision base.
+    Every field of every method config is declared with :func:`~deltakit.core.fields.knob`
+    (type, range or choices, doc), checked at construction; ``fields_of(cls)`` lists them.
     """
 
     method: ClassVar[str] = ""
 
-    targets: tuple[str, ...] | None = None
-    target_types: tuple[str, ...] | None = None
-    layers: tuple[int, ...] | None = None
-    exclude: tuple[str, ...] = ()
-    modules_to_save: tuple[str, ...] = ()
-    adapter_dtype: str = "auto"
+    targets: tuple[str, ...] | None = knob(
+        None, doc="module paths / suffixes / 're:' regexes to attach to; None = the family default")
+    target_types: tuple[str, ...] | None = knob(None, doc="module classes or class names the targets must be")
+    layers: tuple[int, ...] | None = knob(None, ge=0, doc="only targets whose block index is in this set")
+    exclude: tuple[str, ...] = knob((), doc="patterns removed from the match")
+    modules_to_save: tuple[str, ...] = knob(
+        (), doc="modules trained in full and stored whole (e.g. a new classification head), as peft's")
+    adapter_dtype: str = knob("auto", doc="dtype of the delta parameters (a torch dtype name); 'auto' keeps "
+                                          "fp32 under a half-precision base")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -57,22 +50,11 @@ class DeltaConfig:
         if self.target_types is not None:
             object.__setattr__(self, "target_types", tuple(
                 t if isinstance(t, str) else t.__name__ for t in self.target_types))
-        self._check_literals()
+        check_fields(self)
         self.validate()
 
     def validate(self) -> None:
-        """Method-specific checks; raise :class:`ConfigError`."""
-
-    def _check_literals(self) -> None:
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            hint = hints.get(f.name)
-            if typing.get_origin(hint) is typing.Literal:
-                allowed = typing.get_args(hint)
-                if getattr(self, f.name) not in allowed:
-                    raise ConfigError(
-                        f"{type(self).__name__}.{f.name}: expected one of {list(allowed)}, "
-                        f"found {getattr(self, f.name)!r}")
+        """Method-specific checks across fields; raise :class:`ConfigError`."""
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -88,13 +70,6 @@ class DeltaConfig:
 
     def replace(self, **changes) -> "DeltaConfig":
         return dataclasses.replace(self, **changes)
-
-
-def positive(config: DeltaConfig, *names: str) -> None:
-    for n in names:
-        v = getattr(config, n)
-        if v is None or v <= 0:
-            raise ConfigError(f"{type(config).__name__}.{n}: expected a positive number, found {v!r}")
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from typing import Literal
 
 import torch
 
+from ..core.fields import Checked, ConfigError, knob
 from ._registry import MergeConfigError, MergeContext
 
 __all__ = ["GTAConfig", "gta_merge", "gta_linear_form", "SPARSIFY", "RESCALE", "CONSENSUS", "per_model"]
@@ -149,34 +150,33 @@ CONSENSUS: dict[str, Callable[[torch.Tensor], torch.Tensor | None]] = {
 
 
 @dataclass(frozen=True)
-class GTAConfig:
-    """Generalised task arithmetic (one field per axis; presets change the defaults).
+class GTAConfig(Checked):
+    """Generalised task arithmetic (one field per axis; presets change the defaults)."""
 
-    weights: per-model w_k (default 1 each). density: kept fraction, one value or per model.
-    sparsify / rescale / consensus: table keys above. normalize: divide by sum of
-    (agreeing) weights. lam: final scale lambda. gamma: breadcrumbs outlier fraction.
-    epsilon: DELLA spread. q: DAREx-q rescale 1/q. seed: RNG seed for random drops.
-    """
+    weights: tuple[float, ...] | None = knob(None, per_model=True, doc="per-model weight w_k (default 1 each)")
+    density: float | tuple[float, ...] = knob(
+        1.0, ge=0, le=1, per_model=True, doc="fraction of entries kept, one value or one per model")
+    sparsify: Literal["none", "magnitude", "magnitude_sort", "random", "breadcrumbs", "della"] = knob(
+        "none", doc="how entries are dropped (a key of SPARSIFY)")
+    rescale: Literal["none", "inverse", "q", "l1", "l2", "linf"] = knob(
+        "none", doc="how the kept entries are rescaled (a key of RESCALE)")
+    consensus: Literal["none", "sum", "count"] = knob(
+        "none", doc="sign election (a key of CONSENSUS): by summed mass (TIES) or by count")
+    normalize: bool = knob(False, doc="divide by the sum of the (agreeing) weights")
+    lam: float = knob(1.0, doc="final scale lambda on the merged task vector")
+    gamma: float | tuple[float, ...] = knob(
+        0.01, ge=0, le=1, per_model=True, doc="breadcrumbs: fraction of largest-magnitude outliers dropped")
+    epsilon: float | tuple[float, ...] = knob(
+        0.15, ge=0, per_model=True, doc="DELLA: spread of the keep probabilities around the density")
+    q: float | tuple[float, ...] | None = knob(
+        None, gt=0, per_model=True, doc="DAREx-q: kept entries are rescaled by 1/q (rescale='q')")
+    seed: int | None = knob(None, doc="seed of the random drops, mixed with each tensor's name")
 
-    weights: tuple[float, ...] | None = None
-    density: float | tuple[float, ...] = 1.0
-    sparsify: Literal["none", "magnitude", "magnitude_sort", "random", "breadcrumbs", "della"] = "none"
-    rescale: Literal["none", "inverse", "q", "l1", "l2", "linf"] = "none"
-    consensus: Literal["none", "sum", "count"] = "none"
-    normalize: bool = False
-    lam: float = 1.0
-    gamma: float | tuple[float, ...] = 0.01
-    epsilon: float | tuple[float, ...] = 0.15
-    q: float | tuple[float, ...] | None = None
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        dens = self.density if isinstance(self.density, tuple) else (self.density,)
-        if any(not 0.0 <= d <= 1.0 for d in dens):
-            raise ValueError(f"density: expected values in [0, 1], found {self.density}")
+    def validate(self) -> None:
         qs = self.q if isinstance(self.q, tuple) else (self.q,)
-        if self.rescale == "q" and not all(q is not None and q > 0 for q in qs):
-            raise ValueError(f"q: expected a positive number when rescale='q', found {self.q}")
+        if self.rescale == "q" and any(q is None for q in qs):
+            raise ConfigError(f"{type(self).__name__}.q: expected a positive number when rescale='q', "
+                              f"found {self.q}")
 
 
 def per_model(value: float | tuple[float, ...] | None, k: int, default: float, field: str) -> list[float]:

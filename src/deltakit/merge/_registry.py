@@ -17,15 +17,17 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, Literal
 
 import torch
+
+from ..core.fields import ConfigError, coerce_fields
 
 __all__ = ["register_merge", "get_merge", "list_merges", "MergeMethod", "MergeContext", "build_config",
            "MergeConfigError"]
 
 
-class MergeConfigError(ValueError):
+class MergeConfigError(ConfigError):
     """A merge configuration value is missing or of the wrong kind."""
 
 
@@ -126,59 +128,14 @@ def list_merges() -> dict[str, MergeMethod]:
     return dict(sorted(_REGISTRY.items()))
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check / convert one plain (YAML) value against a config field type."""
-    origin, args = get_origin(tp), get_args(tp)
-    if origin is Literal:
-        if value not in args:
-            raise MergeConfigError(f"{where}: expected one of {list(args)}, found {value!r}")
-        return value
-    if origin in (type(int | None),) or (origin is not None and str(origin) == "typing.Union"):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, where)
-            except MergeConfigError as e:
-                errors.append(str(e))
-        raise MergeConfigError(errors[0] if errors else f"{where}: unexpected {value!r}")
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise MergeConfigError(f"{where}: expected a list, found {type(value).__name__} {value!r}")
-        inner = args[0] if args else Any
-        return tuple(_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value))
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise MergeConfigError(f"{where}: expected true/false, found {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise MergeConfigError(f"{where}: expected a number, found {type(value).__name__} {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise MergeConfigError(f"{where}: expected an integer, found {type(value).__name__} {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise MergeConfigError(f"{where}: expected a string, found {type(value).__name__} {value!r}")
-        return value
-    return value
-
-
 def build_config(method: MergeMethod | str, values: Mapping[str, Any], where: str = "parameters") -> Any:
-    """Build ``method``'s config from plain values; unknown or ill-typed fields are one-line errors."""
+    """Build ``method``'s config from plain values (YAML, CLI strings) through the one coercion
+    of :mod:`deltakit.core.fields`; unknown, ill-typed or out-of-range fields are one-line errors."""
     m = get_merge(method) if isinstance(method, str) else method
-    hints = get_type_hints(m.config)
-    names = {f.name for f in dataclasses.fields(m.config)}
-    kwargs = {}
-    for k, v in values.items():
-        if k not in names:
-            raise MergeConfigError(f"{where}.{k}: expected a field of {m.name} ({sorted(names)}), found {k!r}")
-        kwargs[k] = _coerce(v, hints[k], f"{where}.{k}")
+    try:
+        kwargs = coerce_fields(m.config, values, where, owner=m.name)
+    except ConfigError as e:
+        raise MergeConfigError(str(e)) from None
     try:
         return m.config(**kwargs)
     except (ValueError, TypeError) as e:

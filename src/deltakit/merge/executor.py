@@ -78,7 +78,8 @@ def tensor_generator(seed: int | None, name: str) -> torch.Generator | None:
     """Per-tensor RNG: the same (seed, name) gives the same draws whatever the order of work."""
     if seed is None:
         return None
-    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+    from ..core.seeding import generator
+    return generator(seed, name, scheme="path")
 
 
 @dataclass

@@ -38,14 +38,15 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any
 
 import yaml
 
 from deltakit.io.models import BUNDLED
 
+from ..core.fields import ConfigError, coerce, fields_of
 from ._inputs import materialise_inputs
-from ._registry import MergeConfigError, MergeMethod, _coerce, build_config, get_merge, list_merges
+from ._registry import MergeConfigError, MergeMethod, build_config, get_merge, list_merges
 from .executor import DTYPES, MergePlan, merge_checkpoints
 
 __all__ = ["Recipe", "load_recipe", "run_recipe", "RecipeError", "MERGEKIT_METHODS"]
@@ -61,12 +62,9 @@ _PER_MODEL_ALIASES = {"weight": "weights"}
 _ALIAS_BACK = {v: k for k, v in _PER_MODEL_ALIASES.items()}
 
 
-def _element_type(hint: Any) -> Any:
-    """``float | tuple[float, ...] | None`` -> float (the type of one per-model value)."""
-    for a in get_args(hint):
-        if get_origin(a) is tuple:
-            return get_args(a)[0]
-    return Any
+def per_model_fields(config_cls: type) -> list[str]:
+    """The fields a recipe may give per model (declared ``per_model`` in the config)."""
+    return [s.name for s in fields_of(config_cls) if s.per_model]
 
 
 @dataclass
@@ -92,7 +90,7 @@ class Recipe:
             return self._config_for(name, layer, num_layers)
         except RecipeError:
             raise
-        except MergeConfigError as e:
+        except ConfigError as e:
             raise RecipeError(str(e)) from None
 
     def _config_for(self, name: str, layer: int | None, num_layers: int):
@@ -102,21 +100,19 @@ class Recipe:
             v = _evaluate(s, name, t, f"recipe.parameters.{k}")
             if v is not None:
                 values[k] = v
-        fields = {f.name: f for f in dataclasses.fields(self.method.config)}
-        hints = get_type_hints(self.method.config)
+        specs = {s.name: s for s in fields_of(self.method.config)}
         per_keys = sorted({k for pm in self.per_model for k in pm})
         for k in per_keys:
             col = []
-            elem = _element_type(hints[k])
             for i, pm in enumerate(self.per_model):
                 where = f"recipe.models[{i}].{_ALIAS_BACK.get(k, k)}"
                 v = _evaluate(pm[k], name, t, where) if k in pm else None
                 if v is not None:
-                    v = _coerce(v, elem, where)
+                    v = coerce(v, specs[k].item_type, where)
                 if v is None:
                     v = values.get(k)
                     if v is None:
-                        d = fields[k].default
+                        d = specs[k].default
                         v = 1.0 if d is None or isinstance(d, tuple) else d
                 col.append(v)
             values[k] = tuple(col)
@@ -214,16 +210,15 @@ def _check_mapping(d: Any, where: str) -> Mapping:
 
 
 def _validate(recipe: Recipe) -> Recipe:
-    fields = {f.name for f in dataclasses.fields(recipe.method.config)}
-    hints = get_type_hints(recipe.method.config)
+    fields = {s.name for s in fields_of(recipe.method.config)}
+    per = per_model_fields(recipe.method.config)
     for k in recipe.shared:
         if k not in fields:
             raise RecipeError(f"recipe.parameters.{k}: expected a field of {recipe.method.name} "
                               f"({sorted(fields)}), found {k!r}")
     for i, pm in enumerate(recipe.per_model):
         for k in pm:
-            if k not in fields or "tuple" not in str(hints[k]):
-                per = sorted(f for f in fields if "tuple" in str(hints[f]))
+            if k not in per:
                 raise RecipeError(f"recipe.models[{i}].{k}: expected a per-model field of "
                                   f"{recipe.method.name} ({per}), found {k!r}")
     # Build one config per distinct tensor kind now, so bad values fail before any I/O.

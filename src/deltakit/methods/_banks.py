@@ -2,14 +2,13 @@
 methods whose delta is a dense ``(out, in)`` matrix of a Linear / Conv1D target.
 
 Random bases (VeRA, NOLA, MoS index matrices) are *regenerated* from a seed kept in
-the config, never saved: :func:`derived_seed` mixes the config seed with stable
+the config, never saved: :mod:`deltakit.core.seeding` mixes the config seed with stable
 keys (a target's path, a pool name), and :func:`seeded_uniform` draws on the CPU
 so the same seed gives the same numbers on every device.
 """
 from __future__ import annotations
 
 import math
-import zlib
 from collections.abc import Mapping, Sequence
 from types import SimpleNamespace
 
@@ -21,26 +20,19 @@ from ..core.registry import ConfigError
 from ._base_ops import Conv1D, in_out
 from .lora import LoRA, _cast, _dense, _down, _up
 
-__all__ = ["derived_seed", "seeded_uniform", "seeded_kaiming", "layout", "dense_from_factors",
+__all__ = ["seeded_uniform", "seeded_kaiming", "layout", "dense_from_factors",
            "low_rank_residual", "to_layout", "target_device", "linear_shape", "FactoredDelta"]
 
 
-def derived_seed(seed: int, *keys: object) -> int:
-    """A 63-bit seed from ``seed`` and stable keys (crc32 of their text, not Python's hash)."""
-    text = "|".join(str(k) for k in (seed, *keys)).encode()
-    return (int(seed) * 1_000_003 + zlib.crc32(text)) % (2**63 - 1)
-
-
-def seeded_uniform(shape: tuple[int, ...], bound: float, seed: int) -> Tensor:
-    """U(-bound, bound) of ``shape`` drawn on the CPU from ``seed`` (device-independent)."""
-    g = torch.Generator().manual_seed(seed)
+def seeded_uniform(shape: tuple[int, ...], bound: float, g: torch.Generator) -> Tensor:
+    """U(-bound, bound) of ``shape`` drawn from the CPU generator ``g`` (device-independent)."""
     return (torch.rand(shape, generator=g, dtype=torch.float32) * 2 - 1) * bound
 
 
-def seeded_kaiming(shape: tuple[int, ...], seed: int) -> Tensor:
+def seeded_kaiming(shape: tuple[int, ...], g: torch.Generator) -> Tensor:
     """``nn.init.kaiming_uniform_(t, a=sqrt(5))`` (nn.Linear's default, bound 1/sqrt(fan_in))
-    with fan_in = ``shape[1]``, drawn from ``seed``."""
-    return seeded_uniform(shape, 1.0 / math.sqrt(shape[1]), seed)
+    with fan_in = ``shape[1]``, drawn from ``g``."""
+    return seeded_uniform(shape, 1.0 / math.sqrt(shape[1]), g)
 
 
 def layout(base: nn.Module) -> str:

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import math
-import zlib
 from collections.abc import Iterator, Mapping
 
 import torch
@@ -21,6 +20,7 @@ from torch import Tensor, nn
 from ..core.adapter import Adapter
 from ..core.delta import BuildContext, WeightDelta, param_dtype
 from ..core.registry import ConfigError
+from ..core.seeding import generator
 from ._base_ops import Conv1D, in_out
 from .lora import _cast
 
@@ -34,7 +34,7 @@ def seeded_init(shape: tuple[int, ...], init: str, seed: int, key: str, *,
     Drawn on CPU with its own generator (independent of the global RNG and of the
     device), then moved; ``key`` (a module path or a shape tag) decorrelates targets.
     """
-    g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(key.encode())) % (2**63))
+    g = generator(seed, key, scheme="path")
     t = torch.empty(shape, dtype=torch.float32)
     if init == "kaiming":
         nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=g)

@@ -18,7 +18,8 @@ from torch import Tensor, nn
 
 from ..core.delta import BuildContext, WeightDelta, param_dtype
 from ..core.layer import DeltaStateError
-from ..core.registry import ConfigError, DeltaConfig
+from ..core.fields import knob
+from ..core.registry import DeltaConfig
 from ._base_ops import Conv1D
 
 __all__ = ["SparseConfig", "SparseMaskDelta", "ALL_LINEAR", "num_selected"]
@@ -36,17 +37,10 @@ ALL_LINEAR: dict[str, tuple[str, ...]] = {
 
 @dataclass(frozen=True)
 class SparseConfig(DeltaConfig):
-    """Fields shared by the sparse fixed-mask methods.
+    """Fields shared by the sparse fixed-mask methods."""
 
-    Attributes:
-        density: fraction ``p`` of each target weight's entries that are trainable.
-    """
-
-    density: float = 0.01
-
-    def validate(self) -> None:
-        if not 0.0 < self.density <= 1.0:
-            raise ConfigError(f"{type(self).__name__}.density: expected 0 < density <= 1, found {self.density!r}")
+    density: float = knob(
+        0.01, gt=0, le=1, log=True, doc="fraction ``p`` of each target weight's entries that are trainable")
 
 
 def num_selected(numel: int, density: float) -> int:

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from ..core.adapter import Adapter
 from ..core.delta import BuildContext
+from ..core.fields import knob
 from ..core.registry import ConfigError, DeltaConfig, register_method
 from ._lora_common import ON, OFF, Sensitivity, SVDLoRA, orthogonal_regularizer, svd_deltas
 
@@ -45,52 +46,26 @@ regularizer = orthogonal_regularizer
 
 @dataclass(frozen=True)
 class AdaLoraConfig(DeltaConfig):
-    """AdaLoRA hyper-parameters (schedule fields are read by :class:`AdaLoRABudget`).
+    """AdaLoRA hyper-parameters (schedule fields are read by :class:`AdaLoRABudget`)."""
 
-    Attributes:
-        init_r: initial rank of every target (allocated size).
-        target_r: average rank per target after the schedule (total budget target_r * n).
-        alpha: scale numerator; the update is multiplied by ``alpha / init_r``.
-        dropout: dropout on the branch input (training only).
-        tinit: steps of initial warm-up at the full budget.
-        tfinal: final steps with the budget fixed at target_r * n.
-        deltaT: steps between two budget re-allocations.
-        beta1: EMA coefficient of the sensitivity I_bar.
-        beta2: EMA coefficient of the uncertainty U_bar.
-        orth_reg_weight: gamma, weight of the orthogonality penalty in :func:`regularizer`.
-        total_step: number of optimizer steps of the run (may be given to the callback instead).
-    """
-
-    init_r: int = 12
-    target_r: int = 8
-    alpha: float = 12.0
-    dropout: float = 0.0
-    tinit: int = 0
-    tfinal: int = 0
-    deltaT: int = 1
-    beta1: float = 0.85
-    beta2: float = 0.85
-    orth_reg_weight: float = 0.5
-    total_step: int | None = None
+    init_r: int = knob(12, ge=1, log=True, doc="initial rank of every target (allocated size)")
+    target_r: int = knob(
+        8, ge=1, log=True, doc="average rank per target after the schedule (total budget target_r * n)")
+    alpha: float = knob(12.0, gt=0, log=True, doc="scale numerator; the update is multiplied by ``alpha / init_r``")
+    dropout: float = knob(0.0, ge=0, lt=1, doc="dropout on the branch input (training only)")
+    tinit: int = knob(0, ge=0, doc="steps of initial warm-up at the full budget")
+    tfinal: int = knob(0, ge=0, doc="final steps with the budget fixed at target_r * n")
+    deltaT: int = knob(1, ge=1, doc="steps between two budget re-allocations")
+    beta1: float = knob(0.85, gt=0, lt=1, doc="EMA coefficient of the sensitivity I_bar")
+    beta2: float = knob(0.85, gt=0, lt=1, doc="EMA coefficient of the uncertainty U_bar")
+    orth_reg_weight: float = knob(0.5, ge=0, doc="gamma, weight of the orthogonality penalty in :func:`regularizer`")
+    total_step: int | None = knob(
+        None, ge=1, doc="number of optimizer steps of the run (may be given to the callback instead)")
 
     def validate(self) -> None:
         name = type(self).__name__
-        for f in ("init_r", "target_r", "deltaT"):
-            v = getattr(self, f)
-            if not isinstance(v, int) or v <= 0:
-                raise ConfigError(f"{name}.{f}: expected a positive integer, found {v!r}")
         if self.target_r > self.init_r:
             raise ConfigError(f"{name}.target_r: expected at most init_r = {self.init_r}, found {self.target_r}")
-        for f in ("tinit", "tfinal"):
-            if getattr(self, f) < 0:
-                raise ConfigError(f"{name}.{f}: expected >= 0, found {getattr(self, f)!r}")
-        for f in ("beta1", "beta2"):
-            if not 0.0 < getattr(self, f) < 1.0:
-                raise ConfigError(f"{name}.{f}: expected 0 < {f} < 1, found {getattr(self, f)!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"{name}.dropout: expected 0 <= dropout < 1, found {self.dropout!r}")
-        if self.orth_reg_weight < 0:
-            raise ConfigError(f"{name}.orth_reg_weight: expected >= 0, found {self.orth_reg_weight!r}")
         if self.total_step is not None and self.total_step <= self.tinit + self.tfinal:
             raise ConfigError(f"{name}.total_step: expected more than tinit + tfinal = "
                               f"{self.tinit + self.tfinal}, found {self.total_step}")

@@ -39,7 +39,8 @@ from typing import ClassVar, Literal
 from torch import nn
 
 from ..core.delta import BuildContext, param_dtype
-from ..core.registry import ConfigError, DeltaConfig, register_method
+from ..core.fields import knob
+from ..core.registry import DeltaConfig, register_method
 from ._adapter_common import Branch, BranchDelta, module_width
 from ._base_ops import Conv1D
 
@@ -55,32 +56,18 @@ FFN_BLOCK = {"bert": (r"re:.*layer\.\d+\.output",), "gpt2": ("mlp",), "llama": (
 
 @dataclass(frozen=True)
 class BottleneckConfig(DeltaConfig):
-    """Bottleneck adapter hyper-parameters (shared by the four presets).
+    """Bottleneck adapter hyper-parameters (shared by the four presets)."""
 
-    Attributes:
-        bottleneck_size: m, the adapter's hidden width.
-        non_linearity: f between the projections.
-        insertion: ``sequential`` (branch reads the target's output) or ``parallel``
-            (branch reads the target's input, He et al.).
-        scaling: s, multiplies the branch output.
-        init: ``houlsby`` (truncated N(0, 1e-2), near identity) or ``lora``
-            (W_up = 0, exact identity).
-        dropout: dropout on the branch input (training only).
-    """
-
-    bottleneck_size: int = 64
-    non_linearity: Literal["relu", "gelu", "swish", "tanh"] = "relu"
-    insertion: Literal["sequential", "parallel"] = "sequential"
-    scaling: float = 1.0
-    init: Literal["houlsby", "lora"] = "houlsby"
-    dropout: float = 0.0
-
-    def validate(self) -> None:
-        if not isinstance(self.bottleneck_size, int) or self.bottleneck_size <= 0:
-            raise ConfigError(f"{type(self).__name__}.bottleneck_size: expected a positive integer, "
-                              f"found {self.bottleneck_size!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"{type(self).__name__}.dropout: expected 0 <= dropout < 1, found {self.dropout!r}")
+    bottleneck_size: int = knob(64, ge=1, log=True, doc="m, the adapter's hidden width")
+    non_linearity: Literal["relu", "gelu", "swish", "tanh"] = knob("relu", doc="f between the projections")
+    insertion: Literal["sequential", "parallel"] = knob(
+        "sequential", doc="``sequential`` (branch reads the target's output) or ``parallel`` (branch reads the "
+                          "target's input, He et al.)")
+    scaling: float = knob(1.0, doc="s, multiplies the branch output")
+    init: Literal["houlsby", "lora"] = knob(
+        "houlsby", doc="``houlsby`` (truncated N(0, 1e-2), near identity) or ``lora`` (W_up = 0, exact "
+                       "identity)")
+    dropout: float = knob(0.0, ge=0, lt=1, doc="dropout on the branch input (training only)")
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..core.delta import BuildContext, param_dtype
+from ..core.fields import knob
 from ..core.registry import ConfigError, DeltaConfig, register_method
 from ._adapter_common import ACTIVATIONS, BranchDelta, PHMLinear, module_width
 from ._base_ops import Conv1D
@@ -39,32 +40,17 @@ __all__ = ["CompacterConfig", "CompacterPPConfig", "Compacter", "CompacterPP"]
 
 @dataclass(frozen=True)
 class CompacterConfig(DeltaConfig):
-    """Compacter hyper-parameters.
+    """Compacter hyper-parameters."""
 
-    Attributes:
-        bottleneck_size: k, the adapter's hidden width (divisible by ``phm_dim``).
-        phm_dim: n, number of Kronecker summands and size of each A_i.
-        phm_rank: rank of each B_i (1 in the paper); 0 = full B_i (PHM-Adapter).
-        non_linearity: f between the projections.
-        bias: biases on the PHM layers (the official code has them; the paper's count omits them).
-        phm_init_std: std of the shared A_i at initialisation.
-    """
-
-    bottleneck_size: int = 32
-    phm_dim: int = 4
-    phm_rank: int = 1
-    non_linearity: Literal["relu", "gelu", "swish", "tanh"] = "gelu"
-    bias: bool = True
-    phm_init_std: float = 0.01
+    bottleneck_size: int = knob(32, ge=1, log=True, doc="k, the adapter's hidden width (divisible by ``phm_dim``)")
+    phm_dim: int = knob(4, ge=1, doc="n, number of Kronecker summands and size of each A_i")
+    phm_rank: int = knob(1, ge=0, doc="rank of each B_i (1 in the paper); 0 = full B_i (PHM-Adapter)")
+    non_linearity: Literal["relu", "gelu", "swish", "tanh"] = knob("gelu", doc="f between the projections")
+    bias: bool = knob(True, doc="biases on the PHM layers (the official code has them; the paper's count omits them)")
+    phm_init_std: float = knob(0.01, ge=0, doc="std of the shared A_i at initialisation")
 
     def validate(self) -> None:
         name = type(self).__name__
-        for f in ("bottleneck_size", "phm_dim"):
-            v = getattr(self, f)
-            if not isinstance(v, int) or v <= 0:
-                raise ConfigError(f"{name}.{f}: expected a positive integer, found {v!r}")
-        if not isinstance(self.phm_rank, int) or self.phm_rank < 0:
-            raise ConfigError(f"{name}.phm_rank: expected an integer >= 0, found {self.phm_rank!r}")
         if self.bottleneck_size % self.phm_dim:
             raise ConfigError(f"{name}.bottleneck_size: expected a multiple of phm_dim={self.phm_dim}, "
                               f"found {self.bottleneck_size}")

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from ..core.adapter import Adapter
 from ..core.delta import BuildContext, param_dtype
+from ..core.fields import knob
 from ..core.registry import ConfigError, DeltaConfig, register_method
 from .prompt_tuning import BACKBONES, PromptedBackbone, PromptTuningConfig, _is_backbone, init_prompt
 
@@ -42,24 +43,15 @@ __all__ = ["DeptConfig", "DePT", "dept_param_groups"]
 
 @dataclass(frozen=True)
 class DeptConfig(PromptTuningConfig):
-    """DePT hyper-parameters (plus the prompt fields of :class:`PromptTuningConfig`).
-
-    Attributes:
-        r: rank of the embedding offset A @ B.
-        max_length: s, the longest input (in tokens) the offset covers.
-    """
+    """DePT hyper-parameters (plus the prompt fields of :class:`PromptTuningConfig`)."""
 
     method: ClassVar[str] = ""
     num_virtual_tokens: int = 60
-    r: int = 60
-    max_length: int = 256
+    r: int = knob(60, ge=1, log=True, doc="rank of the embedding offset A @ B")
+    max_length: int = knob(256, ge=1, doc="s, the longest input (in tokens) the offset covers")
 
     def validate(self) -> None:
         super().validate()
-        for f in ("r", "max_length"):
-            v = getattr(self, f)
-            if not isinstance(v, int) or v <= 0:
-                raise ConfigError(f"DeptConfig.{f}: expected a positive integer, found {v!r}")
 
 
 @register_method("dept", DeptConfig, paper="https://arxiv.org/abs/2309.05173",

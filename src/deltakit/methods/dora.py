@@ -27,6 +27,7 @@ from typing import ClassVar
 from torch import Tensor, nn
 
 from ..core.delta import BuildContext
+from ..core.fields import knob
 from ..core.registry import ConfigError, register_method
 from ._base_ops import Conv1D
 from .lora import LoRA, LoraConfig
@@ -36,15 +37,11 @@ __all__ = ["DoraConfig", "DoRA", "column_norm"]
 
 @dataclass(frozen=True)
 class DoraConfig(LoraConfig):
-    """DoRA hyper-parameters: LoRA's (``r``, ``alpha``, ``use_rslora``, ``init``), plus
-
-    Attributes:
-        detach_norm: treat ``||W + s B A||_c`` as a constant in backward (paper sec. 4.3).
-    """
+    """DoRA hyper-parameters: LoRA's (``r``, ``alpha``, ``use_rslora``, ``init``) plus the fields below."""
 
     method: ClassVar[str] = ""
 
-    detach_norm: bool = True
+    detach_norm: bool = knob(True, doc="treat ``||W + s B A||_c`` as a constant in backward (paper sec. 4.3)")
 
     def validate(self) -> None:
         super().validate()

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.delta import BuildContext, WeightDelta, param_dtype
+from ..core.fields import knob
 from ..core.registry import ConfigError, DeltaConfig, register_method
 from ._base_ops import Conv1D, in_out
 
@@ -41,22 +42,14 @@ __all__ = ["EtherConfig", "Ether", "householder", "ether_plus"]
 
 @dataclass(frozen=True)
 class EtherConfig(DeltaConfig):
-    """ETHER hyper-parameters.
+    """ETHER hyper-parameters."""
 
-    Attributes:
-        variant: ``ether`` (reflection) or ``plus`` (ETHER+, the relaxed two-projection form).
-        nb: number of diagonal blocks (the transformed dims must be divisible by it).
-        two_sided: also transform the output side (``W' = H_out W H_in``); None = the
-            paper's default per variant (ETHER one-sided, ETHER+ two-sided).
-    """
-
-    variant: Literal["ether", "plus"] = "ether"
-    nb: int = 1
-    two_sided: bool | None = None
-
-    def validate(self) -> None:
-        if not isinstance(self.nb, int) or self.nb <= 0:
-            raise ConfigError(f"EtherConfig.nb: expected a positive integer, found {self.nb!r}")
+    variant: Literal["ether", "plus"] = knob(
+        "ether", doc="``ether`` (reflection) or ``plus`` (ETHER+, the relaxed two-projection form)")
+    nb: int = knob(1, ge=1, doc="number of diagonal blocks (the transformed dims must be divisible by it)")
+    two_sided: bool | None = knob(
+        None, doc="also transform the output side (``W' = H_out W H_in``); None = the paper's default per "
+                  "variant (ETHER one-sided, ETHER+ two-sided)")
 
     @property
     def sides(self) -> int:

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.delta import BuildContext, WeightDelta, param_dtype
+from ..core.fields import knob
 from ..core.registry import ConfigError, DeltaConfig, register_method
 from ._banks import layout, to_layout
 from ._base_ops import Conv1D, in_out
@@ -37,24 +38,13 @@ __all__ = ["FloraConfig", "FLoRA", "tucker_to_tensor"]
 
 @dataclass(frozen=True)
 class FloraConfig(DeltaConfig):
-    """FLoRA hyper-parameters.
+    """FLoRA hyper-parameters."""
 
-    Attributes:
-        r: Tucker rank of the output- and input-channel modes.
-        r_kernel: Tucker rank of the two spatial modes of a Conv2d kernel; None = the
-            kernel size (no compression along space).
-        scale: the factor ``s`` on dW.
-    """
-
-    r: int = 8
-    r_kernel: int | None = None
-    scale: float = 1.0
-
-    def validate(self) -> None:
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise ConfigError(f"FloraConfig.r: expected a positive integer, found {self.r!r}")
-        if self.r_kernel is not None and (not isinstance(self.r_kernel, int) or self.r_kernel <= 0):
-            raise ConfigError(f"FloraConfig.r_kernel: expected None or a positive integer, found {self.r_kernel!r}")
+    r: int = knob(8, ge=1, log=True, doc="Tucker rank of the output- and input-channel modes")
+    r_kernel: int | None = knob(
+        None, ge=1, doc="Tucker rank of the two spatial modes of a Conv2d kernel; None = the kernel size (no "
+                        "compression along space)")
+    scale: float = knob(1.0, doc="the factor ``s`` on dW")
 
 
 def tucker_to_tensor(core: Tensor, factors: list[Tensor]) -> Tensor:

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from ..core.delta import BuildContext, WeightDelta
-from ..core.registry import ConfigError, DeltaConfig, register_method
+from ..core.fields import knob
+from ..core.registry import DeltaConfig, register_method
 from ..core.targets import layer_index
 from ._base_ops import Conv1D
 from ._sparse_common import ALL_LINEAR
@@ -40,19 +41,10 @@ _ATTENTION_WORDS = ("attn", "attention", "query", "key", "value", "q_proj", "k_p
 
 @dataclass(frozen=True)
 class HFTConfig(DeltaConfig):
-    """HFT hyper-parameters.
+    """HFT hyper-parameters."""
 
-    Attributes:
-        ratio: fraction of each category's matrices trained (0.5 = half).
-        seed: seed of the selection.
-    """
-
-    ratio: float = 0.5
-    seed: int = 0
-
-    def validate(self) -> None:
-        if not 0.0 < self.ratio <= 1.0:
-            raise ConfigError(f"HFTConfig.ratio: expected 0 < ratio <= 1, found {self.ratio!r}")
+    ratio: float = knob(0.5, gt=0, le=1, doc="fraction of each category's matrices trained (0.5 = half)")
+    seed: int = knob(0, doc="seed of the selection")
 
 
 def hft_selection(paths: list[str], ratio: float, seed: int) -> frozenset[str]:

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.delta import BuildContext, WeightDelta, param_dtype
+from ..core.fields import knob
 from ..core.registry import DeltaConfig, register_method
 from ..core.targets import matches
 from ._base_ops import Conv1D
@@ -41,15 +42,12 @@ _FEEDFORWARD = (r"re:(.*\.)?layer\.\d+\.output\.dense", "mlp.c_proj", "down_proj
 
 @dataclass(frozen=True)
 class IA3Config(DeltaConfig):
-    """(IA)^3 hyper-parameters.
+    """(IA)^3 hyper-parameters."""
 
-    Attributes:
-        feedforward: target patterns (same syntax as ``targets``) whose vector scales the
-            INPUT features; every other target scales its output. Default: the FFN
-            down-projections of BERT, GPT-2 and Llama-style models.
-    """
-
-    feedforward: tuple[str, ...] = _FEEDFORWARD
+    feedforward: tuple[str, ...] = knob(
+        _FEEDFORWARD, doc="target patterns (same syntax as ``targets``) whose vector scales the INPUT "
+                          "features; every other target scales its output. Default: the FFN down-projections "
+                          "of BERT, GPT-2 and Llama-style models")
 
     def __post_init__(self) -> None:
         if isinstance(self.feedforward, str):

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from ..core.adapter import Adapter
 from ..core.delta import BuildContext
+from ..core.fields import knob
 from ..core.registry import ConfigError, DeltaConfig, register_method
 from ._lora_common import OFF, ON, RESERVE, SVDLoRA, orthogonal_regularizer, svd_deltas
 from .lora import _cast
@@ -49,38 +50,23 @@ regularizer = orthogonal_regularizer
 
 @dataclass(frozen=True)
 class IncreLoraConfig(DeltaConfig):
-    """IncreLoRA hyper-parameters (schedule fields are read by :class:`IncreLoRABudget`).
+    """IncreLoRA hyper-parameters (schedule fields are read by :class:`IncreLoRABudget`)."""
 
-    Attributes:
-        init_r: active rank of every target at the start.
-        target_r: average rank per target at the end (total budget target_r * n).
-        max_r: allocated capacity per target (upper bound of any one target's rank).
-        incre_r: components added to a picked target per round; None = max(1, target_r // 2)
-            (the official code's choice).
-        top_h: targets picked per round.
-        alpha: scale numerator; the update is multiplied by ``alpha / target_r``.
-        dropout: dropout on the branch input (training only).
-        tinit: warm-up steps before the first growth.
-        deltaT: steps between two growth rounds.
-        beta1: EMA coefficient of the sensitivity I_bar.
-        beta2: EMA coefficient of the uncertainty U_bar.
-        advance_learning: train the next components (reserves) before switching them on.
-        orth_reg_weight: gamma, weight of the orthogonality penalty in :func:`regularizer`.
-    """
-
-    init_r: int = 2
-    target_r: int = 8
-    max_r: int = 16
-    incre_r: int | None = None
-    top_h: int = 2
-    alpha: float = 8.0
-    dropout: float = 0.0
-    tinit: int = 0
-    deltaT: int = 10
-    beta1: float = 0.85
-    beta2: float = 0.85
-    advance_learning: bool = True
-    orth_reg_weight: float = 0.5
+    init_r: int = knob(2, ge=1, doc="active rank of every target at the start")
+    target_r: int = knob(8, ge=1, log=True, doc="average rank per target at the end (total budget target_r * n)")
+    max_r: int = knob(16, ge=1, doc="allocated capacity per target (upper bound of any one target's rank)")
+    incre_r: int | None = knob(
+        None, ge=1, doc="components added to a picked target per round; None = max(1, target_r // 2) (the "
+                        "official code's choice)")
+    top_h: int = knob(2, ge=1, doc="targets picked per round")
+    alpha: float = knob(8.0, gt=0, log=True, doc="scale numerator; the update is multiplied by ``alpha / target_r``")
+    dropout: float = knob(0.0, ge=0, lt=1, doc="dropout on the branch input (training only)")
+    tinit: int = knob(0, ge=0, doc="warm-up steps before the first growth")
+    deltaT: int = knob(10, ge=1, doc="steps between two growth rounds")
+    beta1: float = knob(0.85, gt=0, lt=1, doc="EMA coefficient of the sensitivity I_bar")
+    beta2: float = knob(0.85, gt=0, lt=1, doc="EMA coefficient of the uncertainty U_bar")
+    advance_learning: bool = knob(True, doc="train the next components (reserves) before switching them on")
+    orth_reg_weight: float = knob(0.5, ge=0, doc="gamma, weight of the orthogonality penalty in :func:`regularizer`")
 
     @property
     def step_r(self) -> int:
@@ -88,27 +74,12 @@ class IncreLoraConfig(DeltaConfig):
 
     def validate(self) -> None:
         name = type(self).__name__
-        for f in ("init_r", "target_r", "max_r", "top_h", "deltaT"):
-            v = getattr(self, f)
-            if not isinstance(v, int) or v <= 0:
-                raise ConfigError(f"{name}.{f}: expected a positive integer, found {v!r}")
-        if self.incre_r is not None and (not isinstance(self.incre_r, int) or self.incre_r <= 0):
-            raise ConfigError(f"{name}.incre_r: expected a positive integer or None, found {self.incre_r!r}")
         if not self.init_r <= self.target_r <= self.max_r:
             raise ConfigError(f"{name}: expected init_r <= target_r <= max_r, found {self.init_r}, "
                               f"{self.target_r}, {self.max_r}")
         if self.advance_learning and self.init_r + self.step_r > self.max_r:
             raise ConfigError(f"{name}.max_r: expected at least init_r + incre_r = {self.init_r + self.step_r} "
                               f"(room for the reserved components), found {self.max_r}")
-        for f in ("beta1", "beta2"):
-            if not 0.0 < getattr(self, f) < 1.0:
-                raise ConfigError(f"{name}.{f}: expected 0 < {f} < 1, found {getattr(self, f)!r}")
-        if self.tinit < 0:
-            raise ConfigError(f"{name}.tinit: expected >= 0, found {self.tinit!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"{name}.dropout: expected 0 <= dropout < 1, found {self.dropout!r}")
-        if self.orth_reg_weight < 0:
-            raise ConfigError(f"{name}.orth_reg_weight: expected >= 0, found {self.orth_reg_weight!r}")
 
 
 @register_method("increlora", IncreLoraConfig, paper="https://arxiv.org/abs/2308.12043",

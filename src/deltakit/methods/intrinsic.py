@@ -28,7 +28,6 @@ Stored parameters: ``d`` (DID), or ``d`` split as ``d - m`` for z and ``m`` lamb
 from __future__ import annotations
 
 import math
-import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -37,7 +36,9 @@ import torch
 from torch import Tensor, nn
 
 from ..core.delta import BuildContext, WeightDelta
-from ..core.registry import ConfigError, DeltaConfig, positive, register_method
+from ..core.fields import knob
+from ..core.registry import ConfigError, DeltaConfig, register_method
+from ..core.seeding import generator
 from ._base_ops import Conv1D
 from ._sparse_common import ALL_LINEAR
 
@@ -46,24 +47,16 @@ __all__ = ["IntrinsicConfig", "Intrinsic", "fwht", "fastfood"]
 
 @dataclass(frozen=True)
 class IntrinsicConfig(DeltaConfig):
-    """Intrinsic-dimension hyper-parameters.
+    """Intrinsic-dimension hyper-parameters."""
 
-    Attributes:
-        d: the subspace dimension (total trainable parameters, SAID's lambdas included).
-        projection: ``auto``, ``dense`` (Gaussian) or ``fastfood``.
-        said: structure-aware variant: one learned scale per target.
-        seed: seed of the random projections (each target mixes in its path).
-        dense_max: ``auto`` uses a dense P_t while ``D_t * d`` is at most this.
-    """
-
-    d: int = 1000
-    projection: Literal["auto", "dense", "fastfood"] = "auto"
-    said: bool = False
-    seed: int = 0
-    dense_max: int = 2**22
-
-    def validate(self) -> None:
-        positive(self, "d", "dense_max")
+    d: int = knob(
+        1000, ge=1, log=True, doc="the subspace dimension (total trainable parameters, SAID's lambdas "
+                                  "included)")
+    projection: Literal["auto", "dense", "fastfood"] = knob(
+        "auto", doc="``auto``, ``dense`` (Gaussian) or ``fastfood``")
+    said: bool = knob(False, doc="structure-aware variant: one learned scale per target")
+    seed: int = knob(0, doc="seed of the random projections (each target mixes in its path)")
+    dense_max: int = knob(2**22, ge=1, doc="``auto`` uses a dense P_t while ``D_t * d`` is at most this")
 
 
 def fwht(x: Tensor) -> Tensor:
@@ -127,7 +120,7 @@ class Intrinsic(WeightDelta):
         if self.kind == "auto":
             self.kind = "dense" if D * dz <= config.dense_max else "fastfood"
         device = ctx.shared.z.device
-        g = torch.Generator().manual_seed((config.seed * 1_000_003 + zlib.crc32(ctx.name.encode())) % 2**63)
+        g = generator(config.seed, ctx.name, scheme="path")
         if self.kind == "dense":
             P = torch.randn(D, dz, generator=g)
             self.register_buffer("P", (P / P.norm(dim=0, keepdim=True)).to(device), persistent=False)  # (D, d)

@@ -41,7 +41,8 @@ from torch import Tensor, nn
 
 from ..core.adapter import Adapter
 from ..core.delta import BuildContext, WeightDelta
-from ..core.registry import ConfigError, DeltaConfig, positive, register_method
+from ..core.fields import knob
+from ..core.registry import ConfigError, DeltaConfig, register_method
 from ..core.targets import TargetError
 
 __all__ = ["LisaConfig", "Lisa", "LisaSchedule"]
@@ -49,20 +50,11 @@ __all__ = ["LisaConfig", "Lisa", "LisaSchedule"]
 
 @dataclass(frozen=True)
 class LisaConfig(DeltaConfig):
-    """LISA hyper-parameters (used by :class:`LisaSchedule`).
+    """LISA hyper-parameters (used by :class:`LisaSchedule`)."""
 
-    Attributes:
-        gamma: number of blocks trained at a time.
-        period: re-sample the active blocks every ``period`` optimiser steps (the paper's K).
-        seed: seed of the sampling.
-    """
-
-    gamma: int = 2
-    period: int = 20
-    seed: int = 0
-
-    def validate(self) -> None:
-        positive(self, "gamma", "period")
+    gamma: int = knob(2, ge=1, doc="number of blocks trained at a time")
+    period: int = knob(20, ge=1, doc="re-sample the active blocks every ``period`` optimiser steps (the paper's K)")
+    seed: int = knob(0, doc="seed of the sampling")
 
 
 def _has_params(module: nn.Module) -> bool:

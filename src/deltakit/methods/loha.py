@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.delta import BuildContext, WeightDelta, param_dtype
+from ..core.fields import knob
 from ..core.registry import ConfigError, DeltaConfig, register_method
 from ._banks import layout, to_layout
 from ._base_ops import Conv1D, in_out
@@ -34,19 +35,10 @@ __all__ = ["LohaConfig", "LoHa"]
 
 @dataclass(frozen=True)
 class LohaConfig(DeltaConfig):
-    """LoHa hyper-parameters.
+    """LoHa hyper-parameters."""
 
-    Attributes:
-        r: rank of each of the two factor products.
-        alpha: scale numerator; dW is multiplied by ``alpha / r``.
-    """
-
-    r: int = 8
-    alpha: float = 8.0
-
-    def validate(self) -> None:
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise ConfigError(f"LohaConfig.r: expected a positive integer, found {self.r!r}")
+    r: int = knob(8, ge=1, log=True, doc="rank of each of the two factor products")
+    alpha: float = knob(8.0, gt=0, log=True, doc="scale numerator; dW is multiplied by ``alpha / r``")
 
 
 @register_method("loha", LohaConfig, paper="https://arxiv.org/abs/2108.06098",

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.delta import BuildContext, WeightDelta, param_dtype
+from ..core.fields import knob
 from ..core.registry import ConfigError, DeltaConfig, register_method
 from ._banks import layout, to_layout
 from ._base_ops import Conv1D, in_out
@@ -40,28 +41,21 @@ __all__ = ["LokrConfig", "LoKr", "factorization"]
 
 @dataclass(frozen=True)
 class LokrConfig(DeltaConfig):
-    """LoKr hyper-parameters.
+    """LoKr hyper-parameters."""
 
-    Attributes:
-        r: rank of the low-rank form of the larger Kronecker factor (and of w1 with
-            ``decompose_both``).
-        alpha: scale numerator (scale = alpha / r when a factor is low rank, else 1).
-        factor: ``-1``: split each dim as close to sqrt as possible; ``f > 0``: the
-            smaller factor of each dim is at most ``f``.
-        decompose_both: also write w1 as a low-rank product when it is large enough.
-        full_matrix: keep both factors full whatever ``r`` (LyCORIS's ``full_matrix``).
-    """
-
-    r: int = 8
-    alpha: float = 8.0
-    factor: int = -1
-    decompose_both: bool = False
-    full_matrix: bool = False
+    r: int = knob(
+        8, ge=1, log=True, doc="rank of the low-rank form of the larger Kronecker factor (and of w1 with "
+                               "``decompose_both``)")
+    alpha: float = knob(
+        8.0, gt=0, log=True, doc="scale numerator (scale = alpha / r when a factor is low rank, else 1)")
+    factor: int = knob(
+        -1, ge=-1, doc="``-1``: split each dim as close to sqrt as possible; ``f > 0``: the smaller factor of"
+                       " each dim is at most ``f``")
+    decompose_both: bool = knob(False, doc="also write w1 as a low-rank product when it is large enough")
+    full_matrix: bool = knob(False, doc="keep both factors full whatever ``r`` (LyCORIS's ``full_matrix``)")
 
     def validate(self) -> None:
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise ConfigError(f"LokrConfig.r: expected a positive integer, found {self.r!r}")
-        if not isinstance(self.factor, int) or self.factor == 0 or self.factor < -1:
+        if self.factor == 0:
             raise ConfigError(f"LokrConfig.factor: expected -1 or a positive integer, found {self.factor!r}")
 
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.delta import BuildContext, WeightDelta, param_dtype
+from ..core.fields import knob
 from ..core.registry import ConfigError, DeltaConfig, register_method
 from ._base_ops import Conv1D, in_out
 
@@ -33,35 +34,20 @@ __all__ = ["LoraConfig", "LoRA", "lora_scale"]
 
 @dataclass(frozen=True)
 class LoraConfig(DeltaConfig):
-    """LoRA hyper-parameters.
+    """LoRA hyper-parameters."""
 
-    Attributes:
-        r: rank of the update.
-        alpha: scale numerator; the update is multiplied by ``alpha / r``.
-        dropout: dropout on the LoRA branch input (training only).
-        use_rslora: scale by ``alpha / sqrt(r)`` instead (rank-stabilised LoRA).
-        init: initialisation of A (B is always zero): ``kaiming`` (uniform, a=sqrt(5),
-            as ``nn.Linear`` and peft), ``gaussian`` (N(0, 1/r)), ``orthogonal``
-            (orthonormal rows).
-        compute_dtype: dtype the low-rank branch runs in. ``adapter`` (default): the
-            factors' own dtype, so fp32 factors under a bf16 base see fp32 inputs.
-            ``input``: the input's dtype, casting the factors per step as autocast
-            does; the factors (and AdamW's state) stay fp32 while the matmuls run at
-            bf16 speed. Gradients reaching the factors are then bf16-rounded.
-    """
-
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    use_rslora: bool = False
-    init: Literal["kaiming", "gaussian", "orthogonal"] = "kaiming"
-    compute_dtype: Literal["adapter", "input"] = "adapter"
-
-    def validate(self) -> None:
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise ConfigError(f"LoraConfig.r: expected a positive integer, found {self.r!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"LoraConfig.dropout: expected 0 <= dropout < 1, found {self.dropout!r}")
+    r: int = knob(8, ge=1, log=True, doc="rank of the update")
+    alpha: float = knob(16.0, gt=0, log=True, doc="scale numerator; the update is multiplied by ``alpha / r``")
+    dropout: float = knob(0.0, ge=0, lt=1, doc="dropout on the LoRA branch input (training only)")
+    use_rslora: bool = knob(False, doc="scale by ``alpha / sqrt(r)`` instead (rank-stabilised LoRA)")
+    init: Literal["kaiming", "gaussian", "orthogonal"] = knob(
+        "kaiming", doc="initialisation of A (B is always zero): ``kaiming`` (uniform, a=sqrt(5), as ``nn.Linear`` "
+                       "and peft), ``gaussian`` (N(0, 1/r)), ``orthogonal`` (orthonormal rows)")
+    compute_dtype: Literal["adapter", "input"] = knob(
+        "adapter", doc="dtype the low-rank branch runs in. ``adapter`` (default): the factors' own dtype, so fp32 "
+                       "factors under a bf16 base see fp32 inputs. ``input``: the input's dtype, casting the "
+                       "factors per step as autocast does; the factors (and AdamW's state) stay fp32 while the "
+                       "matmuls run at bf16 speed. Gradients reaching the factors are then bf16-rounded")
 
 
 def lora_scale(config: LoraConfig) -> float:

@@ -22,6 +22,7 @@ from typing import ClassVar
 from torch import nn
 
 from ..core.delta import BuildContext
+from ..core.fields import knob
 from ..core.registry import register_method
 from ._base_ops import Conv1D
 from ._lora_common import seeded_init
@@ -33,15 +34,11 @@ __all__ = ["LoraFAConfig", "LoRAFA"]
 @dataclass(frozen=True)
 class LoraFAConfig(LoraConfig):
     """LoRA-FA hyper-parameters: LoRA's (``r``, ``alpha``, ``dropout``, ``use_rslora``,
-    ``init`` - the distribution of the frozen A), plus
-
-    Attributes:
-        seed: seed of the frozen A (with the target path, it regenerates A at load).
-    """
+    ``init`` - the distribution of the frozen A) plus the fields below."""
 
     method: ClassVar[str] = ""
 
-    seed: int = 0
+    seed: int = knob(0, doc="seed of the frozen A (with the target path, it regenerates A at load)")
 
 
 @register_method("lora_fa", LoraFAConfig, paper="https://arxiv.org/abs/2308.03303",

@@ -35,7 +35,8 @@ import torch
 from torch import Tensor, nn
 
 from ..core.delta import BuildContext, param_dtype
-from ..core.registry import ConfigError, DeltaConfig, register_method
+from ..core.fields import knob
+from ..core.registry import DeltaConfig, register_method
 from ._banks import FactoredDelta, layout, linear_shape
 from ._base_ops import Conv1D
 
@@ -44,29 +45,14 @@ __all__ = ["LorettaConfig", "LoRETTA", "tt_modes", "tt_full"]
 
 @dataclass(frozen=True)
 class LorettaConfig(DeltaConfig):
-    """LoRETTA_rep hyper-parameters.
+    """LoRETTA_rep hyper-parameters."""
 
-    Attributes:
-        r: LoRA rank of the re-parameterised factors A (in, r) and B (r, out).
-        tt_rank: inner TT-rank of each tensor train (the reference code's ``tensor_rank``).
-        max_mode: largest mode size when factorising in / out / r into TT modes.
-        alpha: scale numerator; dW is multiplied by ``alpha / r``.
-        init: ``gaussian`` (reference code) or ``zero`` (last core of B zero: starts at base).
-    """
-
-    r: int = 8
-    tt_rank: int = 5
-    max_mode: int = 16
-    alpha: float = 16.0
-    init: Literal["gaussian", "zero"] = "gaussian"
-
-    def validate(self) -> None:
-        for n in ("r", "tt_rank"):
-            v = getattr(self, n)
-            if not isinstance(v, int) or v <= 0:
-                raise ConfigError(f"LorettaConfig.{n}: expected a positive integer, found {v!r}")
-        if not isinstance(self.max_mode, int) or self.max_mode < 2:
-            raise ConfigError(f"LorettaConfig.max_mode: expected an integer >= 2, found {self.max_mode!r}")
+    r: int = knob(8, ge=1, log=True, doc="LoRA rank of the re-parameterised factors A (in, r) and B (r, out)")
+    tt_rank: int = knob(5, ge=1, doc="inner TT-rank of each tensor train (the reference code's ``tensor_rank``)")
+    max_mode: int = knob(16, ge=2, doc="largest mode size when factorising in / out / r into TT modes")
+    alpha: float = knob(16.0, gt=0, log=True, doc="scale numerator; dW is multiplied by ``alpha / r``")
+    init: Literal["gaussian", "zero"] = knob(
+        "gaussian", doc="``gaussian`` (reference code) or ``zero`` (last core of B zero: starts at base)")
 
 
 def tt_modes(n: int, max_mode: int) -> list[int]:

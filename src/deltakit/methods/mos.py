@@ -41,8 +41,10 @@ import torch
 from torch import Tensor, nn
 
 from ..core.delta import BuildContext, param_dtype
+from ..core.fields import knob
 from ..core.registry import ConfigError, DeltaConfig, register_method
-from ._banks import FactoredDelta, derived_seed, layout, linear_shape, target_device
+from ..core.seeding import generator
+from ._banks import FactoredDelta, layout, linear_shape, target_device
 from ._base_ops import Conv1D, in_out
 
 __all__ = ["MosConfig", "MoS", "ShardPools"]
@@ -50,31 +52,19 @@ __all__ = ["MosConfig", "MoS", "ShardPools"]
 
 @dataclass(frozen=True)
 class MosConfig(DeltaConfig):
-    """MoS hyper-parameters.
+    """MoS hyper-parameters."""
 
-    Attributes:
-        r: rank each target's A (r, in) and B (out, r) are assembled to.
-        equivalent_rank: trainable budget per target, in rank-vectors (LoRA-equivalent rank).
-        private_rank: how many of each target's rank-vectors are private (shard privatization).
-        shards_per_vector: ``l``, shards concatenated into one rank-vector (vector sharding);
-            must divide every target's in and out.
-        alpha: scale numerator; dW is multiplied by ``alpha / r``.
-        seed: seed that, with each target's path, regenerates the index matrices (not saved).
-    """
-
-    r: int = 8
-    equivalent_rank: int = 2
-    private_rank: int = 1
-    shards_per_vector: int = 2
-    alpha: float = 16.0
-    seed: int = 0
+    r: int = knob(8, ge=1, log=True, doc="rank each target's A (r, in) and B (out, r) are assembled to")
+    equivalent_rank: int = knob(2, ge=1, doc="trainable budget per target, in rank-vectors (LoRA-equivalent rank)")
+    private_rank: int = knob(1, ge=0, doc="how many of each target's rank-vectors are private (shard privatization)")
+    shards_per_vector: int = knob(
+        2, ge=1, doc="``l``, shards concatenated into one rank-vector (vector sharding); must divide every "
+                     "target's in and out")
+    alpha: float = knob(16.0, gt=0, log=True, doc="scale numerator; dW is multiplied by ``alpha / r``")
+    seed: int = knob(0, doc="seed that, with each target's path, regenerates the index matrices (not saved)")
 
     def validate(self) -> None:
-        for n in ("r", "equivalent_rank", "shards_per_vector"):
-            v = getattr(self, n)
-            if not isinstance(v, int) or v <= 0:
-                raise ConfigError(f"MosConfig.{n}: expected a positive integer, found {v!r}")
-        if not isinstance(self.private_rank, int) or not 0 <= self.private_rank <= self.equivalent_rank:
+        if self.private_rank > self.equivalent_rank:
             raise ConfigError(f"MosConfig.private_rank: expected an integer in [0, equivalent_rank="
                               f"{self.equivalent_rank}], found {self.private_rank!r}")
         if self.equivalent_rank > self.r:
@@ -101,9 +91,8 @@ def _keys(fan_in: int, fan_out: int, l: int) -> tuple[str, str]:
     return f"A_{fan_in // l}", f"B_{fan_out // l}"
 
 
-def _select(pool_size: int, count: int, seed: int) -> Tensor:
+def _select(pool_size: int, count: int, g: torch.Generator) -> Tensor:
     """``count`` pool indices: fresh random permutations of the pool, concatenated."""
-    g = torch.Generator().manual_seed(seed)
     reps = -(-count // pool_size)
     return torch.cat([torch.randperm(pool_size, generator=g) for _ in range(reps)])[:count]
 
@@ -150,7 +139,7 @@ class MoS(FactoredDelta):
         pools = self._shared.pools
         # pair dissociation: independent index draws for A and B
         for key, name in ((self.key_A, "index_A"), (self.key_B, "index_B")):
-            idx = _select(pools[key].shape[0], n_pub, derived_seed(config.seed, ctx.name, name)) if n_pub else \
+            idx = _select(pools[key].shape[0], n_pub, generator(config.seed, ctx.name, name, scheme="joined")) if n_pub else \
                 torch.zeros(0, dtype=torch.long)
             self.register_buffer(name, idx.to(dev), persistent=False)
 

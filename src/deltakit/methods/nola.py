@@ -31,8 +31,10 @@ import torch
 from torch import Tensor, nn
 
 from ..core.delta import BuildContext, param_dtype
-from ..core.registry import ConfigError, DeltaConfig, register_method
-from ._banks import FactoredDelta, derived_seed, layout, linear_shape, seeded_kaiming, seeded_uniform
+from ..core.fields import knob
+from ..core.registry import DeltaConfig, register_method
+from ..core.seeding import derive_seed, generator
+from ._banks import FactoredDelta, layout, linear_shape, seeded_kaiming, seeded_uniform
 from ._base_ops import Conv1D
 
 __all__ = ["NolaConfig", "NOLA"]
@@ -40,30 +42,19 @@ __all__ = ["NolaConfig", "NOLA"]
 
 @dataclass(frozen=True)
 class NolaConfig(DeltaConfig):
-    """NOLA hyper-parameters.
+    """NOLA hyper-parameters."""
 
-    Attributes:
-        r: rank of the reconstructed A (r, in) and B (out, r).
-        num_basis_A: number ``k`` of random basis matrices (and coefficients) for A.
-        num_basis_B: number ``l`` of random basis matrices (and coefficients) for B.
-        lora_alpha: scale numerator; dW is multiplied by ``lora_alpha / r`` as in LoRA.
-        seed: seed that, with each target's path, regenerates the bases (not saved).
-        basis_in_memory: keep the bases as buffers (fast) or regenerate them in every
-            forward / backward pass (``k * r * in + l * out * r`` fewer floats per target).
-    """
-
-    r: int = 8
-    num_basis_A: int = 1024
-    num_basis_B: int = 1024
-    lora_alpha: float = 16.0
-    seed: int = 0
-    basis_in_memory: bool = True
-
-    def validate(self) -> None:
-        for n in ("r", "num_basis_A", "num_basis_B"):
-            v = getattr(self, n)
-            if not isinstance(v, int) or v <= 0:
-                raise ConfigError(f"NolaConfig.{n}: expected a positive integer, found {v!r}")
+    r: int = knob(8, ge=1, log=True, doc="rank of the reconstructed A (r, in) and B (out, r)")
+    num_basis_A: int = knob(
+        1024, ge=1, log=True, doc="number ``k`` of random basis matrices (and coefficients) for A")
+    num_basis_B: int = knob(
+        1024, ge=1, log=True, doc="number ``l`` of random basis matrices (and coefficients) for B")
+    lora_alpha: float = knob(
+        16.0, gt=0, log=True, doc="scale numerator; dW is multiplied by ``lora_alpha / r`` as in LoRA")
+    seed: int = knob(0, doc="seed that, with each target's path, regenerates the bases (not saved)")
+    basis_in_memory: bool = knob(
+        True, doc="keep the bases as buffers (fast) or regenerate them in every forward / backward pass (``k "
+                  "* r * in + l * out * r`` fewer floats per target)")
 
 
 _CHUNK = 64  # bases regenerated at once in on-the-fly mode
@@ -72,7 +63,7 @@ _CHUNK = 64  # bases regenerated at once in on-the-fly mode
 def _bases(seed: int, shape: tuple[int, int], start: int, stop: int) -> Tensor:
     """Bases ``start .. stop-1`` of one family, each from its own derived seed (so any
     chunking gives the same matrices): (stop - start, *shape), kaiming-uniform."""
-    return torch.stack([seeded_kaiming(shape, derived_seed(seed, i)) for i in range(start, stop)])
+    return torch.stack([seeded_kaiming(shape, generator(seed, i, scheme="joined")) for i in range(start, stop)])
 
 
 class _OnTheFly(torch.autograd.Function):
@@ -113,14 +104,15 @@ class NOLA(FactoredDelta):
         self.layout = layout(base)
         self.scale = config.lora_alpha / r
         # Per-target bases from (seed, path): stable across runs and target orderings.
-        seed = derived_seed(config.seed, ctx.name)
-        self.spec_A = (derived_seed(seed, "A"), (r, fan_in))      # each A_i drawn like LoRA's A
-        self.spec_B = (derived_seed(seed, "B"), (fan_out, r))
+        # scheme "joined": NOLA's derivation as first released (saved adapters depend on it)
+        seed = derive_seed(config.seed, ctx.name, scheme="joined")
+        self.spec_A = (derive_seed(seed, "A", scheme="joined"), (r, fan_in))   # each A_i drawn like LoRA's A
+        self.spec_B = (derive_seed(seed, "B", scheme="joined"), (fan_out, r))
         self.in_memory = config.basis_in_memory
         if self.in_memory:
             self.register_buffer("basis_A", _bases(*self.spec_A, 0, k).to(dev, dtype), persistent=False)
             self.register_buffer("basis_B", _bases(*self.spec_B, 0, l).to(dev, dtype), persistent=False)
-        self.nola_alpha = nn.Parameter(seeded_uniform((k,), 1.0 / math.sqrt(k), seed + 2).to(dev, dtype))
+        self.nola_alpha = nn.Parameter(seeded_uniform((k,), 1.0 / math.sqrt(k), generator(seed + 2, scheme="raw")).to(dev, dtype))
         self.nola_beta = nn.Parameter(torch.zeros(l, device=dev, dtype=dtype))
 
     def low_rank(self) -> tuple[Tensor, Tensor]:

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.delta import BuildContext, WeightDelta, param_dtype
+from ..core.fields import knob
 from ..core.registry import ConfigError, DeltaConfig, register_method
 from ._base_ops import Conv1D
 from ._layout import from_out_in, to_out_in
@@ -37,27 +38,19 @@ __all__ = ["OFTConfig", "OFT", "cayley", "skew"]
 
 @dataclass(frozen=True)
 class OFTConfig(DeltaConfig):
-    """OFT hyper-parameters (set exactly one of ``r`` and ``block_size``).
+    """OFT hyper-parameters (set exactly one of ``r`` and ``block_size``)."""
 
-    Attributes:
-        r: number of diagonal blocks (0 = derive from ``block_size``).
-        block_size: size ``b`` of each block (0 = derive from ``r``); ``in_features``
-            must be divisible by it.
-        coft: constrained OFT: bound each block's generator by ``eps / sqrt(r)``.
-        eps: COFT radius.
-    """
-
-    r: int = 0
-    block_size: int = 32
-    coft: bool = False
-    eps: float = 6e-5
+    r: int = knob(0, ge=0, doc="number of diagonal blocks (0 = derive from ``block_size``)")
+    block_size: int = knob(
+        32, ge=0, doc="size ``b`` of each block (0 = derive from ``r``); ``in_features`` must be divisible by"
+                      " it")
+    coft: bool = knob(False, doc="constrained OFT: bound each block's generator by ``eps / sqrt(r)``")
+    eps: float = knob(6e-5, gt=0, log=True, doc="COFT radius")
 
     def validate(self) -> None:
-        if (self.r > 0) == (self.block_size > 0) or self.r < 0 or self.block_size < 0:
+        if (self.r > 0) == (self.block_size > 0):
             raise ConfigError(f"OFTConfig: expected exactly one of r, block_size positive, found "
                               f"r={self.r!r}, block_size={self.block_size!r}")
-        if self.eps <= 0:
-            raise ConfigError(f"OFTConfig.eps: expected > 0, found {self.eps!r}")
 
 
 def skew(params: Tensor, b: int) -> Tensor:

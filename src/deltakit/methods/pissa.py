@@ -36,7 +36,9 @@ import torch
 from torch import Tensor, nn
 
 from ..core.delta import BuildContext
+from ..core.fields import knob
 from ..core.registry import ConfigError, register_method
+from ..core.seeding import generator
 from ._base_ops import Conv1D
 from .lora import LoRA, LoraConfig, _dense, _down, _up
 
@@ -45,39 +47,48 @@ __all__ = ["PissaConfig", "PiSSA"]
 
 @dataclass(frozen=True)
 class PissaConfig(LoraConfig):
-    """PiSSA hyper-parameters: LoRA's (``r``, ``alpha``, ``dropout``, ``use_rslora``), plus
-
-    Attributes:
-        init: always ``"pissa"`` (A, B from the top-r singular triplets of W).
-        offset: ``"recompute"`` re-derives the frozen offset ``B0 A0`` from the base at
-            load (not stored); ``"store"`` saves it in the adapter file.
-        svd_niter: None = exact SVD; N = randomized SVD with N subspace iterations
-            (``torch.svd_lowrank`` from a fixed seed, peft's ``pissa_niter_N``): much faster
-            on large weights, and still reproducible at load.
-    """
+    """PiSSA hyper-parameters: LoRA's (``r``, ``alpha``, ``dropout``, ``use_rslora``) plus the fields below."""
 
     method: ClassVar[str] = ""
 
-    init: Literal["pissa"] = "pissa"
-    offset: Literal["recompute", "store"] = "recompute"
-    svd_niter: int | None = None
-
-    def validate(self) -> None:
-        super().validate()
-        if self.svd_niter is not None and (not isinstance(self.svd_niter, int) or self.svd_niter < 0):
-            raise ConfigError(f"PissaConfig.svd_niter: expected None or an integer >= 0, found {self.svd_niter!r}")
+    init: Literal["pissa"] = knob("pissa", doc="always ``\"pissa\"`` (A, B from the top-r singular triplets of W)")
+    offset: Literal["recompute", "store"] = knob(
+        "recompute", doc="``\"recompute\"`` re-derives the frozen offset ``B0 A0`` from the base at load (not "
+                         "stored); ``\"store\"`` saves it in the adapter file")
+    svd_niter: int | None = knob(
+        None, ge=0, doc="None = exact SVD; N = randomized SVD with N subspace iterations "
+                        "(``torch.svd_lowrank`` from a fixed seed, peft's ``pissa_niter_N``): much faster on "
+                        "large weights, and still reproducible at load")
 
 
 def _top_svd(mat: Tensor, r: int, niter: int | None) -> tuple[Tensor, Tensor, Tensor]:
     """``U (out, >=r), S (>=r,), Vh (>=r, in)`` of ``mat``, exact or randomized."""
     if niter is None:
         return torch.linalg.svd(mat, full_matrices=False)
-    # svd_lowrank draws its test matrix from the global RNG: fix it, so that the
-    # offset re-derived at load is the same one the adapter was trained against
-    with torch.random.fork_rng(devices=[mat.device] if mat.device.type == "cuda" else []):
-        torch.manual_seed(0)
-        U, S, V = torch.svd_lowrank(mat, q=r, niter=niter)
-    return U, S, V.t().contiguous()
+    return _svd_lowrank(mat, r, niter)
+
+
+def _svd_lowrank(A: Tensor, q: int, niter: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``torch.svd_lowrank(A, q, niter)`` (Halko et al. 2009, alg. 4.4 + 5.1) as torch 2.x
+    computes it after ``torch.manual_seed(0)``, but with its own generator.
+
+    The offset re-derived at load must be the one the adapter was trained against, so
+    the test matrix is seeded; torch draws it from the global RNG, which other threads
+    share and a fork/seed/restore would clobber. Same numbers as the release that called
+    ``torch.manual_seed(0); torch.svd_lowrank(...)`` (tests/data/adapters/pissa_lowrank).
+    Returns ``U (m, q), S (q,), Vh (q, n)``.
+    """
+    m, n = A.shape
+    tall = A if m >= n else A.mH
+    R = torch.randn(tall.shape[-1], q, dtype=tall.dtype, device=tall.device,
+                    generator=generator(0, scheme="raw", device=tall.device))
+    Q = torch.linalg.qr(tall @ R).Q
+    for _ in range(niter):
+        Q = torch.linalg.qr(tall.mH @ Q).Q
+        Q = torch.linalg.qr(tall @ Q).Q
+    U, S, Vh = torch.linalg.svd(Q.mH @ tall, full_matrices=False)
+    U = Q @ U
+    return (U, S, Vh) if m >= n else (Vh.mH, S, U.mH.contiguous())
 
 
 @register_method("pissa", PissaConfig, paper="https://arxiv.org/abs/2404.02948",

@@ -51,6 +51,7 @@ from torch import Tensor, nn
 
 from ..core.adapter import Adapter
 from ..core.delta import ActivationDelta, BuildContext, param_dtype
+from ..core.fields import knob
 from ..core.registry import ConfigError, DeltaConfig, register_method
 from .prompt_tuning import BACKBONES, _arguments, _is_backbone, cache_key
 
@@ -67,25 +68,12 @@ DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {k: BACKBONES[k] + v for k, v in A
 
 @dataclass(frozen=True)
 class PrefixTuningConfig(DeltaConfig):
-    """Prefix tuning hyper-parameters.
+    """Prefix tuning hyper-parameters."""
 
-    Attributes:
-        num_virtual_tokens: n, the prefix length in every layer.
-        reparam: produce the prefixes with the shared MLP (training); see :func:`fold_prefix`.
-        reparam_hidden: hidden width of that MLP.
-        init_std: std of the initial prefixes (or of P' under ``reparam``).
-    """
-
-    num_virtual_tokens: int = 20
-    reparam: bool = False
-    reparam_hidden: int = 512
-    init_std: float = 1.0
-
-    def validate(self) -> None:
-        for f in ("num_virtual_tokens", "reparam_hidden"):
-            v = getattr(self, f)
-            if not isinstance(v, int) or v <= 0:
-                raise ConfigError(f"{type(self).__name__}.{f}: expected a positive integer, found {v!r}")
+    num_virtual_tokens: int = knob(20, ge=1, doc="n, the prefix length in every layer")
+    reparam: bool = knob(False, doc="produce the prefixes with the shared MLP (training); see :func:`fold_prefix`")
+    reparam_hidden: int = knob(512, ge=1, log=True, doc="hidden width of that MLP")
+    init_std: float = knob(1.0, ge=0, doc="std of the initial prefixes (or of P' under ``reparam``)")
 
 
 def kv_layout(attn: nn.Module) -> tuple[int, int]:

@@ -54,7 +54,9 @@ from torch import Tensor, nn
 
 from ..core.delta import ActivationDelta, BuildContext, param_dtype
 from ..core.layer import DeltaStateError
+from ..core.fields import knob
 from ..core.registry import ConfigError, DeltaConfig, register_method
+from ..core.seeding import generator
 
 __all__ = ["PromptTuningConfig", "PromptTuning", "BACKBONES"]
 
@@ -68,28 +70,14 @@ BACKBONES: dict[str, tuple[str, ...]] = {
 
 @dataclass(frozen=True)
 class PromptTuningConfig(DeltaConfig):
-    """Prompt tuning hyper-parameters.
+    """Prompt tuning hyper-parameters."""
 
-    Attributes:
-        num_virtual_tokens: n, the soft prompt length.
-        init: ``vocab`` (embeddings of sampled token ids) or ``random`` (uniform).
-        vocab_sample: ``vocab`` init samples ids from the first ``vocab_sample`` tokens.
-        init_range: ``random`` init draws from U(-init_range, init_range).
-        seed: seed of the init sampling (reproducible prompts).
-    """
-
-    num_virtual_tokens: int = 20
-    init: Literal["vocab", "random"] = "vocab"
-    vocab_sample: int = 5000
-    init_range: float = 0.5
-    seed: int = 0
-
-    def validate(self) -> None:
-        name = type(self).__name__
-        for f in ("num_virtual_tokens", "vocab_sample"):
-            v = getattr(self, f)
-            if not isinstance(v, int) or v <= 0:
-                raise ConfigError(f"{name}.{f}: expected a positive integer, found {v!r}")
+    num_virtual_tokens: int = knob(20, ge=1, doc="n, the soft prompt length")
+    init: Literal["vocab", "random"] = knob(
+        "vocab", doc="``vocab`` (embeddings of sampled token ids) or ``random`` (uniform)")
+    vocab_sample: int = knob(5000, ge=1, doc="``vocab`` init samples ids from the first ``vocab_sample`` tokens")
+    init_range: float = knob(0.5, ge=0, doc="``random`` init draws from U(-init_range, init_range)")
+    seed: int = knob(0, doc="seed of the init sampling (reproducible prompts)")
 
 
 def _is_backbone(base: nn.Module) -> bool:
@@ -283,7 +271,7 @@ class PromptTuning(PromptedBackbone):
 def init_prompt(weight: Tensor, n: int, config: PromptTuningConfig) -> Tensor:
     """Initial soft prompt (n, d) from the (V, d) embedding matrix."""
     V, d = weight.shape
-    g = torch.Generator().manual_seed(config.seed)
+    g = generator(config.seed, scheme="raw")
     if config.init == "vocab":
         ids = torch.randint(0, min(config.vocab_sample, V), (n,), generator=g)
         return weight.detach()[ids.to(weight.device)].clone()

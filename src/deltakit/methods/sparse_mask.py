@@ -32,7 +32,6 @@ All start equal to the base (D = 0).
 """
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
@@ -42,7 +41,9 @@ from torch import Tensor, nn
 
 from ..core.adapter import Adapter, disabled
 from ..core.delta import BuildContext
+from ..core.fields import knob
 from ..core.registry import ConfigError, register_method
+from ..core.seeding import generator
 from ._sparse_common import SparseConfig, SparseMaskDelta, top_k
 
 __all__ = ["SparseRandomConfig", "SaraConfig", "SparseGradConfig", "SparseRandom", "Sara", "SparseGrad",
@@ -51,14 +52,9 @@ __all__ = ["SparseRandomConfig", "SaraConfig", "SparseGradConfig", "SparseRandom
 
 @dataclass(frozen=True)
 class SparseRandomConfig(SparseConfig):
-    """Random fixed mask.
+    """Random fixed mask."""
 
-    Attributes:
-        density: fraction of entries trained per target.
-        seed: mask seed (each target mixes in its module path).
-    """
-
-    seed: int = 0
+    seed: int = knob(0, doc="mask seed (each target mixes in its module path)")
 
 
 @dataclass(frozen=True)
@@ -72,29 +68,19 @@ class SaraConfig(SparseConfig):
 
 @dataclass(frozen=True)
 class SparseGradConfig(SparseConfig):
-    """Gradient-sensitivity mask (set by :func:`calibrate`).
+    """Gradient-sensitivity mask (set by :func:`calibrate`)."""
 
-    Attributes:
-        density: fraction of entries trained per target (the largest scores).
-        score: per-entry sensitivity summed over batches: ``abs`` = ``|grad|``,
-            ``fisher`` = ``grad^2`` (FISH).
-        calibration_batches: training batches whose gradients score the entries.
-    """
-
-    score: Literal["abs", "fisher"] = "abs"
-    calibration_batches: int = 4
-
-
-def _path_seed(seed: int, name: str) -> int:
-    # stable across processes (Python's hash() of str is salted)
-    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+    score: Literal["abs", "fisher"] = knob(
+        "abs", doc="per-entry sensitivity summed over batches: ``abs`` = ``|grad|``, ``fisher`` = ``grad^2`` "
+                   "(FISH)")
+    calibration_batches: int = knob(4, ge=1, doc="training batches whose gradients score the entries")
 
 
 @register_method("sparse_random", SparseRandomConfig, paper="https://arxiv.org/abs/2405.02596",
                  description="train a seeded random fixed subset (density p) of each weight's entries")
 class SparseRandom(SparseMaskDelta):
     def select(self, base: nn.Module, config: SparseRandomConfig, ctx: BuildContext, k: int) -> Tensor:
-        g = torch.Generator().manual_seed(_path_seed(config.seed, ctx.name))
+        g = generator(config.seed, ctx.name, scheme="path")
         return torch.sort(torch.randperm(base.weight.numel(), generator=g)[:k]).values
 
 

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.delta import BuildContext, WeightDelta, param_dtype
+from ..core.fields import knob
 from ..core.registry import ConfigError, DeltaConfig, register_method
 from ._base_ops import Conv1D
 from ._layout import out_axis
@@ -42,22 +43,14 @@ __all__ = ["SSFConfig", "SSF"]
 
 @dataclass(frozen=True)
 class SSFConfig(DeltaConfig):
-    """SSF hyper-parameters.
+    """SSF hyper-parameters."""
 
-    Attributes:
-        init: ``identity`` (gamma=1, beta=0) or ``normal`` (N(1, std), N(0, std)).
-        init_std: standard deviation of the ``normal`` init.
-        bias_free: on a target without bias, learn the scale only (``scale_only``) or
-            raise (``error``); a shift there could not be merged into the weights.
-    """
-
-    init: Literal["identity", "normal"] = "identity"
-    init_std: float = 0.02
-    bias_free: Literal["scale_only", "error"] = "scale_only"
-
-    def validate(self) -> None:
-        if self.init_std < 0:
-            raise ConfigError(f"SSFConfig.init_std: expected >= 0, found {self.init_std!r}")
+    init: Literal["identity", "normal"] = knob(
+        "identity", doc="``identity`` (gamma=1, beta=0) or ``normal`` (N(1, std), N(0, std))")
+    init_std: float = knob(0.02, ge=0, doc="standard deviation of the ``normal`` init")
+    bias_free: Literal["scale_only", "error"] = knob(
+        "scale_only", doc="on a target without bias, learn the scale only (``scale_only``) or raise (``error``); a "
+                          "shift there could not be merged into the weights")
 
 
 @register_method("ssf", SSFConfig, paper="https://arxiv.org/abs/2210.08823",

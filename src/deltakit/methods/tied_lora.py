@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.delta import BuildContext, WeightDelta, param_dtype
+from ..core.fields import knob
 from ..core.registry import ConfigError, DeltaConfig, register_method
 from ._base_ops import Conv1D, in_out
 from ._lora_common import seeded_init
@@ -43,28 +44,17 @@ _PARTS = ("A", "B", "u", "v")
 
 @dataclass(frozen=True)
 class TiedLoraConfig(DeltaConfig):
-    """Tied-LoRA hyper-parameters.
+    """Tied-LoRA hyper-parameters."""
 
-    Attributes:
-        r: rank of the shared factors.
-        alpha: scale numerator; the update is multiplied by ``alpha / r``.
-        dropout: dropout on the branch input (training only).
-        trainable: which of ``"A"``, ``"B"`` (tied factors), ``"u"``, ``"v"`` (per-layer
-            scaling vectors) train; the rest are frozen.
-        seed: seed of the frozen random factors (regenerated at load, not stored).
-    """
-
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    trainable: tuple[str, ...] = _PARTS
-    seed: int = 0
+    r: int = knob(8, ge=1, log=True, doc="rank of the shared factors")
+    alpha: float = knob(16.0, gt=0, log=True, doc="scale numerator; the update is multiplied by ``alpha / r``")
+    dropout: float = knob(0.0, ge=0, lt=1, doc="dropout on the branch input (training only)")
+    trainable: tuple[str, ...] = knob(
+        _PARTS, doc="which of ``\"A\"``, ``\"B\"`` (tied factors), ``\"u\"``, ``\"v\"`` (per-layer scaling "
+                    "vectors) train; the rest are frozen")
+    seed: int = knob(0, doc="seed of the frozen random factors (regenerated at load, not stored)")
 
     def validate(self) -> None:
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise ConfigError(f"TiedLoraConfig.r: expected a positive integer, found {self.r!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"TiedLoraConfig.dropout: expected 0 <= dropout < 1, found {self.dropout!r}")
         bad = [t for t in self.trainable if t not in _PARTS]
         if bad or not self.trainable:
             raise ConfigError(f"TiedLoraConfig.trainable: expected a non-empty subset of {list(_PARTS)}, "

@@ -60,6 +60,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.delta import BuildContext, param_dtype
+from ..core.fields import knob
 from ..core.registry import ConfigError, DeltaConfig, register_method
 from ._adapter_common import Branch, BranchDelta, module_width
 from .prefix_tuning import kv_layout, prefixed_attention, shifted_positions
@@ -83,49 +84,35 @@ SITES: dict[str, str] = {
 
 @dataclass(frozen=True)
 class UnifiedConfig(DeltaConfig):
-    """One point of He et al.'s design space (see the module table).
+    """One point of He et al.'s design space (see the module table)."""
 
-    Attributes:
-        position: sub-layer(s) the modification f is applied at (``none``: prefixes only).
-        attention_site: at the attention sub-layer, ``output`` (its output projection /
-            the whole block) or ``qv`` (the query and value projections, as LoRA).
-        modification: f: ``lowrank`` (linear, no bias), ``mlp`` (bottleneck with
-            ``non_linearity``) or ``scaling`` (elementwise vector).
-        insertion: ``sequential`` (f reads h) or ``parallel`` (f reads the sub-layer input).
-        composition: ``additive``, ``scaled`` (by ``scale``) or ``gated``.
-        r: rank / bottleneck width of f.
-        scale: s of the scaled composition.
-        non_linearity: activation of the ``mlp`` modification.
-        init: ``lora`` (W_up = 0, exact identity) or ``houlsby`` (truncated N(0, 1e-2)).
-        prefix_length: prefix tuning's n at every self-attention layer (0 = off).
-        prefix_init_std: std of the initial prefixes.
-        dropout: dropout on the branch input (training only).
-    """
-
-    position: Literal["none", "attention", "ffn", "both"] = "ffn"
-    attention_site: Literal["output", "qv"] = "output"
-    modification: Literal["lowrank", "mlp", "scaling"] = "mlp"
-    insertion: Literal["sequential", "parallel"] = "parallel"
-    composition: Literal["additive", "scaled", "gated"] = "scaled"
-    r: int = 64
-    scale: float = 4.0
-    non_linearity: Literal["relu", "gelu", "swish", "tanh"] = "relu"
-    init: Literal["lora", "houlsby"] = "lora"
-    prefix_length: int = 0
-    prefix_init_std: float = 1.0
-    dropout: float = 0.0
+    position: Literal["none", "attention", "ffn", "both"] = knob(
+        "ffn", doc="sub-layer(s) the modification f is applied at (``none``: prefixes only)")
+    attention_site: Literal["output", "qv"] = knob(
+        "output", doc="at the attention sub-layer, ``output`` (its output projection / the whole block) or ``qv``"
+                      " (the query and value projections, as LoRA)")
+    modification: Literal["lowrank", "mlp", "scaling"] = knob(
+        "mlp", doc="f: ``lowrank`` (linear, no bias), ``mlp`` (bottleneck with ``non_linearity``) or "
+                   "``scaling`` (elementwise vector)")
+    insertion: Literal["sequential", "parallel"] = knob(
+        "parallel", doc="``sequential`` (f reads h) or ``parallel`` (f reads the sub-layer input)")
+    composition: Literal["additive", "scaled", "gated"] = knob(
+        "scaled", doc="``additive``, ``scaled`` (by ``scale``) or ``gated``")
+    r: int = knob(64, ge=1, log=True, doc="rank / bottleneck width of f")
+    scale: float = knob(4.0, doc="s of the scaled composition")
+    non_linearity: Literal["relu", "gelu", "swish", "tanh"] = knob(
+        "relu", doc="activation of the ``mlp`` modification")
+    init: Literal["lora", "houlsby"] = knob(
+        "lora", doc="``lora`` (W_up = 0, exact identity) or ``houlsby`` (truncated N(0, 1e-2))")
+    prefix_length: int = knob(0, ge=0, doc="prefix tuning's n at every self-attention layer (0 = off)")
+    prefix_init_std: float = knob(1.0, ge=0, doc="std of the initial prefixes")
+    dropout: float = knob(0.0, ge=0, lt=1, doc="dropout on the branch input (training only)")
 
     def validate(self) -> None:
         name = type(self).__name__
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise ConfigError(f"{name}.r: expected a positive integer, found {self.r!r}")
-        if not isinstance(self.prefix_length, int) or self.prefix_length < 0:
-            raise ConfigError(f"{name}.prefix_length: expected an integer >= 0, found {self.prefix_length!r}")
         if self.position == "none" and self.prefix_length == 0:
             raise ConfigError(f"{name}: position='none' with prefix_length=0 changes nothing; "
                               "expected a position or a prefix")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"{name}.dropout: expected 0 <= dropout < 1, found {self.dropout!r}")
         # Targets follow the knobs: derived when not given, and re-derived when they are
         # site patterns (so ``config.replace(position=...)`` does not keep stale sites).
         auto = {f"re:{p}" for p in SITES.values()}

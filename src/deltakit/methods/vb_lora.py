@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.delta import BuildContext, param_dtype
+from ..core.fields import knob
 from ..core.registry import ConfigError, DeltaConfig, register_method
 from ._banks import FactoredDelta, layout, linear_shape, target_device
 from ._base_ops import Conv1D
@@ -47,31 +48,17 @@ _LOGITS = ("vblora_logits_A", "vblora_logits_B")
 
 @dataclass(frozen=True)
 class VBLoraConfig(DeltaConfig):
-    """VB-LoRA hyper-parameters.
+    """VB-LoRA hyper-parameters."""
 
-    Attributes:
-        r: rank of the composed A (r, in) and B (out, r).
-        num_vectors: ``h``, vectors in the shared bank.
-        vector_length: ``b``, length of a bank vector; must divide every target's in and out.
-        topk: ``k``, bank vectors mixed into each sub-vector.
-        init_bank_bound: the bank starts U(-bound, bound).
-        init_logits_std: the logits start N(0, std).
-        save_only_topk: store only each sub-vector's top-k indices and logits (paper).
-    """
-
-    r: int = 4
-    num_vectors: int = 256
-    vector_length: int = 256
-    topk: int = 2
-    init_bank_bound: float = 0.02
-    init_logits_std: float = 0.1
-    save_only_topk: bool = True
+    r: int = knob(4, ge=1, doc="rank of the composed A (r, in) and B (out, r)")
+    num_vectors: int = knob(256, ge=1, log=True, doc="``h``, vectors in the shared bank")
+    vector_length: int = knob(256, ge=1, doc="``b``, length of a bank vector; must divide every target's in and out")
+    topk: int = knob(2, ge=1, doc="``k``, bank vectors mixed into each sub-vector")
+    init_bank_bound: float = knob(0.02, ge=0, doc="the bank starts U(-bound, bound)")
+    init_logits_std: float = knob(0.1, ge=0, doc="the logits start N(0, std)")
+    save_only_topk: bool = knob(True, doc="store only each sub-vector's top-k indices and logits (paper)")
 
     def validate(self) -> None:
-        for n in ("r", "num_vectors", "vector_length", "topk"):
-            v = getattr(self, n)
-            if not isinstance(v, int) or v <= 0:
-                raise ConfigError(f"VBLoraConfig.{n}: expected a positive integer, found {v!r}")
         if self.topk > self.num_vectors:
             raise ConfigError(f"VBLoraConfig.topk: expected at most num_vectors={self.num_vectors}, "
                               f"found {self.topk}")

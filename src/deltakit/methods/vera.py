@@ -30,7 +30,9 @@ import torch
 from torch import Tensor, nn
 
 from ..core.delta import BuildContext, param_dtype
+from ..core.fields import knob
 from ..core.registry import ConfigError, DeltaConfig, register_method
+from ..core.seeding import generator
 from ._banks import FactoredDelta, layout, linear_shape, target_device
 from ._base_ops import Conv1D, in_out
 
@@ -39,21 +41,12 @@ __all__ = ["VeraConfig", "VeRA", "VeraShared"]
 
 @dataclass(frozen=True)
 class VeraConfig(DeltaConfig):
-    """VeRA hyper-parameters.
+    """VeRA hyper-parameters."""
 
-    Attributes:
-        r: rank of the shared random matrices (the paper uses large r, e.g. 256-1024).
-        d_initial: initial value of every entry of the scaling vector ``d`` (paper: 0.1).
-        seed: seed that regenerates the shared random A and B (not saved as tensors).
-    """
-
-    r: int = 256
-    d_initial: float = 0.1
-    seed: int = 0
-
-    def validate(self) -> None:
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise ConfigError(f"VeraConfig.r: expected a positive integer, found {self.r!r}")
+    r: int = knob(
+        256, ge=1, log=True, doc="rank of the shared random matrices (the paper uses large r, e.g. 256-1024)")
+    d_initial: float = knob(0.1, doc="initial value of every entry of the scaling vector ``d`` (paper: 0.1)")
+    seed: int = knob(0, doc="seed that regenerates the shared random A and B (not saved as tensors)")
 
 
 class VeraShared(nn.Module):
@@ -61,7 +54,7 @@ class VeraShared(nn.Module):
 
     def __init__(self, r: int, in_max: int, out_max: int, seed: int, device: torch.device):
         super().__init__()
-        g = torch.Generator(device="cpu").manual_seed(seed)
+        g = generator(seed, scheme="raw")   # peft: projection_prng_key, no keys mixed in
         A = torch.empty(r, in_max).uniform_(-math.sqrt(6 / in_max), math.sqrt(6 / in_max), generator=g)
         B = torch.empty(out_max, r).uniform_(-math.sqrt(6 / r), math.sqrt(6 / r), generator=g)
         self.register_buffer("vera_A", A.to(device), persistent=False)

@@ -9,20 +9,23 @@ from dataclasses import dataclass
 
 import torch
 
+from ...core.fields import Checked, ConfigError, knob
 from .._parts import per_model
 from .._registry import MergeConfigError, MergeContext, register_merge
 
 
 @dataclass(frozen=True)
-class CABSConfig:
-    n: int = 1
-    m: int = 4                     # density n/m per task (1:4 -> 25%)
-    weights: tuple[float, ...] | None = None  # lam_k
-    order: tuple[int, ...] | None = None      # pruning order (default: as given)
+class CABSConfig(Checked):
+    n: int = knob(1, ge=1, doc="entries each task keeps in every block of m (density n/m)")
+    m: int = knob(4, ge=1, doc="block size of the n:m pattern (1:4 keeps 25% per task)")
+    weights: tuple[float, ...] | None = knob(None, per_model=True, doc="per-model scale lam_k (default 1 each)")
+    order: tuple[int, ...] | None = knob(
+        None, ge=0, per_model=True, doc="pruning order: model indices in the order they claim entries "
+                                        "(default: as given)")
 
-    def __post_init__(self) -> None:
-        if not 0 < self.n <= self.m:
-            raise ValueError(f"n: expected 0 < n <= m={self.m}, found {self.n}")
+    def validate(self) -> None:
+        if self.n > self.m:
+            raise ConfigError(f"CABSConfig.n: expected at most m={self.m}, found {self.n}")
 
 
 @register_merge("cabs", paper="https://arxiv.org/abs/2503.01874", config=CABSConfig)

@@ -9,6 +9,7 @@ mergekit rescales by matching the L1 norm instead (``rescale="l1"``; its recipes
 from dataclasses import dataclass
 from typing import Literal
 
+from ...core.fields import knob
 from .._parts import GTAConfig, gta_linear_form, gta_merge
 from .._registry import register_merge
 
@@ -32,7 +33,7 @@ class DareTiesConfig(DareLinearConfig):
 @dataclass(frozen=True)
 class DarexQConfig(DareLinearConfig):
     rescale: _Rs = "q"
-    q: float | None = 0.2
+    q: float | None = knob(0.2, gt=0, doc="kept entries are rescaled by 1/q (one value: not per model here)")
 
 
 register_merge("dare_linear", paper="https://arxiv.org/abs/2311.03099", config=DareLinearConfig,

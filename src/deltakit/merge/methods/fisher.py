@@ -8,14 +8,16 @@ from dataclasses import dataclass
 
 import torch
 
+from ...core.fields import Checked, knob
 from .._parts import per_model
 from .._registry import MergeContext, register_merge
 
 
 @dataclass(frozen=True)
-class FisherConfig:
-    weights: tuple[float, ...] | None = None
-    fisher_floor: float = 1e-6  # added to each F_k, as the paper does, so no entry divides by 0
+class FisherConfig(Checked):
+    weights: tuple[float, ...] | None = knob(None, per_model=True, doc="per-model weight (default 1 each)")
+    fisher_floor: float = knob(
+        1e-6, ge=0, log=True, doc="added to each F_k, as the paper does, so no entry divides by 0")
 
 
 @register_merge("fisher", paper="https://arxiv.org/abs/2111.09832", config=FisherConfig, inputs="weights",

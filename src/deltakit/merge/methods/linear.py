@@ -7,14 +7,15 @@ from dataclasses import dataclass
 
 import torch
 
+from ...core.fields import Checked, knob
 from .._parts import per_model
 from .._registry import MergeContext, register_merge
 
 
 @dataclass(frozen=True)
-class LinearConfig:
-    weights: tuple[float, ...] | None = None
-    normalize: bool = True
+class LinearConfig(Checked):
+    weights: tuple[float, ...] | None = knob(None, per_model=True, doc="per-model weight (default 1 each)")
+    normalize: bool = knob(True, doc="divide by the sum of the weights")
 
 
 def coefficients(cfg: LinearConfig, k: int) -> list[float]:

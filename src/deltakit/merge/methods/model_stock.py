@@ -8,12 +8,13 @@ from dataclasses import dataclass
 
 import torch
 
+from ...core.fields import Checked, knob
 from .._registry import MergeConfigError, MergeContext, register_merge
 
 
 @dataclass(frozen=True)
-class ModelStockConfig:
-    filter_wise: bool = False
+class ModelStockConfig(Checked):
+    filter_wise: bool = knob(False, doc="one interpolation ratio per output row (filter) instead of per tensor")
 
 
 @register_merge("model_stock", paper="https://arxiv.org/abs/2403.19522", config=ModelStockConfig)

@@ -10,15 +10,16 @@ from dataclasses import dataclass
 
 import torch
 
+from ...core.fields import Checked, knob
 from .._parts import per_model
 from .._registry import MergeContext, register_merge
 
 
 @dataclass(frozen=True)
-class MultiSlerpConfig:
-    weights: tuple[float, ...] | None = None
-    normalize_weights: bool = True
-    eps: float = 1e-8
+class MultiSlerpConfig(Checked):
+    weights: tuple[float, ...] | None = knob(None, per_model=True, doc="per-model weight (default 1 each)")
+    normalize_weights: bool = knob(True, doc="divide the weights by their sum")
+    eps: float = knob(1e-8, gt=0, log=True, doc="norms below this count as zero")
 
 
 @register_merge("multislerp", paper="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",

@@ -13,12 +13,13 @@ from dataclasses import dataclass
 
 import torch
 
+from ...core.fields import Checked, knob
 from .._registry import MergeContext, register_merge
 
 
 @dataclass(frozen=True)
-class OrthogonalConfig:
-    alpha: float = 0.5
+class OrthogonalConfig(Checked):
+    alpha: float = knob(0.5, ge=0, le=1, doc="fraction of the singular-value mass each task's top directions carry")
 
 
 @register_merge("opcm", paper="https://arxiv.org/abs/2501.09522", config=OrthogonalConfig)

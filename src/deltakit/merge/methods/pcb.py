@@ -9,18 +9,15 @@ from dataclasses import dataclass
 
 import torch
 
+from ...core.fields import Checked, knob
 from .._registry import MergeContext, register_merge
 
 
 @dataclass(frozen=True)
-class PCBConfig:
-    ratio: float = 0.1        # fraction of entries kept per task (the paper's r)
-    clip: float = 1e-4        # outlier clipping quantile on |tau|
-    lam: float = 1.0
-
-    def __post_init__(self) -> None:
-        if not 0 < self.ratio <= 1:
-            raise ValueError(f"ratio: expected a value in (0, 1], found {self.ratio}")
+class PCBConfig(Checked):
+    ratio: float = knob(0.1, gt=0, le=1, doc="fraction of entries kept per task (the paper's r)")
+    clip: float = knob(1e-4, ge=0, le=1, doc="outlier clipping quantile on |tau|")
+    lam: float = knob(1.0, doc="final scale on the merged task vector")
 
 
 def _minmax(x: torch.Tensor) -> torch.Tensor:

@@ -10,12 +10,13 @@ from dataclasses import dataclass
 
 import torch
 
+from ...core.fields import Checked, knob
 from .._registry import MergeContext, register_merge
 
 
 @dataclass(frozen=True)
-class RegMeanConfig:
-    alpha: float = 0.9  # off-diagonal shrinkage; the paper's default range is 0.1..1
+class RegMeanConfig(Checked):
+    alpha: float = knob(0.9, ge=0, le=1, doc="off-diagonal shrinkage of the Grams (the paper searches 0.1..1)")
 
 
 @register_merge("regmean", paper="https://arxiv.org/abs/2212.09849", config=RegMeanConfig, inputs="weights",

@@ -10,14 +10,16 @@ from dataclasses import dataclass
 
 import torch
 
+from ...core.fields import Checked, knob
 from .._registry import MergeConfigError, MergeContext, register_merge
 
 
 @dataclass(frozen=True)
-class SlerpConfig:
-    t: float = 0.5
-    dot_threshold: float = 0.9995
-    eps: float = 1e-8
+class SlerpConfig(Checked):
+    t: float = knob(0.5, ge=0, le=1, doc="position between the base (0) and the model (1)")
+    dot_threshold: float = knob(
+        0.9995, ge=0, le=1, doc="above this |cos| the pair counts as colinear and is interpolated linearly")
+    eps: float = knob(1e-8, gt=0, log=True, doc="norms below this count as zero")
 
 
 def slerp_pair(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995,
