@@ -205,15 +205,6 @@ def add_train(sub) -> None:
     p.set_defaults(func=run_train)
 
 
-def _read_split(path: str, split: str, max_rows=None, seed=0):
-    from ..train.data import load_glue_dir, read_rows
-
-    p = Path(path)
-    if p.is_dir():
-        return load_glue_dir(p, split, max_rows=max_rows, seed=seed)
-    return read_rows(p, max_rows=max_rows, seed=seed)
-
-
 def run_train(args) -> int:
     import torch
 
@@ -222,7 +213,7 @@ def run_train(args) -> int:
     from ..io.models import head_modules, load_classifier
     from ..train import fit
     from ..io.files import guard_output
-    from ..train.data import make_loader, num_labels
+    from ..train.data import make_loader
 
     guard_output(args.out, "adapter", inputs=[p for p in (args.train, args.dev, args.model) if p],
                  overwrite=args.overwrite)

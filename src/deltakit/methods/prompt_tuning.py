@@ -149,82 +149,94 @@ def _prompted(base: nn.Module, inner, deltas: Sequence[PromptedBackbone], row: T
     first, call = _arguments(base, x, args, kwargs)
     input_ids = call.pop(first, None)
     past = call.get(cache_key(base, call))
-    past_len = past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
-    if past_len > 0:
-        # Later generation steps: the prompt is already in the cache; widen the mask only.
-        ns = {d.n for d in deltas}
-        if len(ns) != 1 or (row < 0).any():
-            raise DeltaStateError("generation with a KV cache needs one prompt length for every row")
-        n = ns.pop()
-        if call.get("attention_mask") is not None:
-            m = call["attention_mask"]
-            call["attention_mask"] = torch.cat([m.new_ones(m.shape[0], n), m], dim=1)
-        if call.get("position_ids") is not None:
-            call["position_ids"] = call["position_ids"] + n
-        return inner(input_ids, **call)
-
+    if past is not None and hasattr(past, "get_seq_length") and past.get_seq_length() > 0:
+        return _cached_step(inner, deltas, row, input_ids, call)
     embeds = call.pop("inputs_embeds", None)
     if embeds is None:
         embeds = base.get_input_embeddings()(input_ids)                         # (B, T, d)
-    B, T = embeds.shape[:2]
-    lens = torch.tensor([d.n for d in deltas] + [0], device=embeds.device)[row]  # (B,) n_b (0 for base)
-    n_max = int(lens.max())
+    T = embeds.shape[1]
+    rows = _RowGroups(deltas, row, embeds.device)
+    call["inputs_embeds"] = rows.widen(_add_updates(embeds, deltas, row, T), rows.prompts, 0.0)
+    _widen_inputs(call, rows, embeds)
+    out = inner(None, **call)
+    index = (rows.lens.view(-1, 1) + torch.arange(T, device=embeds.device)).long()  # (B, T) real positions
+    return _strip(out, index, rows.n_max, T)
 
-    # Build each adapter's rows (and the base rows) as one group, then restore row order.
-    groups, order = [], []
-    for k in [-1, *range(len(deltas))]:
-        sel = (row == k).nonzero(as_tuple=True)[0]
-        if sel.numel() == 0:
-            continue
-        groups.append((k, sel))
-        order.append(sel)
-    inv = torch.argsort(torch.cat(order))
 
-    def widen(t: Tensor | None, left, pad_value) -> Tensor | None:
-        """(B, T, ...) -> (B, n_max + T, ...): per group [left(k) ; t ; pad]."""
+def _cached_step(inner, deltas: Sequence[PromptedBackbone], row: Tensor, input_ids, call: dict):
+    """Later generation steps: the prompt is already in the cache; widen the mask only."""
+    ns = {d.n for d in deltas}
+    if len(ns) != 1 or (row < 0).any():
+        raise DeltaStateError("generation with a KV cache needs one prompt length for every row")
+    n = ns.pop()
+    if call.get("attention_mask") is not None:
+        m = call["attention_mask"]
+        call["attention_mask"] = torch.cat([m.new_ones(m.shape[0], n), m], dim=1)
+    if call.get("position_ids") is not None:
+        call["position_ids"] = call["position_ids"] + n
+    return inner(input_ids, **call)
+
+
+def _add_updates(embeds: Tensor, deltas: Sequence[PromptedBackbone], row: Tensor, T: int) -> Tensor:
+    """Each row's adapter's per-token update of the real tokens' embeddings (DePT), if any."""
+    out = embeds
+    for k, d in enumerate(deltas):
+        upd = d.token_update(T)
+        if upd is not None:
+            keep = (row == k).view(-1, 1, 1)
+            out = torch.where(keep, out + upd.to(out.dtype), out)
+    return out
+
+
+class _RowGroups:
+    """The batch's rows grouped by adapter (-1: the base): each group is widened to
+    ``n_max + T`` as ``[its prompt ; the input ; padding]``, then row order is restored."""
+
+    def __init__(self, deltas: Sequence[PromptedBackbone], row: Tensor, device):
+        self.deltas = deltas
+        self.lens = torch.tensor([d.n for d in deltas] + [0], device=device)[row]  # (B,) n_b (0 for base)
+        self.n_max = int(self.lens.max())
+        self.groups = [(k, sel) for k in [-1, *range(len(deltas))]
+                       if (sel := (row == k).nonzero(as_tuple=True)[0]).numel()]
+        self.inv = torch.argsort(torch.cat([sel for _, sel in self.groups]))
+
+    def widen(self, t: Tensor | None, left, pad_value) -> Tensor | None:
+        """(B, T, ...) -> (B, n_max + T, ...): per group [left(k, rows) ; t ; pad]."""
         if t is None:
             return None
         parts = []
-        for k, sel in groups:
-            nk = deltas[k].n if k >= 0 else 0
+        for k, sel in self.groups:
+            nk = self.deltas[k].n if k >= 0 else 0
             sub = t.index_select(0, sel)
             pieces = [left(k, sub)] if nk else []
             pieces.append(sub)
-            if n_max - nk:
-                pieces.append(sub.new_full((sub.shape[0], n_max - nk, *sub.shape[2:]), pad_value))
+            if self.n_max - nk:
+                pieces.append(sub.new_full((sub.shape[0], self.n_max - nk, *sub.shape[2:]), pad_value))
             parts.append(torch.cat(pieces, dim=1))
-        return torch.cat(parts, dim=0).index_select(0, inv)
+        return torch.cat(parts, dim=0).index_select(0, self.inv)
 
-    def prompt_rows(k: int, sub: Tensor) -> Tensor:
-        return deltas[k].prompt().to(sub.dtype).unsqueeze(0).expand(sub.shape[0], -1, -1)
+    def prompts(self, k: int, sub: Tensor) -> Tensor:
+        return self.deltas[k].prompt().to(sub.dtype).unsqueeze(0).expand(sub.shape[0], -1, -1)
 
-    def add_update(t: Tensor) -> Tensor:
-        out = t
-        for k, d in enumerate(deltas):
-            upd = d.token_update(T)
-            if upd is not None:
-                keep = (row == k).view(-1, 1, 1)
-                out = torch.where(keep, out + upd.to(out.dtype), out)
-        return out
 
-    call["inputs_embeds"] = widen(add_update(embeds), prompt_rows, 0.0)
+def _widen_inputs(call: dict, rows: _RowGroups, embeds: Tensor) -> None:
+    """Attention mask, token types and positions widened to match the prompted embeddings."""
+    B, T = embeds.shape[:2]
+    n = lambda k: rows.deltas[k].n  # noqa: E731
     mask = call.get("attention_mask")
-    if mask is not None or int(lens.min()) != n_max:
+    if mask is not None or int(rows.lens.min()) != rows.n_max:
         mask = torch.ones(B, T, dtype=torch.long, device=embeds.device) if mask is None else mask
-        call["attention_mask"] = widen(mask, lambda k, s: s.new_ones(s.shape[0], deltas[k].n), 0)
+        call["attention_mask"] = rows.widen(mask, lambda k, s: s.new_ones(s.shape[0], n(k)), 0)
     if call.get("token_type_ids") is not None:
-        call["token_type_ids"] = widen(call["token_type_ids"], lambda k, s: s.new_zeros(s.shape[0], deltas[k].n), 0)
+        call["token_type_ids"] = rows.widen(call["token_type_ids"], lambda k, s: s.new_zeros(s.shape[0], n(k)), 0)
     if call.get("position_ids") is not None:
         pos = call["position_ids"]
         if pos.shape[0] != B:
             pos = pos.expand(B, -1)
         # prompt rows: virtual tokens at 0..n-1, real tokens shifted by n
-        shifted = pos + lens.view(-1, 1)
-        call["position_ids"] = widen(shifted, lambda k, s: torch.arange(deltas[k].n, device=s.device)
-                                     .expand(s.shape[0], -1).to(s.dtype), 0)
-    out = inner(None, **call)
-    index = (lens.view(-1, 1) + torch.arange(T, device=embeds.device)).long()    # (B, T) real positions
-    return _strip(out, index, n_max, T)
+        shifted = pos + rows.lens.view(-1, 1)
+        call["position_ids"] = rows.widen(shifted, lambda k, s: torch.arange(n(k), device=s.device)
+                                          .expand(s.shape[0], -1).to(s.dtype), 0)
 
 
 def _strip(out, index: Tensor, n_max: int, T: int):
