@@ -11,19 +11,9 @@ from deltakit.train.checkpoint import latest_checkpoint
 from deltakit.train.loop import _count_tokens
 
 
-def _data(n=32):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, 4, generator=g)
-    return [{"x": a, "labels": b} for a, b in zip(x, (x[:, 0] > 0).long())]
-
-
-def _loss(m, b):
-    return torch.nn.functional.cross_entropy(m(b["x"]), b["labels"])
-
-
-def _model():
-    torch.manual_seed(0)
-    return torch.nn.Linear(4, 2)
+from tests.train.train_helpers import linear_loss as _loss  # noqa: E402
+from tests.train.train_helpers import linear_model as _model  # noqa: E402
+from tests.train.train_helpers import linear_rows as _data  # noqa: E402
 
 
 def _nan_from(step_call):

@@ -42,3 +42,19 @@ def build_for_parity(mode: str):
         # trainable but never used: its grad stays None, so AdamW must skip it (no weight decay)
         model.register_parameter("unused_probe", torch.nn.Parameter(torch.ones(2, 2)))
     return model
+
+
+def linear_rows(n: int = 32) -> list[dict[str, torch.Tensor]]:
+    """Rows of a linearly separable 2-class problem for a ``Linear(4, 2)``."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 4, generator=g)
+    return [{"x": a, "labels": b} for a, b in zip(x, (x[:, 0] > 0).long())]
+
+
+def linear_loss(m, b):
+    return torch.nn.functional.cross_entropy(m(b["x"]), b["labels"])
+
+
+def linear_model():
+    torch.manual_seed(0)
+    return torch.nn.Linear(4, 2)
