@@ -45,11 +45,10 @@ def _num_labels(peft_dir: Path) -> int | None:
 
 def load_peft_base(peft_dir: Path, model: str | None):
     """The base model a peft directory names (or ``model``), as the class its task_type implies."""
-    import torch
     import transformers
 
     from ..io.files import read_json
-    from ..io.models import quiet_transformers, record_name, resolve_model
+    from ..io.models import load_pretrained
     from ..io.peft import CONFIG
 
     cfg = read_json(peft_dir / CONFIG)
@@ -61,16 +60,8 @@ def load_peft_base(peft_dir: Path, model: str | None):
         raise ValueError(f"{peft_dir / CONFIG}: expected task_type in {sorted(map(str, AUTO_CLASSES))}, found {task!r}")
     cls = getattr(transformers, AUTO_CLASSES[task])
     k = _num_labels(peft_dir) if task == "SEQ_CLS" else None
-    quiet_transformers()
-    torch.manual_seed(0)
-    try:
-        path = resolve_model(src)
-    except FileNotFoundError as e:
-        if model is not None:
-            raise
-        raise type(e)(f"the peft config's base_model_name_or_path: {e}; pass --model") from None
-    base = cls.from_pretrained(path, **({"num_labels": k, "ignore_mismatched_sizes": True} if k else {}))
-    record_name(base, src)
+    base, _ = load_pretrained(cls, src, named_by="the peft config's base_model_name_or_path" if model is None else None,
+                              **({"num_labels": k, "ignore_mismatched_sizes": True} if k else {}))
     return base
 
 

@@ -156,7 +156,6 @@ def load_base_for(manifest: dict, model: str | None = None, seed: int = 0):
     manifest; a head the checkpoint lacks is initialised after ``torch.manual_seed(seed)``,
     as :func:`load_classifier` does it for training, so the same seed gives the same head.
     """
-    import torch
     import transformers
     base = manifest.get("base_model") or {}
     src = model or base.get("name_or_path")
@@ -168,14 +167,24 @@ def load_base_for(manifest: dict, model: str | None = None, seed: int = 0):
         raise ValueError(f"unknown base model class {cls_name!r} in the manifest")
     kwargs = {"num_labels": base["num_labels"], "ignore_mismatched_sizes": True} \
         if base.get("num_labels") and "Classification" in cls_name else {}
+    return load_pretrained(cls, src, named_by="the adapter's recorded base" if model is None else None,
+                           seed=seed, **kwargs)
+
+
+def load_pretrained(cls, src: str, *, named_by: str | None = None, seed: int = 0, **kwargs):
+    """``(cls.from_pretrained(resolved src), resolved path)``, the portable name recorded, and any
+    weights the checkpoint lacks (a new head) drawn after ``manual_seed(seed)`` without touching
+    the caller's RNG stream. ``named_by``: where ``src`` came from, for the error when it is gone."""
+    import torch
+
     try:
         path = resolve_model(src)
     except FileNotFoundError as e:
-        if model is not None:
+        if named_by is None:
             raise
-        raise type(e)(f"the adapter's recorded base: {e}; pass --model") from None
+        raise type(e)(f"{named_by}: {e}; pass --model") from None
     quiet_transformers()
-    with torch.random.fork_rng(devices=[]):  # seeded, and the caller's RNG stream is left alone
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         loaded = cls.from_pretrained(path, **kwargs)
     record_name(loaded, src)
