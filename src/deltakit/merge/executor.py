@@ -88,7 +88,7 @@ def merge_tensors(method: MergeMethod, tensors: Sequence[torch.Tensor], base: to
     """Merge one parameter from K raw tensors (any float dtype) -> merged tensor in compute dtype."""
     k = len(tensors)
     shape = tuple(tensors[0].shape)
-    work = torch.float64 if compute_dtype == torch.float64 else torch.float32
+    work = work_dtype(compute_dtype)
     x = torch.empty((k, *shape), dtype=work)
     for i, t in enumerate(tensors):
         x[i].copy_(t)
@@ -119,7 +119,9 @@ def merge_checkpoints(models: Sequence[Source], out_dir: str | os.PathLike, plan
     plan.method.require_stats(plan.stats_for, names)
     items = [PlannedTensor(n, ref.shape(n), plan.out_dtype if plan.out_dtype is not None
                            and ref.dtype(n).is_floating_point else ref.dtype(n)) for n in names]
-    readers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="deltakit-read") if prefetch and len(srcs) > 1 else None
+    readers = None
+    if prefetch and len(srcs) > 1:  # a large tensor's K rows are read concurrently
+        readers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="deltakit-read")
     job = MergeJob(plan.method, srcs, b, plan.config_for, num_layers, _chunk, work_dtype(plan.compute_dtype),
                    lambda n: tensor_generator(plan.seed, n), plan.stats_for, plan.lines, readers)
     floating = {n: ref.dtype(n).is_floating_point for n in names}
