@@ -24,7 +24,7 @@ DEFAULT_DATA = os.environ.get("DELTAKIT_GLUE_DIR", "/work/shared/data/text")
 TASK_METRIC = {"sst2": "accuracy", "rte": "accuracy", "mrpc": "f1", "cola": "mcc", "qnli": "accuracy"}
 
 __all__ = ["HERE", "RESULTS", "DEFAULT_DATA", "TASK_METRIC", "load_avg", "cpu_model", "machine_info", "timer",
-           "Log", "write_json", "read_json", "TensorCache", "status_kb", "reset_peak_rss"]
+           "Log", "write_json", "write_text", "read_json", "TensorCache", "status_kb", "reset_peak_rss"]
 
 
 def load_avg() -> list[float]:
@@ -89,6 +89,14 @@ def write_json(path: str | os.PathLike, obj) -> None:
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     _write(path, obj)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Atomic, like :func:`write_json` (reports: a reader never sees half a table)."""
+    from deltakit.io.files import atomic_write
+
+    with atomic_write(path, "w") as f:
+        f.write(text)
 
 
 def read_json(path: str | os.PathLike) -> dict:

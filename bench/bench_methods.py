@@ -231,7 +231,7 @@ def _seed_cache(cfg: Config, previous: Path, runs_dir: Path, log) -> None:
             continue  # failures are retried; runs of another protocol do not count
         f = runs_dir / f"{_job_key(cfg, r)}.json"
         if not f.exists():
-            f.write_text(json.dumps(r))
+            write_json(f, r)
             n += 1
     log(f"resumed {n} finished runs from {previous}")
 

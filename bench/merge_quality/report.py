@@ -7,7 +7,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from _common import Log, write_json
+from _common import Log, write_json, write_text
 
 from .config import KINDS, TASK_METRIC
 from .scoring import normalised
@@ -177,7 +177,7 @@ def write_report(result: dict, out_dir: Path, write_json_file: bool = True) -> N
     for r in result.get("refreshed", []):
         header += (f"Rerun later with `--methods {','.join(r['methods'])}` on the same cached fine-tunes "
                    f"({r['at']}, {r['seconds'] / 60:.1f} min): those rows (and task arithmetic, rerun with them).\n\n")
-    (out_dir / "merge_quality.md").write_text(header + md + "\n" + summary + "\n")
+    write_text(out_dir / "merge_quality.md", header + md + "\n" + summary + "\n")
     plot(result, out_dir / "merge_quality.png")
     print("\n" + md)
     print(summary)
