@@ -45,7 +45,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -54,8 +53,9 @@ from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-DEFAULT_OUT = HERE / "results" / "lora.json"
+from _common import RESULTS, machine_info, reset_peak_rss, status_kb, write_json
+
+DEFAULT_OUT = RESULTS / "lora.json"
 TRAIN_VARIANTS = ("deltakit_lora", "peft_lora", "full_ft")
 BF16_EXTRA = ("deltakit_lora_bf16compute",)
 NO_DROPOUT = " (base dropout off)"
@@ -222,13 +222,6 @@ def _time_forward(dtype: torch.dtype, batch: int, seq: int, warmup: int, steps: 
 
 
 # ----------------------------------------------------------------------------- memory
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
 def _memory_child(variant: str, dtype_name: str, steps: int, batch: int, seq: int, threads: int,
                   attn: str) -> dict:
     import gc
@@ -246,16 +239,12 @@ def _memory_child(variant: str, dtype_name: str, steps: int, batch: int, seq: in
     # Loading the checkpoint has a transient peak above what training needs at small
     # sizes; writing 5 to clear_refs resets the kernel's high-water mark (VmHWM) to the
     # current RSS (Linux >= 4.0), so the peak below is the training steps' own.
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        reset = True
-    except OSError:
-        reset = False
+    reset = reset_peak_rss()
     rss0 = psutil.Process().memory_info().rss
     for _ in range(steps):
         _train_step(model, opt, data)
     if reset:
-        peak, how = _status_kb("VmHWM") * 1024, "VmHWM after clear_refs"
+        peak, how = status_kb("VmHWM") * 1024, "VmHWM after clear_refs"
     else:
         peak, how = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "ru_maxrss"
     return {"variant": variant, "dtype": dtype_name, "steps": steps, "peak_source": how,
@@ -277,29 +266,12 @@ def _memory(variant: str, dtype_name: str, steps: int, batch: int, seq: int, thr
 
 # ----------------------------------------------------------------------------- driver
 def _machine() -> dict:
-    import peft
-    import psutil
-    import transformers
-
-    model = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"platform": platform.platform(), "cpu": model, "logical_cpus": os.cpu_count(),
-            "memory_gb": round(psutil.virtual_memory().total / 2**30, 1), "python": platform.python_version(),
-            "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-            "torch_threads": torch.get_num_threads()}
+    return machine_info("transformers", "peft")
 
 
 def run(out_path: str | os.PathLike = DEFAULT_OUT, steps: int | None = None, quick: bool = False,
         threads: int = 2, dtypes: tuple[str, ...] = ("fp32", "bf16"), attn: str = "auto") -> dict:
     """Run the benchmark, write JSON to ``out_path``, print a markdown table; return the results."""
-    from deltakit.io.files import write_json
-
     torch.set_num_threads(threads)
     batch, seq = (8, 64) if quick else (32, 128)
     steps = steps or (2 if quick else 5)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -25,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from _common import RESULTS, machine_info, write_json
 
 
 # --- child side: run one merge and report its own peak RSS -----------------------------------
@@ -167,11 +166,7 @@ def _compare(a: Path, b: Path) -> dict:
 QUICK = {"hidden": 128, "layers": 2, "vocab": 1024, "repeats": 1}  # seconds, for a smoke run
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["--child"]:
-        _child(*argv[1:4])
-        return 0
+def _args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="bench_merge.py", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true",
                     help=f"tiny model ({QUICK}), output under --cache unless --out is given (smoke run)")
@@ -197,63 +192,78 @@ def main(argv: list[str] | None = None) -> int:
         for k, v in QUICK.items():
             if getattr(args, k) == ap.get_default(k):
                 setattr(args, k, v)
-    cache = Path(args.cache)
     if args.out is None:
-        args.out = str(cache / "merge_speed_quick.json" if args.quick else HERE / "results" / "merge_speed.json")
+        cache = Path(args.cache)
+        args.out = str(cache / "merge_speed_quick.json" if args.quick else RESULTS / "merge_speed.json")
+    return args
+
+
+def _row(args, method: str, dt: str, dirs: list[Path], work: Path) -> dict:
+    """One (method, dtype): every tool ``--repeats`` times (order alternated), the median run by
+    wall time with every sample kept, the load before and after, and the outputs compared."""
+    recipe = _recipe(method, dirs, dt)
+    row = {"method": method, "dtype": dt, "k": args.k, "load_avg_before": os.getloadavg()}
+    samples: dict[str, list[dict]] = {t: [] for t in args.tools}
+    inputs = [Path(m["model"]) for m in recipe["models"]] + ([Path(recipe["base_model"])] if "base_model" in recipe
+                                                             else [])
+    for r in range(args.repeats):  # alternate the order so neither tool always runs second
+        for tool in (args.tools if r % 2 == 0 else args.tools[::-1]):
+            res = _run(tool, recipe, work, inputs)
+            samples[tool].append(res)
+            print(f"{method:6s} {dt:4s} {tool:8s} wall {res['wall_s']:7.1f}s  "
+                  f"merge {res['merge_s']:7.1f}s  peak RSS {res['peak_rss_mb']:7.0f} MB", flush=True)
+    for tool, got in samples.items():
+        row[tool] = sorted(got, key=lambda x: x["wall_s"])[len(got) // 2] | {
+            "wall_s_samples": [round(x["wall_s"], 3) for x in got]}
+    row["load_avg_after"] = os.getloadavg()
+    row["diff_vs_mergekit"] = _compare(work / "out_mergekit", work / "out_deltakit")
+    _ratios(args, row, work)
+    return row
+
+
+def _ratios(args, row: dict, work: Path) -> None:
+    if "deltakit_exact" in args.tools:
+        row["diff_vs_mergekit_exact_ties"] = _compare(work / "out_mergekit", work / "out_deltakit_exact")
+        row["time_ratio_wall_exact"] = row["deltakit_exact"]["wall_s"] / row["mergekit"]["wall_s"]
+    if "deltakit_nofsync" in args.tools:
+        row["time_ratio_wall_nofsync"] = row["deltakit_nofsync"]["wall_s"] / row["mergekit"]["wall_s"]
+        print(f"  -> without fsync (mergekit's durability): time ratio {row['time_ratio_wall_nofsync']:.2f}")
+    row["time_ratio_wall"] = row["deltakit"]["wall_s"] / row["mergekit"]["wall_s"]
+    row["time_ratio_merge"] = row["deltakit"]["merge_s"] / row["mergekit"]["merge_s"]
+    row["rss_ratio"] = row["deltakit"]["peak_rss_mb"] / row["mergekit"]["peak_rss_mb"]
+    print(f"  -> time ratio {row['time_ratio_wall']:.2f} (wall) {row['time_ratio_merge']:.2f} (merge), "
+          f"RSS ratio {row['rss_ratio']:.2f}, max|diff| {row['diff_vs_mergekit'].get('max_abs_diff')}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--child"]:
+        _child(*argv[1:4])
+        return 0
+    args = _args(argv)
+    cache = Path(args.cache)
     dirs = _generate(cache, args)
     if args.generate_only:
         return 0
     n_params = json.loads((next(iter(dirs.values()))[0].parent.parent / "params.json").read_text())["n_params"]
     import mergekit  # noqa: F401
-    import torch
-    from importlib.metadata import version
 
     results = []
     for dt in args.dtypes:
         for method in args.methods:
             work = Path(args.out_root or cache / "runs") / f"{method}_{dt}"
             work.mkdir(parents=True, exist_ok=True)
-            recipe = _recipe(method, dirs[dt], dt)
-            load_before = os.getloadavg()
-            row = {"method": method, "dtype": dt, "k": args.k, "load_avg_before": load_before}
-            samples: dict[str, list[dict]] = {t: [] for t in args.tools}
-            for r in range(args.repeats):  # alternate the order so neither tool always runs second
-                for tool in (args.tools if r % 2 == 0 else args.tools[::-1]):
-                    res = _run(tool, recipe, work, [Path(m["model"]) for m in recipe["models"]]
-                               + ([Path(recipe["base_model"])] if "base_model" in recipe else []))
-                    samples[tool].append(res)
-                    print(f"{method:6s} {dt:4s} {tool:8s} wall {res['wall_s']:7.1f}s  "
-                          f"merge {res['merge_s']:7.1f}s  peak RSS {res['peak_rss_mb']:7.0f} MB", flush=True)
-            for tool, got in samples.items():  # the median run by wall time, with every sample kept
-                row[tool] = sorted(got, key=lambda x: x["wall_s"])[len(got) // 2] | {
-                    "wall_s_samples": [round(x["wall_s"], 3) for x in got]}
-            row["load_avg_after"] = os.getloadavg()
-            row["diff_vs_mergekit"] = _compare(work / "out_mergekit", work / "out_deltakit")
-            if "deltakit_exact" in args.tools:
-                row["diff_vs_mergekit_exact_ties"] = _compare(work / "out_mergekit", work / "out_deltakit_exact")
-                row["time_ratio_wall_exact"] = row["deltakit_exact"]["wall_s"] / row["mergekit"]["wall_s"]
-            if "deltakit_nofsync" in args.tools:
-                row["time_ratio_wall_nofsync"] = row["deltakit_nofsync"]["wall_s"] / row["mergekit"]["wall_s"]
-                print(f"  -> without fsync (mergekit's durability): time ratio {row['time_ratio_wall_nofsync']:.2f}")
-            row["time_ratio_wall"] = row["deltakit"]["wall_s"] / row["mergekit"]["wall_s"]
-            row["time_ratio_merge"] = row["deltakit"]["merge_s"] / row["mergekit"]["merge_s"]
-            row["rss_ratio"] = row["deltakit"]["peak_rss_mb"] / row["mergekit"]["peak_rss_mb"]
-            print(f"  -> time ratio {row['time_ratio_wall']:.2f} (wall) {row['time_ratio_merge']:.2f} (merge), "
-                  f"RSS ratio {row['rss_ratio']:.2f}, max|diff| {row['diff_vs_mergekit'].get('max_abs_diff')}",
-                  flush=True)
-            results.append(row)
+            results.append(_row(args, method, dt, dirs[dt], work))
             shutil.rmtree(work, ignore_errors=True)
     out = {
         "what": "deltakit run_recipe vs mergekit run_merge, same YAML, subprocess per merge",
         "model": {"hidden": args.hidden, "layers": args.layers, "vocab": args.vocab, "n_params": n_params},
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "torch": torch.__version__, "mergekit": version("mergekit"),
-                    "note": "load averages before / after each row in load_avg_*; median of --repeats runs"},
+        "machine": machine_info("mergekit") | {
+            "cpus": os.cpu_count(), "note": "load averages before / after each row in load_avg_*; median of "
+                                            "--repeats runs"},
         "repeats": args.repeats, "out_root": args.out_root or str(cache / "runs"),
         "results": results,
     }
-    from deltakit.io.files import write_json
-
     write_json(args.out, out)
     print(f"wrote {args.out}")
     return 0

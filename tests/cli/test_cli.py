@@ -126,3 +126,13 @@ def test_bench_passes_its_options_to_the_script(tmp_path, capsys):
     row = json.loads(out.read_text())["results"][0]
     assert row["method"] == "linear" and row["diff_vs_mergekit"]["max_abs_diff"] == 0.0
     assert row["mergekit"]["wall_s"] > 0 and row["deltakit"]["peak_rss_mb"] > 0
+
+
+@pytest.mark.parametrize("name,option", [("methods", "--budget-tasks"), ("merge-quality", "--report-from"),
+                                         ("lora", "--dtypes")])
+def test_every_bench_script_loads_through_the_cli(capsys, name, option):
+    """A script's frozen dataclasses (postponed annotations) need their module in sys.modules:
+    `deltakit bench methods / merge-quality` failed at import before run_bench registered it."""
+    with pytest.raises(SystemExit) as e:
+        main(["bench", name, "--help"])
+    assert e.value.code == 0 and option in capsys.readouterr().out

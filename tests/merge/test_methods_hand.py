@@ -205,7 +205,41 @@ def test_lines_factor():
     assert lines_factor("model.layers.2.mlp.w", 2, 5, 0.2, 0.8) == pytest.approx(0.6)
     assert lines_factor("model.layers.4.mlp.w", 4, 5, 0.2, 0.8) == pytest.approx(1.0)
     assert lines_factor("model.embed_tokens.weight", None, 5, 0.2, 0.8) == 0.2
-    assert lines_factor("lm_head.weight", None, 5, 0.2, 0.8) == pytest.approx(1.0)
+    # outside the blocks: alpha, as the authors' LiNeS_scaling (was alpha + beta for the head)
+    assert lines_factor("lm_head.weight", None, 5, 0.2, 0.8) == 0.2
+    assert lines_factor("model.norm.weight", None, 5, 0.2, 0.8) == 0.2
+
+
+# LiNeS on a tiny model: 3 blocks, alpha 0.25, beta 0.5 -> blocks 0.25 / 0.5 / 0.75 and 0.25 for
+# everything outside the blocks (embeddings, final norm, LM head, pooler, classifier).
+# The two task vectors are 2 and 4 everywhere, linear-averaged to 3, so the merged dW is 3 * factor.
+_LINES_WANT = {"model.embed_tokens.weight": 0.75, "model.layers.0.w": 0.75, "model.layers.1.w": 1.5,
+               "model.layers.2.w": 2.25, "model.norm.weight": 0.75, "lm_head.weight": 0.75,
+               "bert.pooler.dense.weight": 0.75, "classifier.weight": 0.75}
+
+
+def test_lines_gives_alpha_outside_the_blocks_task_vectors():
+    from deltakit.merge import merge_task_vectors
+    from deltakit.taskvec import TaskVector
+
+    tvs = [TaskVector.from_mapping({n: torch.full((2, 3), v) for n in _LINES_WANT}) for v in (2.0, 4.0)]
+    out = merge_task_vectors("linear", tvs, lines=(0.25, 0.5))
+    for n, want in _LINES_WANT.items():
+        assert torch.equal(out.get(n), torch.full((2, 3), want)), n
+
+
+def test_lines_gives_alpha_outside_the_blocks_checkpoints(tmp_path):
+    from deltakit.merge import MergePlan, build_config, merge_checkpoints
+    from deltakit.taskvec import LazyCheckpoint
+
+    m = get_merge("linear")
+    cfg = build_config(m, {})
+    base = {n: torch.full((2, 3), 1.0) for n in _LINES_WANT}
+    models = [{n: t + v for n, t in base.items()} for v in (2.0, 4.0)]
+    plan = MergePlan(method=m, config_for=lambda n, l, L: cfg, lines=(0.25, 0.5))
+    out = LazyCheckpoint(merge_checkpoints(models, tmp_path / "out", plan, base=base, progress=False))
+    for n, want in _LINES_WANT.items():  # base + factor * (merged - base)
+        assert torch.equal(out.get(n), torch.full((2, 3), 1.0 + want)), n
 
 
 def test_duplicate_registration_is_an_error():

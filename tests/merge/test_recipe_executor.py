@@ -9,8 +9,8 @@ import yaml
 from safetensors.torch import save_file
 
 from deltakit.io.files import DeltakitFileError
-from deltakit.merge import (MergeContext, MergePlan, RecipeError, get_merge, load_recipe, merge_checkpoints,
-                            merge_task_vectors, run_recipe)
+from deltakit.merge import (MergeConfigError, MergeContext, MergePlan, RecipeError, get_merge, load_recipe,
+                            merge_checkpoints, merge_task_vectors, run_recipe)
 from deltakit.merge.methods.ties import TiesConfig
 from deltakit.taskvec import LazyCheckpoint, TaskVector
 
@@ -148,7 +148,7 @@ def test_fsync_is_off_by_default_and_on_with_fsync(tmp_path, monkeypatch):
     import argparse
     import os
 
-    import deltakit.taskvec._writer as writer
+    import deltakit.io.tensors as writer
     from deltakit.cli import merge as cli_merge
 
     calls = []
@@ -232,6 +232,40 @@ def test_linear_form_fast_path_equals_the_method(tmp_path, monkeypatch, method, 
         want = base[n].float() + f * (want - base[n].float())
         torch.testing.assert_close(out.get(n), want, rtol=0, atol=1e-6)
     assert torch.equal(out.get("pos"), base["pos"])
+
+
+@pytest.mark.parametrize("method,values", [
+    ("linear", {"weights": (0.5, 0.3, 0.2)}), ("task_arithmetic", {"lam": 0.7, "weights": (1.0, 0.5, 2.0)}),
+    ("ties", {"density": 1.0, "consensus": "none"}),
+])
+def test_task_vectors_take_the_same_linear_fast_path(monkeypatch, method, values):
+    """merge_task_vectors sums a linear-form method through the executor's one linear_sum (no
+    (K, *shape) stack; a low-rank entry made dense as it is read): equal to the method on the
+    stacked dense task vectors, and bit for bit whatever the chunk size."""
+    from deltakit.merge import _job, build_config, executor
+    from deltakit.taskvec import LowRank
+
+    calls = []
+    real = _job.linear_sum
+    monkeypatch.setattr(_job, "linear_sum", lambda *a, **k: calls.append(1) or real(*a, **k))
+    base, fts = _sds(2)
+    tvs = [TaskVector.from_state_dicts(ft, base) for ft in fts]
+    g = torch.Generator().manual_seed(5)
+    lr = LowRank(torch.randn(4, 2, generator=g), torch.randn(2, 3, generator=g), 0.5)
+    tvs[1] = TaskVector.from_mapping({**{n: tvs[1].get(n) for n in tvs[1].keys()}, "model.layers.0.w": lr})
+    m, cfg = get_merge(method), build_config(method, values)
+    got = {}
+    for chunk in (0, 5):
+        monkeypatch.setattr(executor, "LINEAR_CHUNK", chunk)
+        merged = merge_task_vectors(method, tvs, cfg)
+        got[chunk] = {n: merged.get(n) for n in merged.keys()}
+    assert len(calls) == 2 * len(got[0]) == 6  # every entry, both chunk sizes, through linear_sum
+    for n, t in got[0].items():
+        assert torch.equal(t, got[5][n]), n
+        x = torch.stack([tv.dense(n) for tv in tvs])
+        torch.testing.assert_close(t, m(x, torch.zeros(x.shape[1:]), cfg), rtol=0, atol=1e-6)
+    with pytest.raises(MergeConfigError, match="ties: expected a TiesConfig, found LinearConfig"):
+        merge_task_vectors("ties", tvs, build_config("linear", {}))
 
 
 def test_magnitude_sort_is_the_argsort_set_without_ambiguous_ties():

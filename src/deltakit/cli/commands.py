@@ -157,6 +157,9 @@ def run_bench(args) -> int:
     spec = importlib.util.spec_from_file_location(BENCHES[args.name], script)
     mod = importlib.util.module_from_spec(spec)
     sys.path.insert(0, str(root))
+    # registered before it runs, as an import would: dataclasses (with postponed annotations)
+    # and pickling for worker processes look the module up in sys.modules
+    sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
     return int(mod.main(args.options) or 0)
 

@@ -69,47 +69,52 @@ def evolve_coefficients(base: Mapping[str, torch.Tensor], task_vectors: Sequence
         coeffs = {g: [float(vec[j]) for j, (gg, _) in enumerate(keys) if gg == g] for g in groups}
         return float(objective(_merge(base, task_vectors, groups, coeffs)))
 
+    search = _optuna_search if backend == "optuna" else _cmaes_search
+    best, best_v, history = search(evaluate, [f"{g}/{i}" for g, i in keys], n_trials=n_trials, init=init,
+                                   sigma0=sigma0, bounds=bounds, seed=seed, study=study)
+    coeffs = {g: [float(best[j]) for j, (gg, _) in enumerate(keys) if gg == g] for g in groups}
+    return EvolveResult(coeffs, best_v, history)
+
+
+def _optuna_search(evaluate, params: list[str], *, n_trials, init, sigma0, bounds, seed, study):
+    """Optuna's CMA-ES sampler over ``params`` ("group/model" names, which a resumed study
+    shares) -> (best point, best value, every value in trial order)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # x0 / sigma0 are deprecated in Optuna >= 4.9: CMA starts at the centre of the box with
+    # sigma = width / 6; the init point is evaluated first through an enqueued trial.
+    sampler = optuna.samplers.CmaEsSampler(seed=seed)
+    study = study or optuna.create_study(direction="maximize", sampler=sampler)
+    study.enqueue_trial({p: init for p in params})
     history: list[float] = []
-    if backend == "optuna":
-        import optuna
 
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        # x0 / sigma0 are deprecated in Optuna >= 4.9: CMA starts at the centre of the box with
-        # sigma = width / 6; the init point is evaluated first through an enqueued trial.
-        sampler = optuna.samplers.CmaEsSampler(seed=seed)
-        study = study or optuna.create_study(direction="maximize", sampler=sampler)
-        study.enqueue_trial({f"{g}/{i}": init for g, i in keys})
+    def trial_fn(trial) -> float:
+        v = evaluate([trial.suggest_float(p, *bounds) for p in params])
+        history.append(v)
+        return v
 
-        def trial_fn(trial) -> float:
-            vec = [trial.suggest_float(f"{g}/{i}", *bounds) for g, i in keys]
-            v = evaluate(vec)
-            history.append(v)
-            return v
+    study.optimize(trial_fn, n_trials=n_trials)
+    return [study.best_params[p] for p in params], float(study.best_value), history
 
-        study.optimize(trial_fn, n_trials=n_trials)
-        best = study.best_params
-        coeffs = {g: [best[f"{g}/{i}"] for i in range(k)] for g in groups}
-        return EvolveResult(coeffs, float(study.best_value), history)
 
+def _cmaes_search(evaluate, params: list[str], *, n_trials, init, sigma0, bounds, seed, study):
+    """The ``cmaes`` package's ask / tell loop (it minimises, so values are negated)."""
     import numpy as np
     from cmaes import CMA
 
-    opt = CMA(mean=np.full(len(keys), init), sigma=sigma0, bounds=np.array([bounds] * len(keys)), seed=seed)
-    best_v, best_x = -float("inf"), None
-    done = 0
-    while done < n_trials:
+    dims = len(params)
+    opt = CMA(mean=np.full(dims, init), sigma=sigma0, bounds=np.array([bounds] * dims), seed=seed)
+    best_v, best_x, history = -float("inf"), None, []
+    while len(history) < n_trials:
         sols = []
-        for _ in range(opt.population_size):
-            if done >= n_trials:
-                break
+        for _ in range(min(opt.population_size, n_trials - len(history))):
             x = opt.ask()
             v = evaluate(x)
             history.append(v)
-            done += 1
-            sols.append((x, -v))  # cmaes minimises
+            sols.append((x, -v))
             if v > best_v:
                 best_v, best_x = v, x
         if len(sols) == opt.population_size:
             opt.tell(sols)
-    coeffs = {g: [float(best_x[j]) for j, (gg, _) in enumerate(keys) if gg == g] for g in groups}
-    return EvolveResult(coeffs, best_v, history)
+    return best_x, best_v, history

@@ -25,9 +25,17 @@ def lines_factor(name: str, layer: int | None, num_layers: int, alpha: float, be
     """LiNeS (Wang et al., 2025) https://arxiv.org/abs/2410.17146
 
     ``lambda(l) = alpha + beta * l / (L - 1)`` for block l of L (shallow layers keep less of
-    the task vector, deep layers more). Parameters outside the blocks: embeddings get
-    ``alpha`` (they sit before block 0), everything else (final norm, head) ``alpha + beta``.
+    the task vector, deep layers more). Every parameter outside the residual blocks
+    (embeddings, final norm, LM head, pooler, classifier: ``layer is None``) gets ``alpha``,
+    as in the authors' code (``LiNeS_scaling`` in
+    https://github.com/wang-kee/LiNeS/blob/main/src/eval/eval.py: ``layer_scalings_dict.get(k,
+    alpha)``, "scale with alpha for layers outside residual blocks"); the paper's text does
+    not single out the head, and the code is what its figures were made with. ``name`` is
+    kept for callers and future per-name rules; the factor depends on ``layer`` alone.
+
+    >>> [lines_factor(n, i, 3, 0.25, 0.5) for n, i in [("layers.0.w", 0), ("layers.2.w", 2), ("lm_head.weight", None)]]
+    [0.25, 0.75, 0.25]
     """
     if layer is None:
-        return alpha if "embed" in name or name.split(".")[-2:-1] in (["wte"], ["wpe"]) else alpha + beta
+        return alpha
     return alpha + beta * (layer / (num_layers - 1) if num_layers > 1 else 1.0)

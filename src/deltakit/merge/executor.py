@@ -1,5 +1,10 @@
 """Streaming merge executor: one pass over parameter names, one parameter in memory.
 
+Three parts: a tensor source (:mod:`._source`: checkpoint files, task vectors, in-memory
+state dicts) -> a per-name job (:class:`._job.MergeJob`: read, merge, LiNeS; a linear form
+takes :func:`._job.linear_sum`, the one fast path) -> an output sink (files through
+``write_checkpoint`` with prefetch here, or a lazy TaskVector in :func:`merge_task_vectors`).
+
 For each name: read the base tensor and the K model tensors (fp32 or fp64 work copies),
 call the pure merge method, cast to the output dtype and write it into the output shard
 (whose header was planned from shapes alone), then drop everything. A reader thread
@@ -18,67 +23,44 @@ Rules for awkward tensors:
 """
 from __future__ import annotations
 
-import math
 import os
-import threading
-import zlib
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
+from deltakit.core.seeding import generator
 from deltakit.io.files import DeltakitFileError, read_json
-from deltakit.taskvec import LazyCheckpoint, PlannedTensor, write_checkpoint
-from deltakit.taskvec._writer import DEFAULT_SHARD_BYTES
+from deltakit.io.tensors import DEFAULT_SHARD_BYTES
+from deltakit.taskvec import LazyCheckpoint, PlannedTensor, TaskVector, write_checkpoint
 
-from ._layers import count_layers, layer_index, lines_factor
+from ._job import MergeJob, check_finite, work_dtype
+from ._layers import count_layers
 from ._registry import MergeConfigError, MergeContext, MergeMethod, get_merge
+from ._source import TensorSource, open_source, source_dir
 
-__all__ = ["merge_checkpoints", "merge_tensors", "MergePlan"]
+__all__ = ["merge_checkpoints", "merge_task_vectors", "merge_tensors", "MergePlan"]
 
 Source = str | os.PathLike | LazyCheckpoint | Mapping[str, torch.Tensor]
 # elements per chunk of the streaming linear sum: 4 MB of fp32 output stays in cache while
-# the K inputs are added into it (0: whole-tensor passes)
+# the K inputs are added into it (0: whole-tensor passes); read per tensor, so tests may patch it
 LINEAR_CHUNK = 1 << 20
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
 
 
-def _open(src: Source):
-    return LazyCheckpoint(src) if isinstance(src, (str, os.PathLike)) else src
-
-
-def _label(src: Source, i: int) -> str:
-    return str(getattr(src, "path", src)) if not isinstance(src, Mapping) else f"models[{i}]"
-
-
-def _shape(src, n):
-    return tuple(src.shape(n)) if isinstance(src, LazyCheckpoint) else tuple(src[n].shape)
-
-
-def _dtype(src, n):
-    return src.dtype(n) if isinstance(src, LazyCheckpoint) else src[n].dtype
-
-
-def _read(src, n) -> torch.Tensor:
-    return src.get(n) if isinstance(src, LazyCheckpoint) else src[n].detach().to("cpu")
-
-
-def _read_work(src, n, work: torch.dtype, shape) -> torch.Tensor:
-    if isinstance(src, LazyCheckpoint) and src.dtype(n) == work:
-        return src.read_into(n, torch.empty(shape, dtype=work))
-    return _read(src, n).to(work, copy=True)
+def _chunk() -> int:
+    return LINEAR_CHUNK
 
 
 def tensor_generator(seed: int | None, name: str) -> torch.Generator | None:
     """Per-tensor RNG: the same (seed, name) gives the same draws whatever the order of work."""
     if seed is None:
         return None
-    from ..core.seeding import generator
     return generator(seed, name, scheme="path")
 
 
@@ -106,7 +88,7 @@ def merge_tensors(method: MergeMethod, tensors: Sequence[torch.Tensor], base: to
     """Merge one parameter from K raw tensors (any float dtype) -> merged tensor in compute dtype."""
     k = len(tensors)
     shape = tuple(tensors[0].shape)
-    work = torch.float64 if compute_dtype == torch.float64 else torch.float32
+    work = work_dtype(compute_dtype)
     x = torch.empty((k, *shape), dtype=work)
     for i, t in enumerate(tensors):
         x[i].copy_(t)
@@ -128,194 +110,112 @@ def merge_checkpoints(models: Sequence[Source], out_dir: str | os.PathLike, plan
     """
     if not models:
         raise MergeConfigError("models: expected at least one model, found none")
-    srcs = [_open(m) for m in models]
-    b = _open(base) if base is not None else None
+    srcs = [open_source(m, i) for i, m in enumerate(models)]
+    b = open_source(base) if base is not None else None
     ref = b if b is not None else srcs[0]
-    names = list(ref.keys())
-    ref_set = set(names)
-    for i, s in enumerate(srcs):
-        extra = [n for n in s.keys() if n not in ref_set]
-        if extra:
-            raise DeltakitFileError(f"{_label(models[i], i)}: tensor {extra[0]!r} is not in the "
-                                    f"{'base' if b is not None else 'first'} model ({len(extra)} such)")
-    for n in names:
-        want = _shape(ref, n)
-        for i, s in enumerate(srcs):
-            if n in s:
-                if _shape(s, n) != want:
-                    raise DeltakitFileError(f"{n}: expected shape {want} in {_label(models[i], i)}, "
-                                            f"found {_shape(s, n)}")
-            elif plan.missing == "error" or b is None:
-                raise DeltakitFileError(f"{n}: expected it in {_label(models[i], i)}, found none "
-                                        f"(set missing: base to treat it as unchanged)")
+    names = ref.keys()
+    _check_sources(srcs, ref, names, plan.missing, has_base=b is not None)
     num_layers = _num_layers(base if base is not None else models[0], names)
     plan.method.require_stats(plan.stats_for, names)
-    items = [PlannedTensor(n, _shape(ref, n), plan.out_dtype if plan.out_dtype is not None
-                           and _dtype(ref, n).is_floating_point else _dtype(ref, n)) for n in names]
-
-    # accumulate in fp32 (or fp64 on request) whatever the storage dtype
-    work = torch.float64 if plan.compute_dtype == torch.float64 else torch.float32
-    k = len(srcs)
-
-    linear_form = plan.method.linear_form if not (plan.method.needs_stats or plan.method.uses_stats) else None
-    scratch = threading.local()  # per reading thread: reused buffers (no fresh pages per tensor)
-
-    def buffer(slot: str, shape, dtype: torch.dtype) -> torch.Tensor:
-        n_el = math.prod(shape)
-        buf = getattr(scratch, slot, None)
-        if buf is None or buf.numel() < n_el or buf.dtype != dtype:
-            buf = torch.empty(max(n_el, 1), dtype=dtype)
-            setattr(scratch, slot, buf)
-        return buf[:n_el].view(shape)
-
-    def weighted_sum(n: str, shape, base_t: torch.Tensor | None, coefs: list[float]) -> torch.Tensor:
-        """b + sum_k c_k x_k (the method's linear form) summed straight from memory maps of the
-        checkpoints (each byte read once, no buffer copy), chunk by chunk: each output chunk
-        stays in cache while the K inputs are added into it, so memory traffic is one read per
-        input and one write instead of K read-modify-write passes over the whole output.
-        Per element the operations and their order are those of the whole-tensor form."""
-        deltas = plan.method.inputs == "deltas" and base_t is not None
-        flats = []  # (flat input, coefficient)
-        for s, c in zip(srcs, coefs):
-            if n not in s:  # missing="base" (validated above): that model contributes the base
-                if not deltas:  # (with deltas: a zero task vector, skipped)
-                    flats.append((base_t.reshape(-1), c))
-                continue
-            flats.append(((s.mapped(n) if isinstance(s, LazyCheckpoint) else _read(s, n)).reshape(-1), c))
-        out = torch.empty(shape, dtype=work)
-        flat = out.view(-1)
-        bflat = base_t.reshape(-1) if deltas else None
-        step = LINEAR_CHUNK if LINEAR_CHUNK > 0 else max(1, flat.numel())
-        for a in range(0, flat.numel(), step):
-            e = min(flat.numel(), a + step)
-            o = flat[a:e]
-            first = not deltas
-            if deltas:
-                o.copy_(bflat[a:e])
-            for t, c in flats:
-                x = t[a:e]
-                if deltas:  # x_k = theta_k - theta_0 first, as the method does (no cancellation)
-                    x = torch.sub(x, bflat[a:e], out=buffer("work", (e - a,), work))
-                if first:  # first term c * x (== 0 + c * x bit for bit): no zero-filled pass
-                    # (a bf16 x is widened first: torch would multiply in bf16, then widen)
-                    if x.dtype == work:
-                        torch.mul(x, c, out=o)
-                    else:
-                        o.copy_(x).mul_(c)
-                    first = False
-                else:
-                    o.add_(x, alpha=c)
-        del flats  # drop the maps (resident memory: the K inputs of one tensor)
-        return out
-
-    def load(n: str):
-        """Read one parameter: (base in work dtype or None, x (K, *shape) in work dtype) or raw
-        list, or the merged tensor itself when the method is a linear combination here."""
-        if not _dtype(ref, n).is_floating_point:
-            base_t = _read(b, n) if b is not None else None
-            return "raw", base_t, [_read(s, n) if n in s else base_t for s in srcs], None
-        shape = _shape(ref, n)
-        base_t = None
-        if b is not None:
-            base_t = _read_work(b, n, work, shape)
-        cfg = plan.config_for(n, layer_index(n), num_layers)
-        coefs = linear_form(cfg, k) if linear_form else None
-        if coefs is not None:
-            return "merged", base_t, weighted_sum(n, shape, base_t, coefs), cfg
-        x = torch.empty((k, *shape), dtype=work)
-
-        def fill(i: int) -> None:
-            s = srcs[i]
-            if n not in s:
-                x[i].copy_(base_t)
-            elif isinstance(s, LazyCheckpoint) and s.dtype(n) == work:
-                s.read_into(n, x[i])
-            else:
-                x[i].copy_(_read(s, n))
-
-        big = x.numel() * x.element_size() >= (8 << 20)
-        if readers is not None and big:  # large tensors: read the K models' rows concurrently
-            for fut in [readers.submit(fill, i) for i in range(k)]:
-                fut.result()
-        else:
-            for i in range(k):
-                fill(i)
-        return "float", base_t, x, cfg
-
-    order = [it.name for it in items]
-    nxt = {a: c for a, c in zip(order, order[1:])}
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deltakit-prefetch") if prefetch else None
-    readers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="deltakit-read") if prefetch and k > 1 else None
-    pending: dict[str, Future] = {}
-
-    def fetch(n: str):
-        fut = pending.pop(n, None)
-        got = fut.result() if fut is not None else load(n)
-        if pool is not None and n in nxt:  # read the next parameter while this one is merged
-            pending[nxt[n]] = pool.submit(load, nxt[n])
-        return got
-
-    def produce(it: PlannedTensor) -> torch.Tensor:
-        n = it.name
-        kind, base_t, x, cfg = fetch(n)
-        if kind == "raw":
-            first = base_t if base_t is not None else x[0]
-            for i, t in enumerate(x):
-                if not torch.equal(t, first):
-                    raise DeltakitFileError(f"{n}: non-float tensor differs in {_label(models[i], i)}; "
-                                            f"expected identical copies")
-            return first
-        layer = layer_index(n)
-        # no base: a stride-0 zero view, so nothing is allocated (methods never write to base)
-        bw = base_t if base_t is not None else torch.zeros((), dtype=work).expand(it.shape)
-        if kind == "merged":
-            out = x
-        else:
-            out = merge_one(n, layer, cfg, base_t, bw, x)
-        del x
-        if plan.lines is not None:
-            f = lines_factor(n, layer, num_layers, *plan.lines)
-            out = bw + f * (out - bw)
-        return out  # cast to it.dtype on the writer thread
-
-    def merge_one(n, layer, cfg, base_t, bw, x):
-        ctx = MergeContext(name=n, layer=layer, num_layers=num_layers,
-                           stats=plan.stats_for(n) if plan.stats_for else {},
-                           generator=tensor_generator(plan.seed, n))
-        if plan.method.inputs == "deltas" and base_t is not None:
-            x.sub_(bw)
-        return plan.method(x, bw, cfg, ctx)
-
-    def finite(it: PlannedTensor, t: torch.Tensor) -> None:
-        # runs on the writer thread; one reduction, NaN / inf propagate into the sum
-        if t.is_floating_point() and not math.isfinite(float(t.sum(dtype=torch.float32))):
-            raise FloatingPointError(f"{it.name}: merge produced non-finite values (check weights / densities)")
-
-    copy_from = _dir_of(base if base is not None else models[0])
+    items = [PlannedTensor(n, ref.shape(n), plan.out_dtype if plan.out_dtype is not None
+                           and ref.dtype(n).is_floating_point else ref.dtype(n)) for n in names]
+    readers = None
+    if prefetch and len(srcs) > 1:  # a large tensor's K rows are read concurrently
+        readers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="deltakit-read")
+    job = MergeJob(plan.method, srcs, b, plan.config_for, num_layers, _chunk, work_dtype(plan.compute_dtype),
+                   lambda n: tensor_generator(plan.seed, n), plan.stats_for, plan.lines, readers)
+    floating = {n: ref.dtype(n).is_floating_point for n in names}
+    loader = _Prefetcher(names, lambda n: job.load(n, ref.shape(n), floating[n]), prefetch)
     try:
-        return write_checkpoint(out_dir, items, produce, max_shard_bytes=max_shard_bytes,
-                                metadata={"deltakit_merge": plan.method.name}, copy_files_from=copy_from,
-                                progress=progress, desc=f"merge ({plan.method.name})", validate=finite,
-                                fsync=fsync, kind="merged")
-    finally:
-        if pool is not None:
-            for fut in pending.values():
-                fut.cancel()
-            pool.shutdown(wait=True)
+        return write_checkpoint(out_dir, items, lambda it: job.finish(it.name, it.shape, loader.get(it.name)),
+                                max_shard_bytes=max_shard_bytes, metadata={"deltakit_merge": plan.method.name},
+                                copy_files_from=source_dir(base if base is not None else models[0]),
+                                progress=progress, desc=f"merge ({plan.method.name})",
+                                validate=lambda it, t: check_finite(it.name, t), fsync=fsync, kind="merged")
+    finally:  # the merged tensor is cast to the item's dtype on the writer thread
+        loader.close()
         if readers is not None:
             readers.shutdown(wait=True)
 
 
-def _dir_of(src: Source) -> Path | None:
-    if isinstance(src, LazyCheckpoint):
-        src = src.path
-    if isinstance(src, (str, os.PathLike)) and Path(src).is_dir():
-        return Path(src)
-    return None
+def _check_sources(srcs: Sequence[TensorSource], ref: TensorSource, names: Sequence[str],
+                   missing: Literal["error", "base"], has_base: bool) -> None:
+    """Before any work: every model's names are in the reference (the base, or the first model)
+    with its shapes, and a name missing from a model is allowed only with ``missing="base"``."""
+    ref_set = set(names)
+    for s in srcs:
+        extra = [n for n in s.keys() if n not in ref_set]
+        if extra:
+            raise DeltakitFileError(f"{s.label}: tensor {extra[0]!r} is not in the "
+                                    f"{'base' if has_base else 'first'} model ({len(extra)} such)")
+    for n in names:
+        want = ref.shape(n)
+        for s in srcs:
+            if n in s:
+                if s.shape(n) != want:
+                    raise DeltakitFileError(f"{n}: expected shape {want} in {s.label}, found {s.shape(n)}")
+            elif missing == "error" or not has_base:
+                raise DeltakitFileError(f"{n}: expected it in {s.label}, found none "
+                                        f"(set missing: base to treat it as unchanged)")
+
+
+class _Prefetcher:
+    """Reads the next name on a thread while the current one is merged (``enabled=False``:
+    reads on the caller's thread, for the lowest peak memory)."""
+
+    def __init__(self, order: Sequence[str], load: Callable[[str], Any], enabled: bool) -> None:
+        self.load = load
+        self.next = dict(zip(order, order[1:]))
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deltakit-prefetch") if enabled else None
+        self.pending: dict[str, Future] = {}
+
+    def get(self, name: str) -> Any:
+        fut = self.pending.pop(name, None)
+        got = fut.result() if fut is not None else self.load(name)
+        if self.pool is not None and name in self.next:
+            self.pending[self.next[name]] = self.pool.submit(self.load, self.next[name])
+        return got
+
+    def close(self) -> None:
+        if self.pool is not None:
+            for fut in self.pending.values():
+                fut.cancel()
+            self.pool.shutdown(wait=True)
+
+
+def merge_task_vectors(method: str, task_vectors: Sequence[TaskVector], cfg: Any = None, *,
+                       seed: int | None = None, lines: tuple[float, float] | None = None,
+                       stats_for: Callable[[str], Mapping[str, torch.Tensor]] | None = None) -> TaskVector:
+    """Merge K task vectors lazily into one (base = 0, so the result is the merged dW).
+
+    ``lines=(alpha, beta)`` applies LiNeS depth scaling to the merged dW (see :func:`lines_factor`).
+
+    ``merge_task_vectors("ties", [tv1, tv2], TiesConfig(density=0.2))`` -> TaskVector; each
+    entry is computed on access, by the same per-name job as :func:`merge_checkpoints` (a
+    linear form sums the K entries without stacking them). Only names present in every task
+    vector are merged. ``stats_for(name) -> {"fisher" | "gram": (K, ...)}`` feeds data-dependent
+    methods (e.g. ``stack_stats("gram", [collect_grams(m, data) for m in models])``).
+    """
+    m = get_merge(method)
+    cfg = m.config() if cfg is None else cfg
+    if not isinstance(cfg, m.config):
+        raise MergeConfigError(f"{m.name}: expected a {m.config.__name__}, found {type(cfg).__name__}")
+    names = [n for n in task_vectors[0].keys() if all(n in tv for tv in task_vectors[1:])]
+    m.require_stats(stats_for, names)
+    srcs = [open_source(tv, i) for i, tv in enumerate(task_vectors)]
+    job = MergeJob(m, srcs, None, lambda n, layer, num: cfg, count_layers(names), _chunk,
+                   generator_for=lambda n: tensor_generator(seed, n), stats_for=stats_for, lines=lines)
+
+    def entry(n: str) -> Callable[[], torch.Tensor]:
+        return lambda: job(n, task_vectors[0].shape(n))
+
+    return TaskVector({n: entry(n) for n in names})
 
 
 def _num_layers(src: Source, names: Sequence[str]) -> int:
-    d = _dir_of(src)
+    """Blocks in the model: config.json's ``num_hidden_layers`` beside the files, else counted
+    from the names."""
+    d = source_dir(src)
     if d is not None and (d / "config.json").is_file():
         try:
             cfg = read_json(d / "config.json")

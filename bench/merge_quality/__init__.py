@@ -1,0 +1,1 @@
+"""Pieces of the merge-quality benchmark (``bench/bench_merge_quality.py``)."""

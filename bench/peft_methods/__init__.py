@@ -1,0 +1,1 @@
+"""Pieces of the PEFT-methods benchmark (``bench/bench_methods.py``)."""
