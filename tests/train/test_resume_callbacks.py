@@ -1,10 +1,13 @@
 """Callback state is part of a training checkpoint: AdaLoRA / IncreLoRA budgets and LISA's layer
 sampling resume to the bit-identical adapter, and a callback whose state fit cannot save makes
 resume an error."""
+import json
+
 import pytest
 import torch
 
 import deltakit as dk
+from deltakit.io.tensors import load_tensors
 from deltakit.methods.adalora import AdaLoraConfig
 from deltakit.methods.increlora import IncreLoraConfig
 from deltakit.methods.lisa import LisaConfig
@@ -69,6 +72,8 @@ def test_adalora_resumes_to_the_bit_identical_adapter(tmp_path, ckpt_every, cras
     (ref,), (got,) = _resumed_equals_uninterrupted(tmp_path, cfg, 10, ckpt_every, crash_at)
     assert got.rank_pattern() == ref.rank_pattern() and got.total_rank() == 2 * len(got.deltas)
     assert got.finished and ref.finished
+    names = load_tensors(tmp_path / "cut" / f"step-{ckpt_every:08d}" / "callback-0.safetensors")
+    assert {n.split("/")[0] for n in names} == {"state", "sensitivity"}  # rank masks and EMAs, as tensors
     for k in ref.sensitivity.i_bar:
         assert torch.equal(got.sensitivity.i_bar[k], ref.sensitivity.i_bar[k]), k
 
@@ -135,3 +140,29 @@ def test_resume_with_other_stateful_callbacks_than_saved_is_an_error(tmp_path):
     with pytest.raises(ValueError, match=r"^cannot resume .*step-00000002: expected the stateful callbacks "
                                          r"\['LisaSchedule'\] it was saved with, found \[\]$"):
         lisa_fit(with_callbacks=False)
+
+
+class _Opaque(_Counter):
+    def __init__(self, value):
+        super().__init__()
+        self.value = value
+
+    def state_dict(self):
+        return {"seen": self.seen, "value": self.value}
+
+    def load_state_dict(self, state):
+        self.seen = state["seen"]
+
+
+def test_callback_state_that_is_neither_tensor_nor_json_is_refused_not_pickled(tmp_path):
+    with pytest.raises(ValueError, match=r"expected a tensor or a JSON value at _Opaque.state_dict\(\)\['value'\], "
+                                         r"found object"):
+        _linear_fit(tmp_path / "a", [_Opaque(object())])
+    with pytest.raises(ValueError, match=r"at _Opaque.state_dict\(\)\['value'\], found float \(Out of range float"):
+        _linear_fit(tmp_path / "b", [_Opaque(float("nan"))])
+    _linear_fit(tmp_path / "c", [_Opaque(1.5)], steps=2)
+    saved = json.loads((tmp_path / "c" / "step-00000002" / "trainer_state.json").read_text())
+    assert saved["extra"]["callbacks"] == [{"class": "_Opaque", "state": {"seen": 2, "value": 1.5}}]
+    assert not list((tmp_path / "c" / "step-00000002").glob("callback-*"))  # no tensors, no file
+    resumed = _Opaque(0.0)
+    assert _linear_fit(tmp_path / "c", [resumed]).steps == 4 and resumed.seen == 2 + 2  # restored, then 2 more

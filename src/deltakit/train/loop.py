@@ -19,6 +19,13 @@ How :func:`fit` behaves, and why:
   optimised set up front, for schedules that freeze and unfreeze parts while training
   (LISA: pass ``dict(adapter.named_parameters())``). ``callbacks`` drive AdaLoRA /
   IncreLoRA budgets and LISA's layer sampling.
+- *Callback state.* Those schedules keep state outside the trainable parameters (EMAs,
+  a sampler's RNG, rank-mask buffers, ``requires_grad`` flags), so a checkpoint that
+  lacked it would resume to a different adapter. Each checkpoint therefore holds the
+  ``state_dict()`` of every :class:`StatefulCallback` (tensors in ``callback-<i>.safetensors``,
+  the rest in ``trainer_state.json``), and a resume restores it, or refuses: a callback
+  that neither offers the protocol nor declares ``stateless = True``, or a different list
+  of stateful callbacks than was saved, is an error naming it, not a warning.
 - *Divergence fails loudly.* The loss is checked every step (it is read anyway), the
   gradient norm every step when clipping (clipping computes it), and the trainable
   parameters at every log step, evaluation, checkpoint and at the end (a max-abs norm
