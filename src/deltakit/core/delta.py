@@ -60,8 +60,10 @@ class Delta(nn.Module):
                        total_steps: int | None = None) -> tuple[dict | None, list]:
         """What training needs beyond "optimise the trainable parameters":
         ``(params, callbacks)`` for :func:`deltakit.train.fit` - an explicit parameter set
-        (None: the ``requires_grad`` ones) and objects with ``on_step(step, model)``.
-        Methods with rank schedules, layer sampling or data-driven masks override it."""
+        (None: the ``requires_grad`` ones) and objects with ``on_step(step, model)`` that
+        also offer ``state_dict()`` / ``load_state_dict()`` (or declare ``stateless = True``),
+        so a resumed run can restore them. Methods with rank schedules, layer sampling or
+        data-driven masks override it."""
         return None, []
 
     def extra_repr(self) -> str:

@@ -24,7 +24,8 @@ from ..core.seeding import generator
 from ._base_ops import Conv1D, in_out
 from .lora import _cast
 
-__all__ = ["seeded_init", "SVDLoRA", "Sensitivity", "svd_deltas", "orthogonal_regularizer", "OFF", "RESERVE", "ON"]
+__all__ = ["seeded_init", "SVDLoRA", "Sensitivity", "svd_deltas", "orthogonal_regularizer", "rank_states",
+           "load_rank_states", "OFF", "RESERVE", "ON"]
 
 
 def seeded_init(shape: tuple[int, ...], init: str, seed: int, key: str, *,
@@ -171,6 +172,45 @@ class Sensitivity:
         for h in self._handles:
             h.remove()
         self._handles = []
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The EMAs (and an ``I`` not yet folded in), keyed ``"i_bar/<param>"`` etc., for checkpoints."""
+        return {f"{part}/{k}": t for part, d in (("i_bar", self.i_bar), ("u_bar", self.u_bar), ("last", self._last))
+                for k, t in d.items()}
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        """Restore :meth:`state_dict`; every key must name one of the watched parameters."""
+        parts: dict[str, dict[str, Tensor]] = {"i_bar": {}, "u_bar": {}, "last": {}}
+        for key, t in state.items():
+            part, _, name = key.partition("/")
+            if part not in parts or name not in self.params:
+                raise ValueError(f"sensitivity state: expected keys '<i_bar|u_bar|last>/<parameter>' of the "
+                                 f"{len(self.params)} watched parameters, found {key!r}")
+            parts[part][name] = t.to(self.params[name].device, torch.float32)
+        self.i_bar, self.u_bar, self._last = parts["i_bar"], parts["u_bar"], parts["last"]
+
+
+def rank_states(deltas: Mapping[str, SVDLoRA]) -> dict[str, Tensor]:
+    """Each target's component ``state`` buffer as ``"state/<path>"``: the rank pattern a budget
+    callback has set, which is a buffer, not a trainable parameter, so a checkpoint of the
+    parameters alone would lose it."""
+    return {f"state/{p}": d.state for p, d in deltas.items()}
+
+
+@torch.no_grad()
+def load_rank_states(deltas: Mapping[str, SVDLoRA], state: Mapping[str, Tensor], who: str) -> None:
+    """Copy :func:`rank_states` back into the buffers, after checking every target is there with its shape."""
+    want = {f"state/{p}" for p in deltas}
+    got = {k for k in state if k.startswith("state/")}
+    if want != got:
+        raise ValueError(f"{who}: expected the rank states of targets {sorted(want)[:3]}..., found "
+                         f"missing={sorted(want - got)[:3]} unexpected={sorted(got - want)[:3]}")
+    for p, d in deltas.items():
+        t = state[f"state/{p}"]
+        if t.shape != d.state.shape:
+            raise ValueError(f"{who}: expected the rank state of {p} of shape {tuple(d.state.shape)}, "
+                             f"found {tuple(t.shape)}")
+        d.state.copy_(t)
 
 
 def orthogonal_regularizer(model: nn.Module, name: str | None = None) -> Tensor:

@@ -36,7 +36,8 @@ from ..core.adapter import Adapter
 from ..core.delta import BuildContext
 from ..core.fields import knob
 from ..core.registry import ConfigError, DeltaConfig, register_method
-from ._lora_common import ON, OFF, Sensitivity, SVDLoRA, orthogonal_regularizer, svd_deltas
+from ._lora_common import (ON, OFF, Sensitivity, SVDLoRA, load_rank_states, orthogonal_regularizer, rank_states,
+                           svd_deltas)
 
 __all__ = ["AdaLoraConfig", "AdaLoRA", "AdaLoRABudget", "regularizer"]
 
@@ -158,6 +159,22 @@ class AdaLoRABudget:
         if step >= self.total_step - self.config.tfinal:
             self.finished = True                    # budget fixed; stop scoring
             self.sensitivity.close()
+
+    def state_dict(self) -> dict[str, object]:
+        """What a resumed run needs to prune as this one would: the rank pattern (``state``
+        buffers), the sensitivity EMAs and whether the budget is fixed (tensors and JSON values,
+        the checkpoint protocol of :func:`deltakit.train.fit`)."""
+        return {"finished": self.finished, **rank_states(self.deltas),
+                **{f"sensitivity/{k}": t for k, t in self.sensitivity.state_dict().items()}}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        """Restore :meth:`state_dict` into this callback and the adapter's ``state`` buffers."""
+        load_rank_states(self.deltas, state, type(self).__name__)
+        prefix = "sensitivity/"
+        self.sensitivity.load_state_dict({k[len(prefix):]: t for k, t in state.items() if k.startswith(prefix)})
+        self.finished = bool(state["finished"])
+        if self.finished:
+            self.sensitivity.close()                # as on_step does when the budget becomes fixed
 
     def total_rank(self) -> int:
         return sum(d.rank() for d in self.deltas.values())

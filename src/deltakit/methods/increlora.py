@@ -39,7 +39,7 @@ from ..core.adapter import Adapter
 from ..core.delta import BuildContext
 from ..core.fields import knob
 from ..core.registry import ConfigError, DeltaConfig, register_method
-from ._lora_common import OFF, ON, RESERVE, SVDLoRA, orthogonal_regularizer, svd_deltas
+from ._lora_common import OFF, ON, RESERVE, SVDLoRA, load_rank_states, orthogonal_regularizer, rank_states, svd_deltas
 from .lora import _cast
 
 __all__ = ["IncreLoraConfig", "IncreLoRA", "IncreLoRABudget", "regularizer"]
@@ -149,6 +149,27 @@ class IncreLoRABudget:
 
     def rank_pattern(self) -> dict[str, int]:
         return {p: d.rank() for p, d in self.deltas.items()}
+
+    def state_dict(self) -> dict[str, object]:
+        """What a resumed run needs to grow as this one would: the rank pattern (``state``
+        buffers, reserves included), the score EMAs and whether growth is over (the
+        checkpoint protocol of :func:`deltakit.train.fit`). Between steps no backward
+        score is pending (``on_step`` consumed it), so none is saved."""
+        return {"finished": self.finished, "i_bar": dict(self.i_bar), "u_bar": dict(self.u_bar),
+                **rank_states(self.deltas)}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        """Restore :meth:`state_dict` into this callback and the adapter's ``state`` buffers."""
+        for key in ("i_bar", "u_bar"):
+            if set(state[key]) != set(self.deltas):
+                raise ValueError(f"IncreLoRABudget: expected {key} of the targets {sorted(self.deltas)[:3]}..., "
+                                 f"found {sorted(state[key])[:3]}...")
+        load_rank_states(self.deltas, state, type(self).__name__)
+        self.i_bar = {p: float(state["i_bar"][p]) for p in self.deltas}
+        self.u_bar = {p: float(state["u_bar"][p]) for p in self.deltas}
+        self.finished = bool(state["finished"])
+        for d in self.deltas.values():
+            d.tracking, d.score = not self.finished, None
 
     def scores(self) -> dict[str, float]:
         return {p: self.i_bar[p] * self.u_bar[p] for p in self.deltas}

@@ -135,14 +135,34 @@ class LisaSchedule:
         self.resample()
 
     def resample(self) -> tuple[int, ...]:
-        self.active = tuple(sorted(self.rng.sample(self.blocks, self.gamma)))
+        self._activate(tuple(sorted(self.rng.sample(self.blocks, self.gamma))))
+        return self.active
+
+    def _activate(self, active: tuple[int, ...]) -> None:
+        """Train the blocks ``active`` (and every non-block module); freeze the other blocks."""
+        self.active = active
         for _, d in self.adapter.deltas():
             on = d.layer is None or d.layer in self.active
             for p in d.parameters():
                 p.requires_grad_(on)
                 if not on:
                     p.grad = None
-        return self.active
+
+    def state_dict(self) -> dict[str, object]:
+        """The sampler's state and the active blocks (the checkpoint protocol of
+        :func:`deltakit.train.fit`): a resumed run draws the blocks this one would have."""
+        version, internal, gauss = self.rng.getstate()
+        return {"rng": [version, list(internal), gauss], "active": list(self.active)}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        """Restore :meth:`state_dict`, and the ``requires_grad`` flags of the active set with it."""
+        active = tuple(state["active"])
+        if len(active) != self.gamma or not set(active) <= set(self.blocks):
+            raise ValueError(f"LisaSchedule: expected {self.gamma} active blocks among {self.blocks}, "
+                             f"found {list(active)}")
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self._activate(active)
 
     def on_step(self, step: int, model: nn.Module | None = None) -> None:
         if step % self.period == 0:

@@ -9,7 +9,9 @@ One checkpoint is one directory, written atomically (:func:`deltakit.io.files.at
         trainer_state.json      step, optimiser param groups and scalar state (by parameter
                                 name), scheduler state, history, run config
         <key>.safetensors       optional extra tensors (``fit`` keeps the best parameters so
-                                far as ``best`` when it stops early)
+                                far as ``best`` when it stops early, and the tensors of its
+                                i-th stateful callback as ``callback-<i>``; their JSON values
+                                go in ``trainer_state.json``, see :func:`split_state`)
     ckpt_dir/run.json           optional: the settings of the run the directory belongs to
                                 (:func:`claim_checkpoint_dir`), so another run cannot resume it
 
@@ -42,7 +44,7 @@ from deltakit.io.files import DeltakitFileError, atomic_dir, read_json, write_js
 from deltakit.io.tensors import load_tensors, save_tensors
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_extra_tensors", "latest_checkpoint", "prune_checkpoints",
-           "rng_state", "set_rng_state", "default_checkpoint_dir", "claim_checkpoint_dir", "CHECKPOINT_FORMAT"]
+           "rng_state", "set_rng_state", "split_state", "default_checkpoint_dir", "claim_checkpoint_dir", "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = "deltakit.train.checkpoint/1"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -104,6 +106,27 @@ def _json_value(v: Any, where: str) -> Any:
     if v is None or isinstance(v, (bool, int, float, str, list, dict)):
         return v
     raise ValueError(f"expected a JSON-serialisable value at {where}, found {type(v).__name__}")
+
+
+def split_state(state: Mapping[str, Any], where: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(JSON values, CPU tensors) of a mixed ``state_dict()``, for ``trainer_state.json`` and
+    a safetensors file: a value that is neither a tensor nor strict JSON (no NaN) is an
+    error rather than pickled."""
+    scalars: dict[str, Any] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for k, v in state.items():
+        if not isinstance(k, str):
+            raise ValueError(f"expected string keys in {where}, found {k!r}")
+        if isinstance(v, torch.Tensor):
+            tensors[k] = v.detach().cpu()
+            continue
+        try:
+            json.dumps(v, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"expected a tensor or a JSON value at {where}[{k!r}], found {type(v).__name__} "
+                             f"({e})") from None
+        scalars[k] = v
+    return scalars, tensors
 
 
 def _optimizer_state(optimizer: torch.optim.Optimizer, params: dict[str, torch.nn.Parameter]

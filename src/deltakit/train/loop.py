@@ -19,6 +19,13 @@ How :func:`fit` behaves, and why:
   optimised set up front, for schedules that freeze and unfreeze parts while training
   (LISA: pass ``dict(adapter.named_parameters())``). ``callbacks`` drive AdaLoRA /
   IncreLoRA budgets and LISA's layer sampling.
+- *Callback state.* Those schedules keep state outside the trainable parameters (EMAs,
+  a sampler's RNG, rank-mask buffers, ``requires_grad`` flags), so a checkpoint that
+  lacked it would resume to a different adapter. Each checkpoint therefore holds the
+  ``state_dict()`` of every :class:`StatefulCallback` (tensors in ``callback-<i>.safetensors``,
+  the rest in ``trainer_state.json``), and a resume restores it, or refuses: a callback
+  that neither offers the protocol nor declares ``stateless = True``, or a different list
+  of stateful callbacks than was saved, is an error naming it, not a warning.
 - *Divergence fails loudly.* The loss is checked every step (it is read anyway), the
   gradient norm every step when clipping (clipping computes it), and the trainable
   parameters at every log step, evaluation, checkpoint and at the end (a max-abs norm
@@ -72,7 +79,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 from torch.utils.data import DataLoader
@@ -84,11 +91,29 @@ from deltakit.train import distributed as ddp
 from deltakit.train.early_stop import EarlyStopping
 from deltakit.train.metrics import METRICS
 
-__all__ = ["fit", "TrainResult", "TrainingDivergedError", "evaluate", "trainable_parameters", "make_optimizer",
-           "make_scheduler", "compute_loss", "to_device", "Schedule"]
+__all__ = ["fit", "TrainResult", "TrainingDivergedError", "StatefulCallback", "evaluate", "trainable_parameters",
+           "make_optimizer", "make_scheduler", "compute_loss", "to_device", "Schedule"]
 
 Schedule = Literal["constant", "linear", "cosine"]
 Batch = Mapping[str, Any]
+
+
+@runtime_checkable
+class StatefulCallback(Protocol):
+    """A :func:`fit` callback whose state goes into every checkpoint and comes back on resume.
+
+    ``state_dict()`` returns a flat ``{name: tensor or JSON value}`` (tensors go to a
+    safetensors file of the checkpoint, the rest to its JSON; nothing is pickled) and
+    ``load_state_dict(state)`` takes it back, including whatever the callback changed in the
+    model outside its trainable parameters (a rank mask buffer, ``requires_grad`` flags).
+    A callback that keeps no state declares ``stateless = True`` instead.
+    """
+
+    def on_step(self, step: int, model: torch.nn.Module) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 @dataclass
@@ -254,7 +279,11 @@ def fit(
     ``eval_fn(model)`` or :func:`evaluate` on ``eval_loader`` with ``metric``. With
     ``ckpt_dir``, a checkpoint is written every ``ckpt_every`` steps and at the end, and
     with ``resume`` training continues from the newest one, bit for bit. Each of
-    ``callbacks`` has ``on_step(step, model)`` called after every optimiser step.
+    ``callbacks`` has ``on_step(step, model)`` called after every optimiser step; to
+    resume from a checkpoint, each must either checkpoint its state
+    (:class:`StatefulCallback`: ``state_dict()`` / ``load_state_dict()``, as AdaLoRA's,
+    IncreLoRA's and LISA's do) or declare ``stateless = True``; any other callback makes
+    resume an error, since fit cannot know whether a fresh one would behave as the old one.
     ``autocast=torch.bfloat16`` runs forwards in bf16 with fp32 master weights.
     ``early_stopping_patience=P`` stops after P evaluations without improving
     ``early_stopping_metric`` (default: the first of ``metric``) and leaves the best
@@ -371,9 +400,11 @@ def _start(run: _Run, resume: bool, seed: int, callbacks: Sequence[Any]) -> None
         ddp.broadcast_parameters(run.params.values())
         return
     same_order = _state_matches(last, run.config, run.info.rank)
+    _check_callbacks(last, callbacks)  # before anything is loaded into the model
     state = ckpt.load_checkpoint(last, run.params, run.optimizer, run.scheduler, rank=run.info.rank,
                                  restore_rng=same_order)
     extra = state["extra"]
+    _restore_callbacks(last, extra.get("callbacks", []), state.get("extra_tensors", []), callbacks)
     run.start = run.steps_done = state["step"]
     run.history, run.metrics = extra.get("history", []), extra.get("metrics", {})
     run.stopped_at, run.window = extra.get("stopped_at"), extra.get("window", [])
@@ -382,12 +413,46 @@ def _start(run: _Run, resume: bool, seed: int, callbacks: Sequence[Any]) -> None
         run.stopper.load_state_dict(extra["early_stopping"], best)
     if not same_order:
         torch.manual_seed(seed + run.info.rank)
-    if callbacks and run.main and run.start < run.total and run.stopped_at is None:
-        warnings.warn(f"resuming {last} with callbacks whose state is not checkpointed "
-                      f"({', '.join(type(c).__name__ for c in callbacks)}); the run will not match an "
-                      "uninterrupted one", stacklevel=3)
     if run.progress and run.main:
         print(f"resuming from {last} (step {run.start} of {run.total})", file=sys.stderr, flush=True)
+
+
+def _stateful(callbacks: Sequence[Any]) -> list[StatefulCallback]:
+    return [cb for cb in callbacks if isinstance(cb, StatefulCallback)]
+
+
+def _check_callbacks(last: Path, callbacks: Sequence[Any]) -> None:
+    """Refuse a resume that would lose a callback's state: an undeclared callback, or other
+    stateful callbacks than the checkpoint holds state for (in order, by class)."""
+    for cb in callbacks:
+        if not isinstance(cb, StatefulCallback) and getattr(cb, "stateless", False) is not True:
+            raise ValueError(f"cannot resume {last}: callback {type(cb).__name__} may hold state that is not "
+                             "checkpointed; expected it to define state_dict() and load_state_dict(), or to "
+                             "declare stateless = True")
+    saved = read_json(last / "trainer_state.json").get("extra", {}).get("callbacks", [])
+    want, found = [s["class"] for s in saved], [type(cb).__name__ for cb in _stateful(callbacks)]
+    if want != found:
+        raise ValueError(f"cannot resume {last}: expected the stateful callbacks {want} it was saved with, "
+                         f"found {found}")
+
+
+def _callback_states(callbacks: Sequence[Any]) -> tuple[list[dict[str, Any]], dict[str, dict[str, torch.Tensor]]]:
+    """(JSON part of each stateful callback's state, its tensors as extra tensors ``callback-<i>``)."""
+    meta, tensors = [], {}
+    for i, cb in enumerate(_stateful(callbacks)):
+        scalars, ts = ckpt.split_state(cb.state_dict(), f"{type(cb).__name__}.state_dict()")
+        meta.append({"class": type(cb).__name__, "state": scalars})
+        if ts:
+            tensors[f"callback-{i}"] = ts
+    return meta, tensors
+
+
+def _restore_callbacks(last: Path, saved: list[dict[str, Any]], tensor_keys: list[str],
+                       callbacks: Sequence[Any]) -> None:
+    for i, (cb, s) in enumerate(zip(_stateful(callbacks), saved)):
+        key = f"callback-{i}"
+        tensors = ckpt.load_extra_tensors(last, key) if key in tensor_keys else {}
+        cb.load_state_dict({**s["state"], **tensors})
 
 
 def _batch_stream(run: _Run) -> Iterator[Batch]:
@@ -428,7 +493,7 @@ def _loop(run: _Run, bar: tqdm, eval_fn: Callable | None, *, loss_fn, autocast, 
         if run.ckpt_dir is not None and ((ckpt_every and step % ckpt_every == 0) or last
                                          or run.stopped_at is not None):
             _check_parameters(run, step)
-            _save(run, step, keep_last, meter.losses)
+            _save(run, step, keep_last, meter.losses, callbacks)
         if run.stopped_at is not None:
             if run.progress and run.main:
                 stop = run.stopper
@@ -549,16 +614,17 @@ def _evaluate_step(run: _Run, step: int, eval_fn: Callable, bar: tqdm) -> bool:
     return run.stopper is not None and run.stopper.update(step, results, run.params)
 
 
-def _save(run: _Run, step: int, keep_last: int, window: list[float]) -> None:
+def _save(run: _Run, step: int, keep_last: int, window: list[float], callbacks: Sequence[Any]) -> None:
     rng = {f"{k}/{r}": t for k, v in ckpt.rng_state().items()
            for r, t in enumerate(ddp.all_gather_tensor(v, run.info.device))}
     if run.main:
         extra: dict[str, Any] = {"history": run.history, "config": run.config, "metrics": run.metrics,
                                  "stopped_at": run.stopped_at, "window": window}
-        tensors = {}
+        extra["callbacks"], tensors = _callback_states(callbacks)
         if run.stopper is not None:
             extra["early_stopping"] = run.stopper.state_dict()
-            tensors = {"best": run.stopper.best_params} if run.stopper.best_params else {}
+            if run.stopper.best_params:
+                tensors["best"] = run.stopper.best_params
         ckpt.save_checkpoint(run.ckpt_dir, run.params, run.optimizer, run.scheduler, step=step, rng=rng,
                              extra=extra, extra_tensors=tensors)
         ckpt.prune_checkpoints(run.ckpt_dir, keep_last)
