@@ -139,12 +139,22 @@ def _env() -> dict[str, str]:
     return env
 
 
+# methods whose training keeps state beside the parameters: rank budgets (AdaLoRA, IncreLoRA: masks
+# and importance averages), LISA's block sampler (its RNG and active set)
+KILL_CASES = {"lora": [], "adalora": ["--method", "adalora", "--set", "init_r=4", "--set", "target_r=2",
+                                      "--set", "deltaT=2"],
+              "lisa": ["--method", "lisa", "--set", "gamma=1", "--set", "period=3"]}
+
+
 @pytest.mark.slow
-def test_kill_9_then_rerun_resumes_to_the_bit_identical_adapter(tiny_model_dir, data_dir, tmp_path):
+@pytest.mark.parametrize("method", sorted(KILL_CASES))
+def test_kill_9_then_rerun_resumes_to_the_bit_identical_adapter(tiny_model_dir, data_dir, tmp_path, method):
     """A real `deltakit train` process is SIGKILLed after its step-8 checkpoint (dropout on, so the RNG
     state matters too); the same command run again resumes and saves exactly the uninterrupted adapter."""
-    cmd = [sys.executable, "-m", "deltakit.cli"] + _argv(tiny_model_dir, data_dir, "OUT", "--steps", "60",
-                                                         "--ckpt-every", "4", "--lr", "1e-3")
+    argv = _argv(tiny_model_dir, data_dir, "OUT", "--steps", "60", "--ckpt-every", "4", "--lr", "1e-3")
+    if KILL_CASES[method]:  # another method: its own knobs instead of LoRA's r
+        argv = [a for a in argv if a not in ("--set", "r=2")] + KILL_CASES[method]
+    cmd = [sys.executable, "-m", "deltakit.cli"] + argv
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
     ref_dir.mkdir(), run_dir.mkdir()
     out_at = cmd.index("OUT")
