@@ -182,6 +182,7 @@ def _unchanged(model, before):
 @pytest.mark.parametrize("changes, message", [
     (dict(use_dora=True), "use_dora=True"),
     (dict(peft_type="IA3"), "peft_type 'IA3'"),
+    (dict(peft_type="HRA"), r"peft_type 'HRA' is not supported; deltakit imports .*LORA"),
     (dict(bias="all"), "bias='all'"),
     (dict(init_lora_weights="pissa"), "init_lora_weights='pissa'"),
     (dict(alpha_pattern={"query": 32}), "non-uniform lora_alpha"),
