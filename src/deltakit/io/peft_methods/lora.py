@@ -1,24 +1,38 @@
-"""peft ``LORA`` <-> deltakit ``lora``.
+"""peft ``LORA`` <-> deltakit ``lora`` (and ``dora`` for ``use_dora=True``).
 
 peft keys, relative to the model (``base_model.model.`` stripped)::
 
-    <path>.lora_A.weight        (r, in)    Linear / Conv1D; (r, in, kh, kw) Conv2d
-    <path>.lora_B.weight        (out, r)   Linear / Conv1D; (out, r, 1, 1) Conv2d
-    <path>.lora_embedding_A     (r, num_embeddings)
-    <path>.lora_embedding_B     (dim, r)
+    <path>.lora_A.weight          (r, in)    Linear / Conv1D; (r, in, kh, kw) Conv2d
+    <path>.lora_B.weight          (out, r)   Linear / Conv1D; (out, r, 1, 1) Conv2d
+    <path>.lora_embedding_A       (r, num_embeddings)
+    <path>.lora_embedding_B       (dim, r)
+    <path>.lora_magnitude_vector  (out,)     DoRA's m
 
-These are exactly deltakit's LoRA layouts, so tensors copy unchanged; the scale is
-``lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``) in both.
+These are exactly deltakit's LoRA / DoRA layouts (DoRA's m is the per-output-unit norm
+in both, ``||W + s B A||`` detached in peft, as deltakit's default ``detach_norm``), so
+tensors copy unchanged; the scale is ``lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``).
+
+``rank_pattern`` / ``alpha_pattern``: deltakit's LoRA has one ``r`` and ``alpha`` per
+adapter, so per-target ranks and scales are imported exactly rather than refused: each
+target's factors are zero-padded to the largest rank and its ``lora_B`` multiplied by
+``its scale / the adapter's scale``. The product ``s B A`` is unchanged (within float
+rounding), and the padded rows / columns get zero gradients (each one's gradient goes
+through the other's zeros), so further training behaves as peft's smaller rank would.
+The cost is the padded parameters. Per-target ranks in ``LoraConfig`` itself would have
+to reach every LoRA-derived method and the search space; padding keeps that out of core.
 """
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
+import torch
 from torch import Tensor
 
 from ...core.adapter import Adapter
-from ...methods.lora import LoRA, LoraConfig
+from ...methods.dora import DoRA, DoraConfig
+from ...methods.lora import LoRA, LoraConfig, lora_scale
 from ._common import (PREFIX, PeftConverter, PeftExport, PeftFormatError, PeftImport, PeftSource, check_complete,
                       check_paths, pattern_lookup, refuse_fields, register_converter)
 
@@ -31,7 +45,6 @@ _INIT_TO_PEFT = {"kaiming": True, "gaussian": "gaussian", "orthogonal": "orthogo
 
 # Config fields that switch on something deltakit's LoRA does not do: (field, "off" values).
 _UNSUPPORTED = {
-    "use_dora": (False, None),
     "lora_bias": (False, None),
     "use_qalora": (False, None),
     "use_bdlora": (False, None, {}),
@@ -48,21 +61,22 @@ _UNSUPPORTED = {
 }
 
 # peft tensor name -> deltakit LoRA parameter
-_PARAMS = {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B", "lora_embedding_A": "lora_A",
-           "lora_embedding_B": "lora_B"}
+_PARAMS = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_embedding_A": "A", "lora_embedding_B": "B",
+           "lora_magnitude_vector": "m"}
 
 
 @register_converter
 class LoraConverter(PeftConverter):
     peft_type = "LORA"
-    methods = ("lora",)
+    methods = ("lora", "dora")
     key = re.compile(r"^(?P<path>.+)\.(?P<param>lora_[AB]\.weight|lora_embedding_[AB]|lora_magnitude_vector)$")
 
     def check_config(self, cfg: dict, config_file: Path) -> None:
         refuse_fields(cfg, config_file, _UNSUPPORTED, "LoRA")
         if cfg.get("bias", "none") != "none":
-            raise PeftFormatError(f"{config_file}: bias={cfg['bias']!r} (trained biases) is not supported; "
-                                  "only bias='none'")
+            raise PeftFormatError(f"{config_file}: bias={cfg['bias']!r} trains the base model's biases, which a "
+                                  "deltakit LoRA adapter does not hold; only bias='none' (train biases with a "
+                                  "separate bitfit adapter)")
         init = cfg.get("init_lora_weights", True)
         if init not in _INIT_FROM_PEFT:
             raise PeftFormatError(f"{config_file}: init_lora_weights={init!r} changes the base weights, so the "
@@ -70,81 +84,113 @@ class LoraConverter(PeftConverter):
                                   "path_initial_model_for_weight_conversion first")
 
     def to_deltakit(self, src: PeftSource) -> PeftImport:
-        pairs = _pairs(src)
-        check_paths(src, LoRA.supports, "Linear, Conv1D, Conv2d, Embedding", "LoRA")
-        for path, (a, b) in pairs.items():
-            if a.shape[0] != b.shape[1]:
-                raise PeftFormatError(f"{src.where}: {path}: lora_A rank {a.shape[0]} != lora_B rank {b.shape[1]}")
-        check_complete(src, LoRA.supports, "LoRA")
-        r, alpha = _rank_and_alpha(pairs, src.cfg, src.where)
+        dora = bool(src.cfg.get("use_dora"))
+        factors = _factors(src, dora)
+        cls = DoRA if dora else LoRA
+        kinds = "Linear, Conv1D, Conv2d" + ("" if dora else ", Embedding")
+        check_paths(src, cls.supports, kinds, "DoRA" if dora else "LoRA")
+        check_complete(src, cls.supports, "LoRA")
+        r, alpha, gains = _rank_and_alpha(factors, src.cfg, src.where)
         cfg = src.cfg
-        config = LoraConfig(
-            r=r, alpha=alpha, dropout=float(cfg.get("lora_dropout") or 0.0),
-            use_rslora=bool(cfg.get("use_rslora", False)),
-            init=_INIT_FROM_PEFT.get(cfg.get("init_lora_weights", True), "kaiming"),
-            targets=tuple(pairs), modules_to_save=src.full)
-        state = {f"{p}.{k}": t for p, (a, b) in pairs.items() for k, t in (("lora_A", a), ("lora_B", b))}
-        return PeftImport(config, state, list(pairs))
+        common = dict(r=r, alpha=alpha, use_rslora=bool(cfg.get("use_rslora", False)),
+                      init=_INIT_FROM_PEFT.get(cfg.get("init_lora_weights", True), "kaiming"),
+                      targets=tuple(factors), modules_to_save=src.full)
+        # peft's lora_dropout only acts in training; deltakit's DoRA has no branch input to drop
+        config = (DoraConfig(**common) if dora
+                  else LoraConfig(dropout=float(cfg.get("lora_dropout") or 0.0), **common))
+        state = {}
+        for p, f in factors.items():
+            state[f"{p}.lora_A"], state[f"{p}.lora_B"] = _pad(f["A"], f["B"], r, gains[p])
+            if dora:
+                state[f"{p}.magnitude"] = f["m"]
+        return PeftImport(config, state, list(factors))
 
     def from_deltakit(self, adapter: Adapter) -> PeftExport:
         config: LoraConfig = adapter.config  # type: ignore[assignment]
+        dora = isinstance(config, DoraConfig)
+        if dora and not config.detach_norm:
+            raise PeftFormatError(f"adapter {adapter.name!r}: DoRA with detach_norm=False has no peft equivalent "
+                                  "(peft always detaches the norm)")
         tensors: dict[str, Tensor] = {}
         conv1d = []
         for path, delta in adapter.deltas():
             emb = delta.layout == "embedding"
             tensors[f"{path}.lora_embedding_A" if emb else f"{path}.lora_A.weight"] = delta.lora_A.detach()
             tensors[f"{path}.lora_embedding_B" if emb else f"{path}.lora_B.weight"] = delta.lora_B.detach()
+            if dora:
+                tensors[f"{path}.lora_magnitude_vector"] = delta.magnitude.detach()
             conv1d.append(delta.layout == "conv1d")
-        fields = {
-            "peft_type": "LORA",
-            "r": config.r,
-            "lora_alpha": int(config.alpha) if float(config.alpha).is_integer() else config.alpha,
-            "lora_dropout": config.dropout,
-            "use_rslora": config.use_rslora,
-            "target_modules": sorted(p for p, _ in adapter.deltas()),
-            "exclude_modules": None,
-            "fan_in_fan_out": bool(conv1d) and all(conv1d),
-            "bias": "none",
-            "init_lora_weights": _INIT_TO_PEFT[config.init],
-            "layers_to_transform": None,
-            "layers_pattern": None,
-            "rank_pattern": {},
-            "alpha_pattern": {},
-            "use_dora": False,
-        }
-        return PeftExport(fields, tensors)
+        return PeftExport(_peft_fields(config, sorted(p for p, _ in adapter.deltas()), conv1d, dora), tensors)
 
 
-def _pairs(src: PeftSource) -> dict[str, tuple[Tensor, Tensor]]:
-    """{path: (A, B)} in file order, each with both factors."""
-    pairs = {}
+def _peft_fields(config: LoraConfig, targets: list[str], conv1d: list[bool], dora: bool) -> dict:
+    return {
+        "peft_type": "LORA",
+        "r": config.r,
+        "lora_alpha": int(config.alpha) if float(config.alpha).is_integer() else config.alpha,
+        "lora_dropout": config.dropout,
+        "use_rslora": config.use_rslora,
+        "target_modules": targets,
+        "exclude_modules": None,
+        "fan_in_fan_out": bool(conv1d) and all(conv1d),
+        "bias": "none",
+        "init_lora_weights": _INIT_TO_PEFT[config.init],
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "use_dora": dora,
+    }
+
+
+def _factors(src: PeftSource, dora: bool) -> dict[str, dict[str, Tensor]]:
+    """{path: {"A", "B"[, "m"]}} in file order, each complete and rank-consistent."""
+    out = {}
     for path, got in src.tensors.items():
-        if "lora_magnitude_vector" in got:
-            raise PeftFormatError(f"{src.where}: tensor {PREFIX}{path}.lora_magnitude_vector is a DoRA magnitude; "
-                                  "DoRA adapters are not supported")
-        ab = {_PARAMS[k][-1]: t for k, t in got.items()}
-        if set(ab) != {"A", "B"}:
-            raise PeftFormatError(f"{src.where}: module {path!r} has lora_{''.join(sorted(ab))} but not both A and B")
-        pairs[path] = (ab["A"], ab["B"])
-    return pairs
+        f = {_PARAMS[k]: t for k, t in got.items()}
+        if "m" in f and not dora:
+            raise PeftFormatError(f"{src.where}: tensor {PREFIX}{path}.lora_magnitude_vector is a DoRA magnitude "
+                                  "but the config has use_dora=false")
+        if dora and "m" not in f:
+            raise PeftFormatError(f"{src.where}: the config has use_dora=True but {path!r} has no "
+                                  "lora_magnitude_vector")
+        if not {"A", "B"} <= set(f):
+            have = "".join(sorted(set(f) & {"A", "B"}))
+            raise PeftFormatError(f"{src.where}: module {path!r} has lora_{have} but not both A and B")
+        if f["A"].shape[0] != f["B"].shape[1]:
+            raise PeftFormatError(f"{src.where}: {path}: lora_A rank {f['A'].shape[0]} != lora_B rank "
+                                  f"{f['B'].shape[1]}")
+        out[path] = f
+    return out
 
 
-def _rank_and_alpha(pairs, cfg: dict, weights: Path) -> tuple[int, float]:
-    """One (r, alpha) for all targets: ranks from the tensors, alpha from the config
-    (``alpha_pattern`` resolved as peft does). Non-uniform values are an error."""
-    from_pattern = pattern_lookup(cfg.get("alpha_pattern") or {})
-    ranks = {p: int(a.shape[0]) for p, (a, _) in pairs.items()}
-    alphas = {p: float(from_pattern(p, cfg.get("lora_alpha", 8))) for p in pairs}
-    for what, values in (("rank (r / rank_pattern)", ranks), ("lora_alpha (alpha_pattern)", alphas)):
-        distinct = sorted(set(values.values()))
-        if len(distinct) > 1:
-            examples = {v: next(p for p in values if values[p] == v) for v in distinct}
-            raise PeftFormatError(f"{weights}: non-uniform {what} across targets is not supported: "
-                                  + ", ".join(f"{v:g} at {p!r}" for v, p in examples.items()))
-    r = next(iter(ranks.values()))
-    alpha = next(iter(alphas.values()))
-    declared = pattern_lookup(cfg.get("rank_pattern") or {})
-    want = {declared(p, cfg.get("r", r)) for p in pairs}
-    if want != {r}:
-        raise PeftFormatError(f"{weights}: tensors have rank {r}, the config declares r={sorted(want)}")
-    return r, alpha
+def _rank_and_alpha(factors, cfg: dict, weights: Path) -> tuple[int, float, dict[str, float]]:
+    """One (r, alpha) for the adapter and each target's ``lora_B`` gain (see the module doc):
+    ranks from the tensors (checked against ``r`` / ``rank_pattern``), alphas from
+    ``lora_alpha`` / ``alpha_pattern``, both resolved as peft does."""
+    rank_of, alpha_of = pattern_lookup(cfg.get("rank_pattern") or {}), pattern_lookup(cfg.get("alpha_pattern") or {})
+    ranks = {p: int(f["A"].shape[0]) for p, f in factors.items()}
+    for p, r in ranks.items():
+        declared = rank_of(p, cfg.get("r", r))
+        if declared != r:
+            raise PeftFormatError(f"{weights}: {p!r} has rank {r} tensors, the config declares r={declared}")
+    alphas = {p: float(alpha_of(p, cfg.get("lora_alpha", 8))) for p in factors}
+    rsl = bool(cfg.get("use_rslora", False))
+    scale = {p: alphas[p] / (math.sqrt(ranks[p]) if rsl else ranks[p]) for p in factors}
+    r = max(ranks.values())
+    ref = next(p for p in factors if ranks[p] == r)  # its factors stay bit for bit
+    alpha = alphas[ref]
+    s = lora_scale(LoraConfig(r=r, alpha=alpha, use_rslora=rsl))
+    return r, alpha, {p: scale[p] / s for p in factors}
+
+
+def _pad(a: Tensor, b: Tensor, r: int, gain: float) -> tuple[Tensor, Tensor]:
+    """A (k, ...) and B (out, k, ...) zero-padded to rank r, B times ``gain``."""
+    k = a.shape[0]
+    if gain != 1.0:
+        b = b * gain
+    if k == r:
+        return a, b
+    a = torch.cat([a, a.new_zeros(r - k, *a.shape[1:])], dim=0)
+    b = torch.cat([b, b.new_zeros(b.shape[0], r - k, *b.shape[2:])], dim=1)
+    return a, b

@@ -1,0 +1,161 @@
+"""peft interop beyond plain LoRA: every converter in deltakit.io.peft_methods, checked against
+peft itself on tiny BERT, GPT-2 and Llama (peft's outputs == deltakit's within TOL, both ways)."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+import deltakit as dk
+from deltakit.io.peft import CONFIG, PeftFormatError, export_peft, import_peft
+from tests.conftest import tiny_bert, tiny_gpt2, tiny_llama
+
+peft = pytest.importorskip("peft")
+
+TOL = 1e-5
+BUILD = {"bert": tiny_bert, "gpt2": tiny_gpt2, "llama": tiny_llama}
+
+
+def _ids(seed=0):
+    return torch.randint(3, 64, (3, 10), generator=torch.Generator().manual_seed(seed))
+
+
+def _out(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _changes(model, ids, ref):
+    """The adapter is not a no-op: disabling it moves the output by over 1% of its scale
+    (BERT's random classifier gives logits of ~1e-2, so an absolute bar would not do)."""
+    with dk.disabled(model):
+        moved = (_out(model, ids) - ref).abs().max().item()
+    return moved > 1e-2 * ref.abs().max().item() and moved > 10 * TOL
+
+
+def _randomise(params, seed):
+    """Every trainable tensor random and non-trivial (peft and deltakit start many at zero / one)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in params:
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def peft_import_roundtrip(kind, peft_config, tmp_path, seed=0, *, export=True, mergeable=True):
+    """peft adapter -> import_peft == peft (merged too); then export_peft of the import -> peft == peft.
+    Returns the imported adapter for method-specific checks."""
+    torch.manual_seed(seed)
+    base = BUILD[kind]().eval()
+    fresh, fresh2 = copy.deepcopy(base), copy.deepcopy(base)
+    pm = peft.get_peft_model(base, copy.deepcopy(peft_config)).eval()
+    _randomise(pm.named_parameters(), seed + 1)
+    pm.save_pretrained(tmp_path / "p")
+    ids = _ids()
+    ref = _out(pm, ids)
+
+    ad = import_peft(fresh, tmp_path / "p", name="imp")
+    fresh.eval()
+    assert (_out(fresh, ids) - ref).abs().max().item() <= TOL
+    assert _changes(fresh, ids, ref)
+    if export:
+        export_peft(ad, tmp_path / "back")
+        back = peft.PeftModel.from_pretrained(fresh2, tmp_path / "back").eval()
+        assert (_out(back, ids) - ref).abs().max().item() <= TOL
+    if mergeable:
+        ad.merge()
+        assert (_out(fresh, ids) - ref).abs().max().item() <= TOL
+        ad.unmerge()
+    return ad
+
+
+def deltakit_export(kind, config, tmp_path, seed=0):
+    """deltakit adapter (random weights) -> export_peft -> peft == deltakit. Returns the written config."""
+    torch.manual_seed(seed)
+    base = BUILD[kind]().eval()
+    fresh = copy.deepcopy(base)
+    ad = dk.attach(base, config)
+    _randomise(ad.named_parameters(), seed + 1)
+    ids = _ids()
+    ref = _out(base, ids)
+    assert _changes(base, ids, ref)
+    export_peft(ad, tmp_path / "out")
+    pm = peft.PeftModel.from_pretrained(fresh, tmp_path / "out").eval()
+    assert (_out(pm, ids) - ref).abs().max().item() <= TOL
+    return json.loads((tmp_path / "out" / CONFIG).read_text())
+
+
+# ---------------------------------------------------------------------------- LoRA extensions
+LORA_CASES = {
+    "bert_rank_and_alpha_pattern": ("bert", dict(
+        r=4, lora_alpha=8, target_modules=["query", "value", "key"], rank_pattern={"value": 2},
+        alpha_pattern={"query": 32}, modules_to_save=["classifier"], task_type="SEQ_CLS")),
+    "gpt2_dora_rslora_rank_pattern": ("gpt2", dict(
+        r=4, lora_alpha=6, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True, use_rslora=True,
+        use_dora=True, rank_pattern={"c_proj": 3}, task_type="CAUSAL_LM")),
+    "llama_dora_alpha_pattern": ("llama", dict(
+        r=2, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True, lora_dropout=0.1,
+        alpha_pattern={"down_proj": 4}, task_type="CAUSAL_LM")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LORA_CASES))
+def test_lora_extensions_import_match_peft(case, tmp_path):
+    kind, cfg = LORA_CASES[case]
+    ad = peft_import_roundtrip(kind, peft.LoraConfig(init_lora_weights=False, **cfg), tmp_path)
+    assert ad.spec.name == ("dora" if cfg.get("use_dora") else "lora")
+    assert ad.config.r == cfg["r"]  # the largest rank; smaller ones are zero-padded
+    state = ad.state_dict()
+    for path, delta in ad.deltas():
+        if "rank_pattern" in cfg and any(path.endswith(k) for k in cfg["rank_pattern"]):
+            k = next(v for key, v in cfg["rank_pattern"].items() if path.endswith(key))
+            assert not state[f"{path}.lora_A"][k:].any() and not state[f"{path}.lora_B"][:, k:].any()
+
+
+@pytest.mark.parametrize("kind, targets", [("bert", ("query", "value")), ("gpt2", ("c_attn",)),
+                                           ("llama", ("q_proj", "up_proj"))])
+def test_dora_exports_to_peft(kind, targets, tmp_path):
+    written = deltakit_export(kind, dk.get_method("dora").config(r=3, alpha=5, targets=targets), tmp_path)
+    assert written["use_dora"] is True and written["r"] == 3
+
+
+def test_dora_magnitude_is_peft_magnitude(tmp_path):
+    """peft's lora_magnitude_vector and deltakit's DoRA magnitude are the same per-output norm at init."""
+    torch.manual_seed(0)
+    base = tiny_llama().eval()
+    fresh = copy.deepcopy(base)
+    pm = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
+    pm.save_pretrained(tmp_path / "p")
+    ours = dk.attach(copy.deepcopy(fresh), dk.get_method("dora").config(r=2, targets=("q_proj",)))
+    ad = import_peft(fresh, tmp_path / "p")
+    a, b = ad.state_dict(), ours.state_dict()
+    for k in a:
+        if k.endswith("magnitude"):
+            assert torch.allclose(a[k], b[k], atol=1e-6)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(bias="lora_only"), "bias='lora_only' trains the base model's biases"),
+    (dict(rank_pattern={"query": 3}), r"'bert.encoder.layer.0.attention.self.query' has rank 4 tensors, the config "
+                                      r"declares r=3"),
+])
+def test_lora_config_errors(tmp_path, changes, message):
+    torch.manual_seed(0)
+    base = tiny_bert().eval()
+    fresh = copy.deepcopy(base)
+    peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["query", "value"])).save_pretrained(tmp_path / "p")
+    cfg = json.loads((tmp_path / "p" / CONFIG).read_text())
+    cfg.update(changes)
+    (tmp_path / "p" / CONFIG).write_text(json.dumps(cfg))
+    with pytest.raises(PeftFormatError, match=message) as e:
+        import_peft(fresh, tmp_path / "p")
+    assert "\n" not in str(e.value) and dk.adapters(fresh) == {}
+
+
+def test_dora_without_peft_equivalent_is_refused(tmp_path):
+    model = tiny_bert()
+    ad = dk.attach(model, dk.get_method("dora").config(r=2, targets=("query",), detach_norm=False))
+    with pytest.raises(PeftFormatError, match="detach_norm=False has no peft equivalent"):
+        export_peft(ad, tmp_path / "x")
