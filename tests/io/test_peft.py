@@ -181,7 +181,7 @@ def _unchanged(model, before):
 
 @pytest.mark.parametrize("changes, message", [
     (dict(use_dora=True), "use_dora=True"),
-    (dict(peft_type="IA3"), "peft_type 'IA3'"),
+    (dict(peft_type="IA3"), r"lora_A.weight' is neither a IA3 tensor nor in modules_to_save"),
     (dict(peft_type="HRA"), r"peft_type 'HRA' is not supported; deltakit imports .*LORA"),
     (dict(bias="all"), "bias='all'"),
     (dict(init_lora_weights="pissa"), "init_lora_weights='pissa'"),

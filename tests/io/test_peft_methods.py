@@ -159,3 +159,35 @@ def test_dora_without_peft_equivalent_is_refused(tmp_path):
     ad = dk.attach(model, dk.get_method("dora").config(r=2, targets=("query",), detach_norm=False))
     with pytest.raises(PeftFormatError, match="detach_norm=False has no peft equivalent"):
         export_peft(ad, tmp_path / "x")
+
+
+# ---------------------------------------------------------------------------- IA3
+IA3_CASES = {
+    "bert_regex_feedforward": ("bert", dict(
+        target_modules=["key", "value", "output.dense"], feedforward_modules=r".*layer\.\d+\.output\.dense",
+        modules_to_save=["classifier"], task_type="SEQ_CLS")),
+    "gpt2_conv1d": ("gpt2", dict(target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"],
+                                 fan_in_fan_out=True, task_type="CAUSAL_LM")),
+    "llama": ("llama", dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
+                            task_type="CAUSAL_LM")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(IA3_CASES))
+def test_ia3_import_matches_peft(case, tmp_path):
+    kind, cfg = IA3_CASES[case]
+    ad = peft_import_roundtrip(kind, peft.IA3Config(**cfg), tmp_path)
+    ff = [p for p, d in ad.deltas() if d.feedforward]
+    assert ff and len(ff) == 2 and all("output.dense" in p or "c_proj" in p or "down_proj" in p for p in ff)
+    if kind == "bert":  # attention.output.dense is not feed-forward under that regex
+        assert not any("attention.output" in p for p in ff) and any("attention.output" in p for p, _ in ad.deltas())
+
+
+@pytest.mark.parametrize("kind, targets, ff", [
+    ("bert", ("key", "value", r"re:(.*\.)?layer\.\d+\.output\.dense"), (r"re:(.*\.)?layer\.\d+\.output\.dense",)),
+    ("gpt2", ("c_attn", "mlp.c_proj"), ("mlp.c_proj",)),
+    ("llama", ("k_proj", "down_proj"), ("down_proj",))])
+def test_ia3_exports_to_peft(kind, targets, ff, tmp_path):
+    from deltakit.methods.ia3 import IA3Config
+    written = deltakit_export(kind, IA3Config(targets=targets, feedforward=ff), tmp_path)
+    assert written["peft_type"] == "IA3" and len(written["feedforward_modules"]) == 2

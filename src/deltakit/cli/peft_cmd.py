@@ -85,5 +85,7 @@ def run(args) -> int:
     base = load_peft_base(peft_dir, args.model)
     adapter = import_peft(base, peft_dir, name=out.name or "default")
     save_adapter(adapter, out)
-    print(f"imported {peft_dir} (lora r={adapter.config.r}, {len(adapter.targets)} targets) to {out}")
+    r = getattr(adapter.config, "r", None)  # LoRA-family only; IA3, prompt tuning... have no rank
+    print(f"imported {peft_dir} ({adapter.spec.name}{'' if r is None else f' r={r}'}, "
+          f"{len(adapter.targets)} targets) to {out}")
     return 0
