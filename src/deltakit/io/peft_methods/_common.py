@@ -151,3 +151,44 @@ def refuse_fields(cfg: dict, config_file: Path, unsupported: dict[str, tuple], m
     for name, off in unsupported.items():
         if name in cfg and cfg[name] not in off:
             raise PeftFormatError(f"{config_file}: {name}={cfg[name]!r} is not supported by deltakit's {method}")
+
+
+def uniform_rank_alpha(src: PeftSource, ranks: dict[str, int], method: str) -> tuple[int, float]:
+    """One (r, alpha) for a LyCORIS-style adapter (config ``r`` / ``alpha`` with peft's
+    ``rank_pattern`` / ``alpha_pattern``): ``ranks`` are read from the tensors and must
+    equal what the config declares; a non-uniform pattern is an error, as deltakit's
+    config has one rank and one alpha."""
+    cfg = src.cfg
+    rank_of, alpha_of = pattern_lookup(cfg.get("rank_pattern") or {}), pattern_lookup(cfg.get("alpha_pattern") or {})
+    for p, r in ranks.items():
+        declared = rank_of(p, cfg.get("r", r))
+        if declared != r:
+            raise PeftFormatError(f"{src.where}: {p!r} has rank {r} tensors, the config declares r={declared}")
+    alphas = {p: float(alpha_of(p, cfg.get("alpha", 8))) for p in ranks}
+    for what, values in (("rank (r / rank_pattern)", ranks), ("alpha (alpha_pattern)", alphas)):
+        distinct = sorted(set(values.values()))
+        if len(distinct) > 1:
+            examples = ", ".join(f"{v:g} at {next(p for p in values if values[p] == v)!r}" for v in distinct)
+            raise PeftFormatError(f"{src.where}: non-uniform {what} across targets is not supported by "
+                                  f"deltakit's {method}: {examples}")
+    return next(iter(ranks.values())), next(iter(alphas.values()))
+
+
+def number(x: float) -> float | int:
+    """An alpha as peft writes it (an int when whole)."""
+    return int(x) if float(x).is_integer() else x
+
+
+def linear_or_conv2d_only(adapter: Adapter, method: str) -> None:
+    """peft's LyCORIS methods wrap nn.Linear / nn.Conv2d (and Conv1d), not GPT-2's Conv1D."""
+    for path, _ in adapter.deltas():
+        base = base_module(adapter, path)
+        if not isinstance(base, (nn.Linear, nn.Conv2d)):
+            raise PeftFormatError(f"adapter {adapter.name!r}: target {path!r} is a {type(base).__name__}; peft's "
+                                  f"{method} supports Linear and Conv2d only")
+
+
+def base_module(adapter: Adapter, path: str) -> nn.Module:
+    """The base module at ``path`` under the adapter's wrapper."""
+    from ...core.targets import _named_modules
+    return dict(_named_modules(adapter.model))[path]

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ...core.adapter import Adapter
 from ...methods.ia3 import IA3, IA3Config
-from ._common import (PeftConverter, PeftExport, PeftImport, PeftSource, check_complete, check_paths,
+from ._common import (PeftConverter, base_module, PeftExport, PeftImport, PeftSource, check_complete, check_paths,
                       refuse_fields, register_converter)
 
 _UNSUPPORTED = {"target_parameters": (None, []), "layers_to_transform": (None, []),
@@ -59,7 +59,7 @@ class IA3Converter(PeftConverter):
         tensors: dict[str, Tensor] = {}
         ff, conv1d = [], []
         for path, delta in adapter.deltas():
-            base = adapter.model.get_submodule(path)
+            base = base_module(adapter, path)
             tensors[f"{path}.ia3_l"] = _peft_shape(delta.ia3_l.detach(), base, delta.feedforward)
             conv1d.append(type(base).__name__ == "Conv1D")
             if delta.feedforward:
