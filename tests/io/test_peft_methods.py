@@ -222,3 +222,47 @@ def test_lycoris_export_refuses_conv1d(tmp_path):
     ad = dk.attach(tiny_gpt2(), dk.get_method("loha").config(r=2, targets=("c_attn",)))
     with pytest.raises(PeftFormatError, match="'transformer.h.0.attn.c_attn' is a Conv1D; peft's LoHa supports"):
         export_peft(ad, tmp_path / "x")
+
+
+# ---------------------------------------------------------------------------- LoKr
+@pytest.mark.parametrize("case", sorted(LYCORIS_CASES))
+@pytest.mark.parametrize("lokr", [dict(r=1, alpha=3), dict(r=8, alpha=3, decompose_factor=2),
+                                  dict(r=1, alpha=2, decompose_both=True)], ids=["low_rank", "both_full", "both_low"])
+def test_lokr_import_matches_peft(case, lokr, tmp_path):
+    kind, cfg = LYCORIS_CASES[case]
+    ad = peft_import_roundtrip(kind, peft.LoKrConfig(**lokr, **cfg), tmp_path, mergeable=kind != "gpt2")
+    assert (ad.config.r, ad.config.factor) == (lokr["r"], lokr.get("decompose_factor", -1))
+    d = next(d for _, d in ad.deltas())
+    # r=8 with factor 2 on 16 x 16: w1 (2, 2), w2 (8, 8) full, so peft's alpha / r scale moved into w1
+    # (GPT-2's head is 64 x 16: w2 (32, 8) stays low rank)
+    assert kind == "gpt2" or d.low_rank_w2 == (lokr["r"] == 1) and d.low_rank_w1 == lokr.get("decompose_both", False)
+
+
+def test_lokr_full_factors_carry_peft_scale_in_w1(tmp_path):
+    """Both factors full: deltakit's scale is 1 (LyCORIS), peft's alpha / r = 3 / 8, so w1 = peft's w1 * 3 / 8."""
+    torch.manual_seed(0)
+    base = tiny_bert().eval()
+    fresh = copy.deepcopy(base)
+    pm = peft.get_peft_model(base, peft.LoKrConfig(r=8, alpha=3, decompose_factor=2, target_modules=["query"]))
+    _randomise(pm.named_parameters(), 1)
+    pm.save_pretrained(tmp_path / "p")
+    sd = peft.get_peft_model_state_dict(pm)
+    ad = import_peft(fresh, tmp_path / "p")
+    path = "bert.encoder.layer.0.attention.self.query"
+    w1 = ad.state_dict()[f"{path}.lokr_w1"]
+    assert w1.shape == (2, 2) and torch.allclose(w1, sd[f"base_model.model.{path}.lokr_w1"] * 3 / 8, atol=0)
+
+
+@pytest.mark.parametrize("kind, targets", [("bert", ("query", "value")), ("llama", ("q_proj", "down_proj"))])
+@pytest.mark.parametrize("over", [dict(r=1, alpha=3), dict(r=8, alpha=2, factor=2)], ids=["low_rank", "both_full"])
+def test_lokr_exports_to_peft(kind, targets, over, tmp_path):
+    written = deltakit_export(kind, dk.get_method("lokr").config(targets=targets, **over), tmp_path)
+    assert (written["peft_type"], written["r"], written["decompose_factor"]) == ("LOKR", over["r"],
+                                                                                  over.get("factor", -1))
+
+
+def test_lokr_factor_order_that_differs_from_peft_is_refused(tmp_path):
+    """factor 8 on dim 16: peft's split is (8, 2), deltakit's (2, 8)."""
+    ad = dk.attach(tiny_bert(), dk.get_method("lokr").config(r=1, factor=8, targets=("query",)))
+    with pytest.raises(PeftFormatError, match=r"decompose_factor=8 splits in=16 as \(8, 2\) in peft but \(2, 8\)"):
+        export_peft(ad, tmp_path / "x")
