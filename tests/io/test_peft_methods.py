@@ -266,3 +266,44 @@ def test_lokr_factor_order_that_differs_from_peft_is_refused(tmp_path):
     ad = dk.attach(tiny_bert(), dk.get_method("lokr").config(r=1, factor=8, targets=("query",)))
     with pytest.raises(PeftFormatError, match=r"decompose_factor=8 splits in=16 as \(8, 2\) in peft but \(2, 8\)"):
         export_peft(ad, tmp_path / "x")
+
+
+# ---------------------------------------------------------------------------- VeRA
+VERA_CASES = {
+    "bert": ("bert", dict(r=8, target_modules=["query", "value"], modules_to_save=["classifier"],
+                          task_type="SEQ_CLS")),
+    "gpt2_conv1d_no_saved_projection": ("gpt2", dict(r=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True,
+                                                     save_projection=False, projection_prng_key=7,
+                                                     task_type="CAUSAL_LM")),
+    "llama_mixed_shapes": ("llama", dict(r=6, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
+                                         projection_prng_key=3, d_initial=0.5, task_type="CAUSAL_LM")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(VERA_CASES))
+def test_vera_import_matches_peft(case, tmp_path):
+    kind, cfg = VERA_CASES[case]
+    ad = peft_import_roundtrip(kind, peft.VeraConfig(**cfg), tmp_path)
+    assert (ad.config.r, ad.config.seed) == (cfg["r"], cfg.get("projection_prng_key", 0))
+
+
+@pytest.mark.parametrize("kind, targets", [("bert", ("query", "value")), ("gpt2", ("c_attn", "mlp.c_proj")),
+                                           ("llama", ("k_proj", "down_proj"))])
+def test_vera_exports_to_peft(kind, targets, tmp_path):
+    written = deltakit_export(kind, dk.get_method("vera").config(r=5, seed=11, targets=targets), tmp_path)
+    assert (written["projection_prng_key"], written["save_projection"]) == (11, True)
+
+
+def test_vera_projection_that_deltakit_would_not_regenerate_is_refused(tmp_path):
+    from deltakit.io.files import load_tensors, save_tensors
+    from deltakit.io.peft import WEIGHTS
+    torch.manual_seed(0)
+    base = tiny_llama().eval()
+    fresh = copy.deepcopy(base)
+    peft.get_peft_model(base, peft.VeraConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path / "p")
+    state = load_tensors(tmp_path / "p" / WEIGHTS)
+    state["base_model.vera_A"] = state["base_model.vera_A"] * 1.5
+    save_tensors(tmp_path / "p" / WEIGHTS, state)
+    with pytest.raises(PeftFormatError, match=r"base_model.vera_A \(4, 16\) differs from deltakit's regeneration"):
+        import_peft(fresh, tmp_path / "p")
+    assert dk.adapters(fresh) == {}

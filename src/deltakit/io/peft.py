@@ -65,11 +65,11 @@ def import_peft(model: nn.Module, peft_dir: str | os.PathLike, name: str | None 
     if not weights.is_file() and (peft_dir / "adapter_model.bin").is_file():
         raise PeftFormatError(f"{peft_dir}: found adapter_model.bin (pickle), which deltakit does not load; "
                               "re-save it with safe_serialization=True")
-    own, full, base_copies = _split_keys(load_tensors(weights), cfg, conv, weights)
+    own, full, base_copies, shared = _split_keys(load_tensors(weights), cfg, conv, weights)
     modules = dict(_named_modules(model))  # deltakit wrappers made transparent
     _check_base_copies(modules, base_copies, weights)
     src = PeftSource(cfg=cfg, tensors=own, full=tuple(full), modules=modules, where=weights,
-                     config_file=peft_dir / CONFIG, model_name=type(model).__name__)
+                     config_file=peft_dir / CONFIG, model_name=type(model).__name__, shared=shared)
     got = conv.to_deltakit(src)
     state = dict(got.state)
     for p, tensors in full.items():
@@ -98,12 +98,16 @@ def read_peft_config(peft_dir: Path) -> dict:
 
 def _split_keys(state: dict[str, Tensor], cfg: dict, conv: PeftConverter, weights: Path):
     """-> ({path: {method tensor: t}}, {path: {param: t}} for modules_to_save,
-    {path.param: stored base tensor}), each in file order."""
+    {path.param: stored base tensor}, {full key: shared tensor}), each in file order."""
+    shared: dict[str, Tensor] = {}
     own: dict[str, dict[str, Tensor]] = {}
     full: dict[str, dict[str, Tensor]] = {}
     base_copies: dict[str, Tensor] = {}
     mts = cfg.get("modules_to_save") or []
     for key, t in state.items():
+        if conv.shared_key is not None and conv.shared_key.fullmatch(key):
+            shared[key] = t
+            continue
         if not key.startswith(PREFIX):
             raise PeftFormatError(f"{weights}: tensor {key!r} does not start with {PREFIX!r}; not a peft "
                                   f"{conv.peft_type} file")
@@ -123,7 +127,7 @@ def _split_keys(state: dict[str, Tensor], cfg: dict, conv: PeftConverter, weight
         full.setdefault(path, {})[param] = t
     if not own:
         raise PeftFormatError(f"{weights}: no {conv.peft_type} tensors found")
-    return own, full, base_copies
+    return own, full, base_copies, shared
 
 
 def _check_base_copies(modules: dict[str, nn.Module], copies: dict[str, Tensor], weights: Path) -> None:
@@ -153,7 +157,7 @@ def export_peft(adapter: Adapter, out_dir: str | os.PathLike) -> Path:
         if any(out_dir.iterdir()) and not (out_dir / CONFIG).is_file():
             raise PeftFormatError(f"{out_dir} exists and is not a peft adapter directory; refusing to replace it")
     got = conv.from_deltakit(adapter)
-    tensors = {f"{PREFIX}{k}": v for k, v in got.tensors.items()}
+    tensors = {**got.shared, **{f"{PREFIX}{k}": v for k, v in got.tensors.items()}}
     full_paths = []
     for path, delta in adapter.deltas(include_full=True):
         if adapter.targets[path] == "full":

@@ -36,6 +36,7 @@ class PeftSource:
     where: Path  # the weights file, for messages
     config_file: Path
     model_name: str
+    shared: dict[str, Tensor] = field(default_factory=dict)  # full keys matched by ``shared_key``
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class PeftExport:
 
     config: dict
     tensors: dict[str, Tensor] = field(default_factory=dict)
+    shared: dict[str, Tensor] = field(default_factory=dict)  # full keys (outside ``PREFIX``), e.g. VeRA's
 
 
 class PeftConverter:
@@ -64,6 +66,7 @@ class PeftConverter:
     peft_type: ClassVar[str]
     methods: ClassVar[tuple[str, ...]] = ()  # deltakit methods exported as ``peft_type``
     key: ClassVar[re.Pattern]  # ``<path>.<param>`` of this method's tensors (groups ``path``, ``param``)
+    shared_key: ClassVar[re.Pattern | None] = None  # full keys of tensors shared by all targets
 
     def check_config(self, cfg: dict, config_file: Path) -> None:
         """Raise ``PeftFormatError`` for a config field the deltakit method cannot represent."""
