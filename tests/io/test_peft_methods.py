@@ -307,3 +307,26 @@ def test_vera_projection_that_deltakit_would_not_regenerate_is_refused(tmp_path)
     with pytest.raises(PeftFormatError, match=r"base_model.vera_A \(4, 16\) differs from deltakit's regeneration"):
         import_peft(fresh, tmp_path / "p")
     assert dk.adapters(fresh) == {}
+
+
+# ---------------------------------------------------------------------------- LN tuning
+LN_CASES = {
+    "bert": ("bert", dict(target_modules=["LayerNorm"], modules_to_save=["classifier"], task_type="SEQ_CLS")),
+    "gpt2": ("gpt2", dict(target_modules=["ln_1", "ln_f"], task_type="CAUSAL_LM")),
+    "llama_rmsnorm": ("llama", dict(target_modules=["input_layernorm", "norm"], task_type="CAUSAL_LM")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LN_CASES))
+def test_ln_tuning_import_matches_peft(case, tmp_path):
+    kind, cfg = LN_CASES[case]
+    ad = peft_import_roundtrip(kind, peft.LNTuningConfig(**cfg), tmp_path)
+    assert ad.spec.name == "ln_tuning" and len(list(ad.deltas())) >= 3
+
+
+@pytest.mark.parametrize("kind, targets", [("bert", ("LayerNorm",)), ("gpt2", ("ln_2",)),
+                                           ("llama", ("post_attention_layernorm",))])
+def test_ln_tuning_exports_to_peft(kind, targets, tmp_path):
+    from deltakit.methods.ln_tuning import LNTuningConfig
+    written = deltakit_export(kind, LNTuningConfig(targets=targets), tmp_path)
+    assert written["peft_type"] == "LN_TUNING"
