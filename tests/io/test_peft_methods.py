@@ -330,3 +330,59 @@ def test_ln_tuning_exports_to_peft(kind, targets, tmp_path):
     from deltakit.methods.ln_tuning import LNTuningConfig
     written = deltakit_export(kind, LNTuningConfig(targets=targets), tmp_path)
     assert written["peft_type"] == "LN_TUNING"
+
+
+# ---------------------------------------------------------------------------- AdaLoRA
+ADALORA_CASES = {
+    "bert": ("bert", dict(init_r=4, target_r=2, lora_alpha=6, target_modules=["query", "value"],
+                          modules_to_save=["classifier"], task_type="SEQ_CLS")),
+    "gpt2_conv1d": ("gpt2", dict(init_r=3, target_r=2, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True,
+                                 task_type="CAUSAL_LM")),
+    "llama": ("llama", dict(init_r=4, target_r=2, lora_alpha=4, target_modules=["q_proj", "down_proj"],
+                            task_type="CAUSAL_LM")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ADALORA_CASES))
+def test_adalora_import_matches_peft(case, tmp_path):
+    kind, cfg = ADALORA_CASES[case]
+    ad = peft_import_roundtrip(kind, peft.AdaLoraConfig(total_step=100, **cfg), tmp_path)
+    assert (ad.config.init_r, ad.config.alpha) == (cfg["init_r"], cfg["lora_alpha"])
+    assert all(d.rank() == cfg["init_r"] for _, d in ad.deltas())
+
+
+def test_adalora_pruned_rank_pattern_matches_peft_reloaded(tmp_path):
+    """A pruned peft AdaLoRA is saved resized to the kept components (rank_pattern) and resized again on
+    load: the reference is peft's reloaded model, and the import pads back to init_r with the pruned
+    components OFF; its export carries the same rank_pattern."""
+    torch.manual_seed(0)
+    base = tiny_llama().eval()
+    fresh, fresh2, fresh3 = (copy.deepcopy(base) for _ in range(3))
+    pm = peft.get_peft_model(base, peft.AdaLoraConfig(init_r=4, target_r=2, lora_alpha=4, total_step=100,
+                                                      target_modules=["q_proj", "down_proj"]))
+    _randomise(pm.named_parameters(), 1)
+    masks = {"model.layers.0.self_attn.q_proj": [True, False, True, False],
+             "model.layers.1.mlp.down_proj": [False, False, False, True]}
+    pm.peft_config["default"].rank_pattern = {f"{p}.lora_E.default": m for p, m in masks.items()}
+    pm.save_pretrained(tmp_path / "p")
+    ids = _ids()
+    ref = _out(peft.PeftModel.from_pretrained(fresh, tmp_path / "p").eval(), ids)
+
+    ad = import_peft(fresh2, tmp_path / "p")
+    assert (_out(fresh2, ids) - ref).abs().max().item() <= TOL and _changes(fresh2, ids, ref)
+    ranks = {p: d.rank() for p, d in ad.deltas()}
+    assert ranks["model.layers.0.self_attn.q_proj"] == 2 and ranks["model.layers.1.mlp.down_proj"] == 1
+    assert ranks["model.layers.1.self_attn.q_proj"] == 4
+    export_peft(ad, tmp_path / "back")
+    written = json.loads((tmp_path / "back" / CONFIG).read_text())
+    assert written["rank_pattern"]["model.layers.1.mlp.down_proj.lora_E"] == [True, False, False, False]
+    back = peft.PeftModel.from_pretrained(fresh3, tmp_path / "back").eval()
+    assert (_out(back, ids) - ref).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("kind, targets", [("bert", ("query", "value")), ("gpt2", ("c_attn", "c_fc")),
+                                           ("llama", ("k_proj", "up_proj"))])
+def test_adalora_exports_to_peft(kind, targets, tmp_path):
+    written = deltakit_export(kind, dk.get_method("adalora").config(init_r=3, target_r=1, alpha=5, targets=targets),
+                              tmp_path)
+    assert (written["peft_type"], written["init_r"], written["total_step"]) == ("ADALORA", 3, 1)
