@@ -386,3 +386,42 @@ def test_adalora_exports_to_peft(kind, targets, tmp_path):
     written = deltakit_export(kind, dk.get_method("adalora").config(init_r=3, target_r=1, alpha=5, targets=targets),
                               tmp_path)
     assert (written["peft_type"], written["init_r"], written["total_step"]) == ("ADALORA", 3, 1)
+
+
+# ---------------------------------------------------------------------------- OFT
+@pytest.mark.parametrize("terms", [1, 2, 3, 4, 5, 6, 8])
+def test_cayley_neumann_is_peft_series(terms):
+    from peft.tuners.oft.layer import OFTRotationModule
+    from deltakit.methods.oft import cayley_neumann, skew
+    q = torch.randn(3, 6, generator=torch.Generator().manual_seed(terms)) * 0.3
+    peft_r = OFTRotationModule(3, 6, 4, 12)._cayley_batch(q, 4, True, terms)
+    assert torch.allclose(cayley_neumann(skew(q, 4), terms), peft_r, atol=1e-6)
+
+
+OFT_CASES = {
+    "bert_neumann": ("bert", dict(oft_block_size=4, r=0, target_modules=["query", "value"],
+                                  modules_to_save=["classifier"], task_type="SEQ_CLS")),
+    "gpt2_head_exact": ("gpt2", dict(oft_block_size=8, r=0, target_modules=["lm_head"], use_cayley_neumann=False,
+                                     task_type="CAUSAL_LM")),
+    "llama_r_blocks_coft_terms": ("llama", dict(r=4, oft_block_size=0, target_modules=["q_proj", "up_proj",
+                                                "down_proj"], coft=True, eps=0.5, num_cayley_neumann_terms=7,
+                                                task_type="CAUSAL_LM")),
+    "llama_exact": ("llama", dict(oft_block_size=4, r=0, target_modules=["k_proj", "o_proj"],
+                                  use_cayley_neumann=False, task_type="CAUSAL_LM")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OFT_CASES))
+def test_oft_import_matches_peft(case, tmp_path):
+    kind, cfg = OFT_CASES[case]
+    ad = peft_import_roundtrip(kind, peft.OFTConfig(**cfg), tmp_path, mergeable=kind != "gpt2")
+    assert ad.config.cayley == ("neumann" if cfg.get("use_cayley_neumann", True) else "exact")
+
+
+@pytest.mark.parametrize("kind, targets, cayley", [("bert", ("query", "value"), "exact"),
+                                                   ("llama", ("q_proj", "down_proj"), "neumann")])
+def test_oft_exports_to_peft(kind, targets, cayley, tmp_path):
+    from deltakit.methods.oft import OFTConfig
+    written = deltakit_export(kind, OFTConfig(block_size=4, cayley=cayley, neumann_terms=6, targets=targets),
+                              tmp_path)
+    assert written["use_cayley_neumann"] == (cayley == "neumann")
