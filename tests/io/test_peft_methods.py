@@ -425,3 +425,63 @@ def test_oft_exports_to_peft(kind, targets, cayley, tmp_path):
     written = deltakit_export(kind, OFTConfig(block_size=4, cayley=cayley, neumann_terms=6, targets=targets),
                               tmp_path)
     assert written["use_cayley_neumann"] == (cayley == "neumann")
+
+
+# ---------------------------------------------------------------------------- prompt tuning
+def _out_virtual(model, ids, n):
+    """_out with peft's n virtual positions dropped (deltakit strips them from its outputs)."""
+    with torch.no_grad():
+        o = model(input_ids=ids, output_hidden_states=True)
+    logits = o.logits[:, n:] if o.logits.dim() == 3 else o.logits   # causal LM: per position
+    return torch.cat([logits.flatten(), o.hidden_states[-1][:, n:].flatten()])
+
+
+PROMPT_CASES = {
+    "bert_cls_head": ("bert", dict(task_type="SEQ_CLS")),   # peft saves the head as base_model.classifier.*
+    "gpt2": ("gpt2", dict(task_type="CAUSAL_LM")),
+    "llama": ("llama", dict(task_type="CAUSAL_LM")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PROMPT_CASES))
+def test_prompt_tuning_import_and_back_match_peft(case, tmp_path):
+    kind, cfg = PROMPT_CASES[case]
+    n = 3
+    torch.manual_seed(0)
+    base = BUILD[kind]().eval()
+    fresh, fresh2 = copy.deepcopy(base), copy.deepcopy(base)
+    pm = peft.get_peft_model(base, peft.PromptTuningConfig(num_virtual_tokens=n, **cfg)).eval()
+    _randomise(pm.named_parameters(), 1)
+    pm.save_pretrained(tmp_path / "p")
+    ids = _ids()
+    ref = _out_virtual(pm, ids, n)
+
+    ad = import_peft(fresh, tmp_path / "p")
+    head = {"classifier": "full"} if kind == "bert" else {}
+    assert ad.targets == {BUILD[kind]().base_model_prefix: "prompt_tuning", **head}
+    assert (_out(fresh, ids) - ref).abs().max().item() <= TOL and _changes(fresh, ids, ref)
+    export_peft(ad, tmp_path / "back")
+    back = peft.PeftModel.from_pretrained(fresh2, tmp_path / "back").eval()
+    assert (_out_virtual(back, ids, n) - ref).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])
+def test_prompt_tuning_exports_to_peft(kind, tmp_path):
+    torch.manual_seed(0)
+    base = BUILD[kind]().eval()
+    fresh = copy.deepcopy(base)
+    head = ("classifier",) if kind == "bert" else ()
+    ad = dk.attach(base, dk.get_method("prompt_tuning").config(num_virtual_tokens=4, modules_to_save=head))
+    _randomise(ad.named_parameters(), 1)
+    ids = _ids()
+    ref = _out(base, ids)
+    assert _changes(base, ids, ref)
+    export_peft(ad, tmp_path / "out")
+    pm = peft.PeftModel.from_pretrained(fresh, tmp_path / "out").eval()
+    assert (_out_virtual(pm, ids, 4) - ref).abs().max().item() <= TOL
+
+
+def test_prompt_tuning_export_needs_a_task_model(tmp_path):
+    ad = dk.attach(tiny_bert(), dk.get_method("prompt_tuning").config(num_virtual_tokens=2))
+    with pytest.raises(PeftFormatError, match="only through a task model .* without its head in modules_to_save"):
+        export_peft(ad, tmp_path / "x")

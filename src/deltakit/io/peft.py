@@ -26,7 +26,7 @@ from ..core.adapter import Adapter, adapters
 from ..core.load import AdapterLoadError, attach_state
 from ..core.targets import _named_modules
 from .files import DeltakitFileError, atomic_dir, read_json, write_json
-from .peft_methods import (PREFIX, PeftConverter, PeftFormatError, PeftSource, converter_for_method,
+from .peft_methods import (PeftConverter, PeftFormatError, PeftSource, converter_for_method,
                            converter_for_peft_type)
 from .tensors import load_tensors, save_tensors
 
@@ -69,7 +69,7 @@ def import_peft(model: nn.Module, peft_dir: str | os.PathLike, name: str | None 
     modules = dict(_named_modules(model))  # deltakit wrappers made transparent
     _check_base_copies(modules, base_copies, weights)
     src = PeftSource(cfg=cfg, tensors=own, full=tuple(full), modules=modules, where=weights,
-                     config_file=peft_dir / CONFIG, model_name=type(model).__name__, shared=shared)
+                     config_file=peft_dir / CONFIG, model=model, shared=shared)
     got = conv.to_deltakit(src)
     state = dict(got.state)
     for p, tensors in full.items():
@@ -108,10 +108,10 @@ def _split_keys(state: dict[str, Tensor], cfg: dict, conv: PeftConverter, weight
         if conv.shared_key is not None and conv.shared_key.fullmatch(key):
             shared[key] = t
             continue
-        if not key.startswith(PREFIX):
-            raise PeftFormatError(f"{weights}: tensor {key!r} does not start with {PREFIX!r}; not a peft "
+        if not key.startswith(conv.prefix):
+            raise PeftFormatError(f"{weights}: tensor {key!r} does not start with {conv.prefix!r}; not a peft "
                                   f"{conv.peft_type} file")
-        rest = key[len(PREFIX):]
+        rest = key[len(conv.prefix):]
         m = conv.key.match(rest)
         if m:
             own.setdefault(m["path"], {})[m["param"]] = t
@@ -125,7 +125,7 @@ def _split_keys(state: dict[str, Tensor], cfg: dict, conv: PeftConverter, weight
             raise PeftFormatError(f"{weights}: tensor {key!r} is neither a {conv.peft_type} tensor nor in "
                                   f"modules_to_save {mts}")
         full.setdefault(path, {})[param] = t
-    if not own:
+    if not own and not shared:
         raise PeftFormatError(f"{weights}: no {conv.peft_type} tensors found")
     return own, full, base_copies, shared
 
@@ -157,12 +157,12 @@ def export_peft(adapter: Adapter, out_dir: str | os.PathLike) -> Path:
         if any(out_dir.iterdir()) and not (out_dir / CONFIG).is_file():
             raise PeftFormatError(f"{out_dir} exists and is not a peft adapter directory; refusing to replace it")
     got = conv.from_deltakit(adapter)
-    tensors = {**got.shared, **{f"{PREFIX}{k}": v for k, v in got.tensors.items()}}
+    tensors = {**got.shared, **{f"{conv.prefix}{k}": v for k, v in got.tensors.items()}}
     full_paths = []
     for path, delta in adapter.deltas(include_full=True):
         if adapter.targets[path] == "full":
             full_paths.append(path)
-            tensors.update({f"{PREFIX}{path}.{k}": v.detach() for k, v in delta.values.items()})
+            tensors.update({f"{conv.prefix}{path}.{k}": v.detach() for k, v in delta.values.items()})
     peft_cfg = {
         "task_type": _task_type(adapter.model, full_paths),
         "base_model_name_or_path": _portable_base_name(adapter.model),
@@ -171,6 +171,10 @@ def export_peft(adapter: Adapter, out_dir: str | os.PathLike) -> Path:
         "modules_to_save": sorted(full_paths) or None,
         **got.config,
     }
+    if conv.needs_task_type and peft_cfg["task_type"] is None:
+        raise PeftFormatError(f"peft applies {conv.peft_type} only through a task model (CAUSAL_LM, or SEQ_CLS "
+                              f"with its head saved): {type(adapter.model).__name__} "
+                              f"{'without its head in modules_to_save ' if full_paths == [] else ''}has none")
     with atomic_dir(out_dir, kind="peft") as tmp:
         save_tensors(tmp / WEIGHTS, tensors, metadata={"format": "pt"})
         write_json(tmp / CONFIG, peft_cfg)

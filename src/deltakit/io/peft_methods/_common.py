@@ -35,7 +35,7 @@ class PeftSource:
     modules: dict[str, nn.Module]
     where: Path  # the weights file, for messages
     config_file: Path
-    model_name: str
+    model: nn.Module
     shared: dict[str, Tensor] = field(default_factory=dict)  # full keys matched by ``shared_key``
 
 
@@ -52,7 +52,7 @@ class PeftImport:
 @dataclass(frozen=True)
 class PeftExport:
     """A converter's answer on export: the method's peft config fields (``peft_type`` and
-    ``target_modules`` included) and its tensors keyed relative to ``PREFIX``."""
+    ``target_modules`` included) and its tensors keyed relative to the converter's ``prefix``."""
 
     config: dict
     tensors: dict[str, Tensor] = field(default_factory=dict)
@@ -67,6 +67,10 @@ class PeftConverter:
     methods: ClassVar[tuple[str, ...]] = ()  # deltakit methods exported as ``peft_type``
     key: ClassVar[re.Pattern]  # ``<path>.<param>`` of this method's tensors (groups ``path``, ``param``)
     shared_key: ClassVar[re.Pattern | None] = None  # full keys of tensors shared by all targets
+    # where module keys start: "base_model." for peft's prompt-learning methods (no LoRA-style wrapper)
+    prefix: ClassVar[str] = PREFIX
+    # prompt-learning methods act only through a task-specific PeftModel (CAUSAL_LM, SEQ_CLS...)
+    needs_task_type: ClassVar[bool] = False
 
     def check_config(self, cfg: dict, config_file: Path) -> None:
         """Raise ``PeftFormatError`` for a config field the deltakit method cannot represent."""
@@ -141,7 +145,7 @@ def check_paths(src: PeftSource, supports, supported_names: str, method: str) ->
     """Each path with tensors exists in the model and is a module type ``method`` supports."""
     for path in [*src.tensors, *src.full]:
         if path not in src.modules:
-            raise PeftFormatError(f"{src.where}: module {path!r} does not exist in {src.model_name}")
+            raise PeftFormatError(f"{src.where}: module {path!r} does not exist in {type(src.model).__name__}")
     for path in src.tensors:
         base = src.modules[path]
         if not supports(base):
