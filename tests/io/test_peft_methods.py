@@ -485,3 +485,49 @@ def test_prompt_tuning_export_needs_a_task_model(tmp_path):
     ad = dk.attach(tiny_bert(), dk.get_method("prompt_tuning").config(num_virtual_tokens=2))
     with pytest.raises(PeftFormatError, match="only through a task model .* without its head in modules_to_save"):
         export_peft(ad, tmp_path / "x")
+
+
+# ---------------------------------------------------------------------------- prefix tuning
+# peft 0.21 refuses prefix tuning on BERT with this transformers ("Model does not support past key
+# values"), so there is no peft reference for it: GPT-2 and Llama only.
+@pytest.mark.parametrize("case", ["gpt2", "llama"])
+def test_prefix_tuning_import_and_back_match_peft(case, tmp_path):
+    kind, cfg = PROMPT_CASES[case]
+    torch.manual_seed(0)
+    base = BUILD[kind]().eval()
+    fresh, fresh2 = copy.deepcopy(base), copy.deepcopy(base)
+    pm = peft.get_peft_model(base, peft.PrefixTuningConfig(num_virtual_tokens=3, **cfg)).eval()
+    _randomise(pm.named_parameters(), 1)
+    pm.save_pretrained(tmp_path / "p")
+    ids = _ids()
+    ref = _out(pm, ids)   # a prefix is a past cache: peft's outputs have the base's positions
+
+    ad = import_peft(fresh, tmp_path / "p")
+    assert len(list(ad.deltas())) == 3   # the backbone (positions) and 2 attention layers
+    assert (_out(fresh, ids) - ref).abs().max().item() <= TOL and _changes(fresh, ids, ref)
+    export_peft(ad, tmp_path / "back")
+    back = peft.PeftModel.from_pretrained(fresh2, tmp_path / "back").eval()
+    assert (_out(back, ids) - ref).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("reparam", [False, True])
+def test_prefix_tuning_exports_to_peft(kind, reparam, tmp_path):
+    torch.manual_seed(0)
+    base = BUILD[kind]().eval()
+    fresh = copy.deepcopy(base)
+    ad = dk.attach(base, dk.get_method("prefix_tuning").config(num_virtual_tokens=4, reparam=reparam,
+                                                               reparam_hidden=6))
+    _randomise(ad.named_parameters(), 1)
+    ids = _ids()
+    ref = _out(base, ids)
+    assert _changes(base, ids, ref)
+    export_peft(ad, tmp_path / "out")
+    pm = peft.PeftModel.from_pretrained(fresh, tmp_path / "out").eval()
+    assert (_out(pm, ids) - ref).abs().max().item() <= TOL
+
+
+def test_prefix_tuning_export_without_position_shift_is_refused(tmp_path):
+    ad = dk.attach(tiny_llama(), dk.get_method("prefix_tuning").config(num_virtual_tokens=2, targets=("self_attn",)))
+    with pytest.raises(PeftFormatError, match=r"shifts positions by n; the adapter leaves out \['model'\]"):
+        export_peft(ad, tmp_path / "x")
