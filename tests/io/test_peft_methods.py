@@ -531,3 +531,47 @@ def test_prefix_tuning_export_without_position_shift_is_refused(tmp_path):
     ad = dk.attach(tiny_llama(), dk.get_method("prefix_tuning").config(num_virtual_tokens=2, targets=("self_attn",)))
     with pytest.raises(PeftFormatError, match=r"shifts positions by n; the adapter leaves out \['model'\]"):
         export_peft(ad, tmp_path / "x")
+
+
+# ---------------------------------------------------------------------------- VB-LoRA
+VBLORA_CASES = {
+    "bert_topk_only": ("bert", dict(target_modules=["query", "value"], save_only_topk_weights=True,
+                                    modules_to_save=["classifier"], task_type="SEQ_CLS")),
+    "gpt2_conv1d": ("gpt2", dict(target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, task_type="CAUSAL_LM")),
+    "llama": ("llama", dict(target_modules=["q_proj", "down_proj"], topk=3, save_only_topk_weights=True,
+                            task_type="CAUSAL_LM")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(VBLORA_CASES))
+def test_vb_lora_import_matches_peft(case, tmp_path):
+    kind, cfg = VBLORA_CASES[case]
+    peft_cfg = peft.VBLoRAConfig(r=2, num_vectors=6, vector_length=4, **{"topk": 2, **cfg})
+    torch.manual_seed(0)
+    base = BUILD[kind]().eval()
+    fresh, fresh2, fresh3 = (copy.deepcopy(base) for _ in range(3))
+    pm = peft.get_peft_model(base, peft_cfg).eval()
+    _randomise(pm.named_parameters(), 1)
+    pm.save_pretrained(tmp_path / "p")
+    ids = _ids()
+    ref = _out(peft.PeftModel.from_pretrained(fresh2, tmp_path / "p").eval(), ids)  # what peft reads back
+    assert cfg.get("save_only_topk_weights") or (_out(pm, ids) - ref).abs().max().item() <= TOL
+    ad = import_peft(fresh, tmp_path / "p")
+    assert (_out(fresh, ids) - ref).abs().max().item() <= TOL and _changes(fresh, ids, ref)
+    assert ad.config.save_only_topk == bool(cfg.get("save_only_topk_weights"))
+    ad.merge()
+    assert (_out(fresh, ids) - ref).abs().max().item() <= TOL
+    ad.unmerge()
+    export_peft(ad, tmp_path / "back")
+    back = peft.PeftModel.from_pretrained(fresh3, tmp_path / "back").eval()
+    assert (_out(back, ids) - ref).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("kind, targets", [("bert", ("query", "value")), ("gpt2", ("c_attn",)),
+                                           ("llama", ("k_proj", "up_proj"))])
+@pytest.mark.parametrize("topk_only", [False, True])
+def test_vb_lora_exports_to_peft(kind, targets, topk_only, tmp_path):
+    written = deltakit_export(kind, dk.get_method("vb_lora").config(r=2, num_vectors=5, vector_length=4, topk=2,
+                                                                    save_only_topk=topk_only, targets=targets),
+                              tmp_path)
+    assert written["save_only_topk_weights"] == topk_only
