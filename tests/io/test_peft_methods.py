@@ -575,3 +575,26 @@ def test_vb_lora_exports_to_peft(kind, targets, topk_only, tmp_path):
                                                                     save_only_topk=topk_only, targets=targets),
                               tmp_path)
     assert written["save_only_topk_weights"] == topk_only
+
+
+# ---------------------------------------------------------------------------- PiSSA / OLoRA
+RESIDUAL_CASES = {
+    "bert_pissa_rank_pattern": ("bert", dict(init_lora_weights="pissa", r=4, lora_alpha=8,
+                                             target_modules=["query", "value"], rank_pattern={"value": 2},
+                                             modules_to_save=["classifier"], task_type="SEQ_CLS")),
+    "gpt2_pissa_conv1d_rslora": ("gpt2", dict(init_lora_weights="pissa", r=3, lora_alpha=5, use_rslora=True,
+                                              target_modules=["c_attn", "c_fc"], fan_in_fan_out=True,
+                                              task_type="CAUSAL_LM")),
+    "llama_olora": ("llama", dict(init_lora_weights="olora", r=2, lora_alpha=4, target_modules=["q_proj", "up_proj"],
+                                  task_type="CAUSAL_LM")),
+    "bert_olora": ("bert", dict(init_lora_weights="olora", r=3, lora_alpha=3, target_modules=["key", "value"])),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RESIDUAL_CASES))
+def test_pissa_and_olora_import_matches_peft(case, tmp_path):
+    """peft's PiSSA / OLoRA adapters are relative to a rewritten base W - s B0 A0; the import
+    recomputes (A0, B0) from the untouched model and carries [A; A0], [B, -B0] at rank 2r."""
+    kind, cfg = RESIDUAL_CASES[case]
+    ad = peft_import_roundtrip(kind, peft.LoraConfig(**cfg), tmp_path)
+    assert ad.config.r == 2 * cfg["r"]

@@ -28,9 +28,10 @@ import re
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ...core.adapter import Adapter
+from ...methods._base_ops import Conv1D
 from ...methods.dora import DoRA, DoraConfig
 from ...methods.lora import LoRA, LoraConfig, lora_scale
 from ._common import (PREFIX, PeftConverter, PeftExport, PeftFormatError, PeftImport, PeftSource, check_complete,
@@ -78,10 +79,12 @@ class LoraConverter(PeftConverter):
                                   "deltakit LoRA adapter does not hold; only bias='none' (train biases with a "
                                   "separate bitfit adapter)")
         init = cfg.get("init_lora_weights", True)
-        if init not in _INIT_FROM_PEFT:
-            raise PeftFormatError(f"{config_file}: init_lora_weights={init!r} changes the base weights, so the "
-                                  "adapter alone does not reproduce the model; convert it with peft's "
-                                  "path_initial_model_for_weight_conversion first")
+        if init not in _INIT_FROM_PEFT and init not in _RESIDUAL_INITS:
+            raise PeftFormatError(f"{config_file}: init_lora_weights={init!r} changes the base weights in a way "
+                                  "deltakit cannot recompute, so the adapter alone does not reproduce the model; "
+                                  "convert it with peft's path_initial_model_for_weight_conversion first")
+        if init in _RESIDUAL_INITS and cfg.get("use_dora"):
+            raise PeftFormatError(f"{config_file}: init_lora_weights={init!r} with use_dora=True is not supported")
 
     def to_deltakit(self, src: PeftSource) -> PeftImport:
         dora = bool(src.cfg.get("use_dora"))
@@ -92,6 +95,9 @@ class LoraConverter(PeftConverter):
         check_complete(src, cls.supports, "LoRA")
         r, alpha, gains = _rank_and_alpha(factors, src.cfg, src.where)
         cfg = src.cfg
+        residual = _RESIDUAL_INITS.get(cfg.get("init_lora_weights", True))
+        if residual is not None:  # the residual's rank-r factors join the adapter, at the same scale
+            r, alpha = 2 * r, alpha * (math.sqrt(2) if cfg.get("use_rslora") else 2)
         common = dict(r=r, alpha=alpha, use_rslora=bool(cfg.get("use_rslora", False)),
                       init=_INIT_FROM_PEFT.get(cfg.get("init_lora_weights", True), "kaiming"),
                       targets=tuple(factors), modules_to_save=src.full)
@@ -100,7 +106,10 @@ class LoraConverter(PeftConverter):
                   else LoraConfig(dropout=float(cfg.get("lora_dropout") or 0.0), **common))
         state = {}
         for p, f in factors.items():
-            state[f"{p}.lora_A"], state[f"{p}.lora_B"] = _pad(f["A"], f["B"], r, gains[p])
+            if residual is None:
+                state[f"{p}.lora_A"], state[f"{p}.lora_B"] = _pad(f["A"], f["B"], r, gains[p])
+            else:
+                state[f"{p}.lora_A"], state[f"{p}.lora_B"] = _with_residual(src, p, f, r, gains[p], residual)
             if dora:
                 state[f"{p}.magnitude"] = f["m"]
         return PeftImport(config, state, list(factors))
@@ -182,6 +191,44 @@ def _rank_and_alpha(factors, cfg: dict, weights: Path) -> tuple[int, float, dict
     alpha = alphas[ref]
     s = lora_scale(LoraConfig(r=r, alpha=alpha, use_rslora=rsl))
     return r, alpha, {p: scale[p] / s for p in factors}
+
+
+def _pissa(w: Tensor, r: int, s: float) -> tuple[Tensor, Tensor]:
+    """peft's ``pissa_init``: (A0, B0) from the top-r SVD of W (out, in), with s B0 A0 its rank-r part."""
+    v, sv, uh = torch.linalg.svd(w, full_matrices=False)
+    sr = sv[:r] / s
+    return torch.diag(torch.sqrt(sr)) @ uh[:r], v[:, :r] @ torch.diag(torch.sqrt(sr))
+
+
+def _olora(w: Tensor, r: int, s: float) -> tuple[Tensor, Tensor]:
+    """peft's ``olora_init``: A0 = R[:r], B0 = Q[:, :r] of W = QR (peft subtracts s B0 A0)."""
+    q, rr = torch.linalg.qr(w)
+    return rr[:r].contiguous(), q[:, :r].contiguous()
+
+
+# init_lora_weights values whose adapter is relative to W - s B0 A0, with (A0, B0) recomputable from W
+_RESIDUAL_INITS = {"pissa": _pissa, "olora": _olora}
+
+
+def _with_residual(src: PeftSource, path: str, f: dict[str, Tensor], r: int, gain: float, init) -> tuple[Tensor, Tensor]:
+    """PiSSA / OLoRA: peft's base is W - s B0 A0, deltakit's is W, so the adapter becomes
+    ``[A; A0]``, ``[B, -B0]`` (rank 2 r_p, as peft's own conversion), each half padded to r / 2."""
+    base = src.modules[path]
+    if not isinstance(base, (nn.Linear, Conv1D)):
+        raise PeftFormatError(f"{src.where}: {path!r} is a {type(base).__name__}; a PiSSA / OLoRA residual is "
+                              "recomputed for Linear and Conv1D targets only")
+    w = base.weight.detach().float()
+    w = w.t() if isinstance(base, Conv1D) else w                      # (out, in)
+    k = f["A"].shape[0]
+    a0, b0 = init(w, k, _peft_scale(src.cfg, path, k))
+    a, b = _pad(f["A"], f["B"], r // 2, gain)
+    a0, b0 = _pad(a0.to(f["A"].dtype), -b0.to(f["B"].dtype), r // 2, gain)
+    return torch.cat([a, a0]), torch.cat([b, b0], dim=1)
+
+
+def _peft_scale(cfg: dict, path: str, k: int) -> float:
+    alpha = float(pattern_lookup(cfg.get("alpha_pattern") or {})(path, cfg.get("lora_alpha", 8)))
+    return alpha / (math.sqrt(k) if cfg.get("use_rslora") else k)
 
 
 def _pad(a: Tensor, b: Tensor, r: int, gain: float) -> tuple[Tensor, Tensor]:
