@@ -212,6 +212,17 @@ def test_loha_import_matches_peft(case, tmp_path):
     assert (ad.spec.name, ad.config.r, ad.config.alpha) == ("loha", 3, 5.0)
 
 
+def test_loha_rank_and_alpha_pattern_pad_to_the_largest_rank(tmp_path):
+    cfg = dict(r=3, alpha=5, target_modules=["q_proj", "v_proj", "up_proj"], rank_pattern={"v_proj": 1},
+               alpha_pattern={"up_proj": 9}, task_type="CAUSAL_LM")
+    ad = peft_import_roundtrip("llama", peft.LoHaConfig(**cfg), tmp_path)
+    # alpha of the first rank-3 target in file order (peft sorts keys: mlp.up_proj first)
+    assert (ad.config.r, ad.config.alpha) == (3, 9.0)
+    sd = ad.state_dict()
+    v = "model.layers.0.self_attn.v_proj"
+    assert not sd[f"{v}.hada_w1_a"][:, 1:].any() and not sd[f"{v}.hada_w2_b"][1:].any()
+
+
 @pytest.mark.parametrize("kind, targets", [("bert", ("query", "value")), ("llama", ("q_proj", "down_proj"))])
 def test_loha_exports_to_peft(kind, targets, tmp_path):
     written = deltakit_export(kind, dk.get_method("loha").config(r=2, alpha=3, targets=targets), tmp_path)
@@ -598,3 +609,24 @@ def test_pissa_and_olora_import_matches_peft(case, tmp_path):
     kind, cfg = RESIDUAL_CASES[case]
     ad = peft_import_roundtrip(kind, peft.LoraConfig(**cfg), tmp_path)
     assert ad.config.r == 2 * cfg["r"]
+
+
+def test_lokr_non_uniform_rank_pattern_is_one_clear_error(tmp_path):
+    """LoKr's rank decides which factors are low rank per target, so padding cannot equalise it."""
+    torch.manual_seed(0)
+    base = tiny_llama().eval()
+    fresh = copy.deepcopy(base)
+    peft.get_peft_model(base, peft.LoKrConfig(r=1, target_modules=["q_proj", "v_proj"],
+                                              rank_pattern={"v_proj": 2})).save_pretrained(tmp_path / "p")
+    with pytest.raises(PeftFormatError, match=r"non-uniform rank \(r / rank_pattern\) .* deltakit's LoKr: 1 at .*, 2 at"):
+        import_peft(fresh, tmp_path / "p")
+    assert dk.adapters(fresh) == {}
+
+
+# ---------------------------------------------------------------------------- registry
+def test_converter_registry_refuses_duplicates():
+    from deltakit.io.peft_methods import PeftConverter, register_converter
+    with pytest.raises(ValueError, match="converter for 'LORA' is already registered"):
+        register_converter(type("Again", (PeftConverter,), {"peft_type": "LORA"}))
+    with pytest.raises(ValueError, match=r"deltakit method\(s\) \['dora'\] already export"):
+        register_converter(type("Dora2", (PeftConverter,), {"peft_type": "X_DORA", "methods": ("dora",)}))

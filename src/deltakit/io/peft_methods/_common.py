@@ -3,6 +3,7 @@ small records passed between ``deltakit.io.peft`` (files, modules_to_save, attac
 converter (one method's tensors and config fields)."""
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,6 +180,28 @@ def uniform_rank_alpha(src: PeftSource, ranks: dict[str, int], method: str) -> t
             raise PeftFormatError(f"{src.where}: non-uniform {what} across targets is not supported by "
                                   f"deltakit's {method}: {examples}")
     return next(iter(ranks.values())), next(iter(alphas.values()))
+
+
+def per_target_scales(cfg: dict, ranks: dict[str, int], alpha_key: str, rslora: bool,
+                      where: object) -> tuple[int, float, dict[str, float]]:
+    """One (r, alpha) for an adapter whose peft targets may differ in rank and alpha
+    (``rank_pattern`` / ``alpha_pattern``), and each target's gain ``its scale / the
+    adapter's``: ``ranks`` come from the tensors and must equal what the config declares;
+    r is the largest, alpha that of the first target with it (whose tensors stay bit for
+    bit). Callers zero-pad smaller ranks to r and multiply one factor by the gain."""
+    rank_of, alpha_of = pattern_lookup(cfg.get("rank_pattern") or {}), pattern_lookup(cfg.get("alpha_pattern") or {})
+    for p, r in ranks.items():
+        declared = rank_of(p, cfg.get("r", r))
+        if declared != r:
+            raise PeftFormatError(f"{where}: {p!r} has rank {r} tensors, the config declares r={declared}")
+    alphas = {p: float(alpha_of(p, cfg.get(alpha_key, 8))) for p in ranks}
+
+    def scale(alpha: float, r: int) -> float:
+        return alpha / (math.sqrt(r) if rslora else r)
+
+    r = max(ranks.values())
+    alpha = alphas[next(p for p in ranks if ranks[p] == r)]
+    return r, alpha, {p: scale(alphas[p], ranks[p]) / scale(alpha, r) for p in ranks}
 
 
 def number(x: float) -> float | int:

@@ -6,8 +6,10 @@ peft keys (``base_model.model.`` stripped)::
     <path>.hada_w2_a  (out, r)    <path>.hada_w2_b  (r, in[*kh*kw])
 
 Same names, shapes and scale ``alpha / r`` as deltakit's LoHa, so tensors copy
-unchanged. Not representable: ``use_effective_conv2d`` (the CP form with ``hada_t1`` /
-``hada_t2``) and non-uniform ``rank_pattern`` / ``alpha_pattern``. peft's
+unchanged. Non-uniform ``rank_pattern`` / ``alpha_pattern`` import exactly as for
+LoRA: each product is zero-padded to the largest rank (padded parts get zero
+gradients) and ``hada_w1_a`` carries the ratio of the target's scale to the adapter's.
+Not representable: ``use_effective_conv2d`` (the CP form with ``hada_t1`` / ``hada_t2``). peft's
 ``rank_dropout`` / ``module_dropout`` act in training only and deltakit's LoHa has no
 such regularisers, so they are not carried over (outputs are unaffected).
 """
@@ -16,10 +18,13 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import torch
+
 from ...core.adapter import Adapter
 from ...methods.loha import LoHa, LohaConfig
 from ._common import (PeftConverter, PeftExport, PeftFormatError, PeftImport, PeftSource, check_complete,
-                      check_paths, linear_or_conv2d_only, number, refuse_fields, register_converter, uniform_rank_alpha)
+                      check_paths, linear_or_conv2d_only, number, per_target_scales, refuse_fields,
+                      register_converter)
 
 _NAMES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 _UNSUPPORTED = {"use_effective_conv2d": (False, None), "target_parameters": (None, [])}
@@ -40,11 +45,19 @@ class LohaConverter(PeftConverter):
         for path, got in src.tensors.items():
             if set(got) != set(_NAMES):
                 raise PeftFormatError(f"{src.where}: {path!r} has {sorted(got)}, expected {list(_NAMES)}")
-        r, alpha = uniform_rank_alpha(src, {p: int(t["hada_w1_a"].shape[1]) for p, t in src.tensors.items()},
-                                      "LoHa")
+        ranks = {p: int(t["hada_w1_a"].shape[1]) for p, t in src.tensors.items()}
+        r, alpha, gains = per_target_scales(src.cfg, ranks, "alpha", False, src.where)
         paths = list(src.tensors)
         config = LohaConfig(r=r, alpha=alpha, targets=tuple(paths), modules_to_save=src.full)
-        state = {f"{p}.{k}": t for p, got in src.tensors.items() for k, t in got.items()}
+        state = {}
+        for p, got in src.tensors.items():
+            for i in ("1", "2"):
+                a, b = got[f"hada_w{i}_a"], got[f"hada_w{i}_b"]            # (out, k), (k, cols)
+                if i == "1" and gains[p] != 1.0:
+                    a = a * gains[p]
+                k = a.shape[1]
+                state[f"{p}.hada_w{i}_a"] = torch.cat([a, a.new_zeros(a.shape[0], r - k)], dim=1)
+                state[f"{p}.hada_w{i}_b"] = torch.cat([b, b.new_zeros(r - k, b.shape[1])])
         return PeftImport(config, state, paths)
 
     def from_deltakit(self, adapter: Adapter) -> PeftExport:

@@ -33,9 +33,9 @@ from torch import Tensor, nn
 from ...core.adapter import Adapter
 from ...methods._base_ops import Conv1D
 from ...methods.dora import DoRA, DoraConfig
-from ...methods.lora import LoRA, LoraConfig, lora_scale
+from ...methods.lora import LoRA, LoraConfig
 from ._common import (PREFIX, PeftConverter, PeftExport, PeftFormatError, PeftImport, PeftSource, check_complete,
-                      check_paths, pattern_lookup, refuse_fields, register_converter)
+                      check_paths, pattern_lookup, per_target_scales, refuse_fields, register_converter)
 
 # peft init_lora_weights values that only choose how A/B start (the saved tensors say
 # the rest) -> deltakit's LoraConfig.init. Values not listed (pissa, olora, corda,
@@ -174,23 +174,9 @@ def _factors(src: PeftSource, dora: bool) -> dict[str, dict[str, Tensor]]:
 
 
 def _rank_and_alpha(factors, cfg: dict, weights: Path) -> tuple[int, float, dict[str, float]]:
-    """One (r, alpha) for the adapter and each target's ``lora_B`` gain (see the module doc):
-    ranks from the tensors (checked against ``r`` / ``rank_pattern``), alphas from
-    ``lora_alpha`` / ``alpha_pattern``, both resolved as peft does."""
-    rank_of, alpha_of = pattern_lookup(cfg.get("rank_pattern") or {}), pattern_lookup(cfg.get("alpha_pattern") or {})
+    """One (r, alpha) for the adapter and each target's ``lora_B`` gain (see the module doc)."""
     ranks = {p: int(f["A"].shape[0]) for p, f in factors.items()}
-    for p, r in ranks.items():
-        declared = rank_of(p, cfg.get("r", r))
-        if declared != r:
-            raise PeftFormatError(f"{weights}: {p!r} has rank {r} tensors, the config declares r={declared}")
-    alphas = {p: float(alpha_of(p, cfg.get("lora_alpha", 8))) for p in factors}
-    rsl = bool(cfg.get("use_rslora", False))
-    scale = {p: alphas[p] / (math.sqrt(ranks[p]) if rsl else ranks[p]) for p in factors}
-    r = max(ranks.values())
-    ref = next(p for p in factors if ranks[p] == r)  # its factors stay bit for bit
-    alpha = alphas[ref]
-    s = lora_scale(LoraConfig(r=r, alpha=alpha, use_rslora=rsl))
-    return r, alpha, {p: scale[p] / s for p in factors}
+    return per_target_scales(cfg, ranks, "lora_alpha", bool(cfg.get("use_rslora", False)), weights)
 
 
 def _pissa(w: Tensor, r: int, s: float) -> tuple[Tensor, Tensor]:
