@@ -11,6 +11,8 @@ peft keys, relative to the model (``base_model.model.`` stripped)::
 These are exactly deltakit's LoRA / DoRA layouts (DoRA's m is the per-output-unit norm
 in both, ``||W + s B A||`` detached in peft, as deltakit's default ``detach_norm``), so
 tensors copy unchanged; the scale is ``lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``).
+deltakit's DoRA has no dropout (its update is applied as a dense weight), so a DoRA
+import drops peft's ``lora_dropout``, which acts in training only.
 
 ``rank_pattern`` / ``alpha_pattern``: deltakit's LoRA has one ``r`` and ``alpha`` per
 adapter, so per-target ranks and scales are imported exactly rather than refused: each
@@ -20,6 +22,12 @@ rounding), and the padded rows / columns get zero gradients (each one's gradient
 through the other's zeros), so further training behaves as peft's smaller rank would.
 The cost is the padded parameters. Per-target ranks in ``LoraConfig`` itself would have
 to reach every LoRA-derived method and the search space; padding keeps that out of core.
+
+``init_lora_weights="pissa"`` / ``"olora"``: peft rewrote the base to ``W - s B0 A0``
+(top-r SVD / QR of W), so the saved factors alone do not reproduce the model. The
+import recomputes (A0, B0) from the untouched base as peft does and stores
+``[A; A0]``, ``[B, -B0]`` at rank 2r (peft's own ``path_initial_model_for_weight_conversion``
+result). ``pissa_niter_*`` (randomised SVD), CorDA, LoftQ, EVA-with-residual are refused.
 """
 from __future__ import annotations
 

@@ -15,7 +15,8 @@ expands ``(I + Q)(I - Q)^{-1}``, deltakit's convention. So:
 COFT projects Q onto the same ball (radius ``eps / sqrt(r)``) in both. Not
 representable: ``block_share``, and targets whose block counts and block sizes both
 differ (deltakit has one ``r`` or one ``block_size`` per adapter). peft's OFT wraps
-nn.Linear / nn.Conv2d, not GPT-2's Conv1D.
+nn.Linear / nn.Conv2d, not GPT-2's Conv1D. ``module_dropout`` acts in training only and
+deltakit's OFT has none: not carried over.
 """
 from __future__ import annotations
 

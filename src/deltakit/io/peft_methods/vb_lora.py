@@ -14,7 +14,8 @@ Same layouts and maths (dW = B A, each sub-vector a softmax admixture of its top
 vectors). deltakit's top-k storage keeps logit values rather than softmax weights:
 import takes ``log`` of the weights (the last one is ``1 - sum``), whose softmax gives
 the weights back; export writes peft's form with the same choice of full logits or
-top-k only (``save_only_topk`` <-> ``save_only_topk_weights``).
+top-k only (``save_only_topk`` <-> ``save_only_topk_weights``). ``vblora_dropout`` acts in
+training only and deltakit's VB-LoRA has none: not carried over.
 """
 from __future__ import annotations
 

@@ -12,6 +12,7 @@ regenerates it rather than storing it. So on import the saved projections, when 
 must equal deltakit's regeneration bit for bit (a mismatch, e.g. from another peft
 version's init, is an error rather than a silently different adapter); on export they
 are written (``save_projection=True``, peft's default) so peft need not regenerate.
+``vera_dropout`` acts in training only and deltakit's VeRA has none: not carried over.
 """
 from __future__ import annotations
 
