@@ -27,7 +27,7 @@ to reach every LoRA-derived method and the search space; padding keeps that out 
 (top-r SVD / QR of W), so the saved factors alone do not reproduce the model. The
 import recomputes (A0, B0) from the untouched base as peft does and stores
 ``[A; A0]``, ``[B, -B0]`` at rank 2r (peft's own ``path_initial_model_for_weight_conversion``
-result). ``pissa_niter_*`` (randomised SVD), CorDA, LoftQ, EVA-with-residual are refused.
+result). ``pissa_niter_*`` (randomised SVD), CorDA and LoftQ are refused.
 """
 from __future__ import annotations
 
