@@ -181,10 +181,10 @@ def _unchanged(model, before):
 
 @pytest.mark.parametrize("changes, message", [
     (dict(use_dora=True), "use_dora=True"),
-    (dict(peft_type="IA3"), "peft_type 'IA3'"),
+    (dict(peft_type="IA3"), r"lora_A.weight' is neither a IA3 tensor nor in modules_to_save"),
+    (dict(peft_type="HRA"), r"peft_type 'HRA' is not supported; deltakit imports .*LORA"),
     (dict(bias="all"), "bias='all'"),
-    (dict(init_lora_weights="pissa"), "init_lora_weights='pissa'"),
-    (dict(alpha_pattern={"query": 32}), "non-uniform lora_alpha"),
+    (dict(init_lora_weights="pissa_niter_4"), "init_lora_weights='pissa_niter_4'"),  # randomised SVD
     (dict(target_modules=["query", "value", "key"]), "selects 'bert.encoder.layer.0.attention.self.key'"),
 ])
 def test_unsupported_config_is_one_clear_error(tmp_path, changes, message):
@@ -197,12 +197,22 @@ def test_unsupported_config_is_one_clear_error(tmp_path, changes, message):
     _unchanged(model, before)
 
 
-def test_non_uniform_rank_pattern_is_an_error(tmp_path):
+def test_non_uniform_rank_pattern_pads_to_the_largest_rank(tmp_path):
+    """value at rank 2 (scale 8/2 = 4) in an r=4 (scale 8/4 = 2) adapter: A padded with zero rows,
+    B with zero columns and doubled, so s B A is peft's (tests/io/test_peft_methods.py: outputs)."""
     model, d = _saved_bert(tmp_path, rank_pattern={"value": 2})
-    before = [type(m).__name__ for m in model.modules()]
-    with pytest.raises(PeftFormatError, match=r"non-uniform rank .* 2 at .*value.* 4 at .*query"):
-        import_peft(model, d)
-    _unchanged(model, before)
+    peft_sd = load_tensors(d / WEIGHTS)
+    ad = import_peft(model, d)
+    assert (ad.config.r, ad.config.alpha) == (4, 8.0)
+    ours = ad.state_dict()
+    for layer in (0, 1):
+        path = f"bert.encoder.layer.{layer}.attention.self.value"
+        a, b = peft_sd[f"base_model.model.{path}.lora_A.weight"], peft_sd[f"base_model.model.{path}.lora_B.weight"]
+        assert a.shape == (2, 16)
+        assert torch.equal(ours[f"{path}.lora_A"], torch.cat([a, torch.zeros(2, 16)]))
+        assert torch.equal(ours[f"{path}.lora_B"], torch.cat([2 * b, torch.zeros(16, 2)], dim=1))
+        q = path.replace("value", "query")
+        assert torch.equal(ours[f"{q}.lora_B"], peft_sd[f"base_model.model.{q}.lora_B.weight"])
 
 
 def test_uniform_rank_pattern_is_supported(tmp_path):

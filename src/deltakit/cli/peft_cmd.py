@@ -1,4 +1,4 @@
-"""``deltakit import-peft DIR -o OUT``: a Hugging Face peft LoRA directory -> a deltakit adapter directory."""
+"""``deltakit import-peft DIR -o OUT``: a Hugging Face peft adapter directory -> a deltakit adapter directory."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,12 +13,13 @@ HEAD_SUFFIXES = ("classifier.out_proj.weight", "classifier.weight", "score.weigh
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("import-peft", help="convert a peft LoRA adapter directory to a deltakit adapter",
-                       description="Read a Hugging Face peft LoRA directory (adapter_config.json + "
-                                   "adapter_model.safetensors), attach it to its base model (the config's "
-                                   "base_model_name_or_path, or --model) and save it as a deltakit adapter "
-                                   "directory, tensors unchanged. Example: deltakit import-peft peft-sst2 -o sst2")
-    p.add_argument("peft_dir", metavar="DIR", help="peft LoRA adapter directory")
+    p = sub.add_parser("import-peft", help="convert a peft adapter directory to a deltakit adapter",
+                       description="Read a Hugging Face peft adapter directory (adapter_config.json + "
+                                   "adapter_model.safetensors; LoRA / DoRA / PiSSA / OLoRA, LoHa, LoKr, IA3, VeRA, "
+                                   "AdaLoRA, OFT, VB-LoRA, LN tuning, prompt or prefix tuning), attach it to its "
+                                   "base model (the config's base_model_name_or_path, or --model) and save it as a "
+                                   "deltakit adapter directory. Example: deltakit import-peft peft-sst2 -o sst2")
+    p.add_argument("peft_dir", metavar="DIR", help="peft adapter directory")
     p.add_argument("-o", "--out", required=True, help="deltakit adapter directory to write (atomically)")
     p.add_argument("--model", default=None,
                    help="base model (default: the config's base_model_name_or_path); a directory, hub id or "
@@ -76,5 +77,7 @@ def run(args) -> int:
     base = load_peft_base(peft_dir, args.model)
     adapter = import_peft(base, peft_dir, name=out.name or "default")
     save_adapter(adapter, out)
-    print(f"imported {peft_dir} (lora r={adapter.config.r}, {len(adapter.targets)} targets) to {out}")
+    r = getattr(adapter.config, "r", None)  # LoRA-family only; IA3, prompt tuning... have no rank
+    print(f"imported {peft_dir} ({adapter.spec.name}{'' if r is None else f' r={r}'}, "
+          f"{len(adapter.targets)} targets) to {out}")
     return 0

@@ -11,6 +11,10 @@ Only the strict upper triangle of each ``S_i`` is a parameter:
 identity, ``||S_i||_F <= eps / sqrt(r)`` (the official projection radius); we apply
 the projection as a differentiable rescaling in the forward instead of rewriting the
 parameter in place, so training, merging and saving never mutate state silently.
+``cayley="neumann"`` replaces the exact solve by peft's default truncated Neumann
+series ``I + 2 S + 2 S^2 + ... + 2 S^(m-1) + S^m`` (:func:`cayley_neumann`): cheaper,
+only near-orthogonal, and what a peft OFT adapter computes unless it sets
+``use_cayley_neumann=False``.
 
 >>> import torch, deltakit as dk
 >>> from deltakit.methods.oft import OFTConfig
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -33,7 +38,7 @@ from ..core.registry import ConfigError, DeltaConfig, register_method
 from ._base_ops import Conv1D
 from ._layout import from_out_in, to_out_in
 
-__all__ = ["OFTConfig", "OFT", "cayley", "skew"]
+__all__ = ["OFTConfig", "OFT", "cayley", "cayley_neumann", "skew"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,11 @@ class OFTConfig(DeltaConfig):
                       " it")
     coft: bool = knob(False, doc="constrained OFT: bound each block's generator by ``eps / sqrt(r)``")
     eps: float = knob(6e-5, gt=0, log=True, doc="COFT radius")
+    cayley: Literal["exact", "neumann"] = knob(
+        "exact", doc="``exact``: R = (I + S)(I - S)^-1 by a linear solve; ``neumann``: peft's default truncated "
+                     "Neumann series of the same (cheaper, approximately orthogonal)")
+    neumann_terms: int = knob(5, ge=1, doc="number of Neumann terms with ``cayley='neumann'`` (peft's "
+                                           "``num_cayley_neumann_terms``)")
 
     def validate(self) -> None:
         if (self.r > 0) == (self.block_size > 0):
@@ -65,6 +75,22 @@ def cayley(s: Tensor) -> Tensor:
     """``(I + S)(I - S)^{-1}`` per block; orthogonal for skew-symmetric S (exact solve)."""
     eye = torch.eye(s.shape[-1], device=s.device, dtype=s.dtype).expand_as(s)
     return torch.linalg.solve(eye - s, eye + s, left=False)
+
+
+def cayley_neumann(s: Tensor, terms: int) -> Tensor:
+    """peft's truncated series for ``(I + S)(I - S)^{-1} = I + 2 S + 2 S^2 + ...``:
+    ``I`` (1 term), ``I + 2 S`` (2), else ``I + 2 (S + ... + S^(m-1)) + S^m`` with
+    ``m = max(3, terms - 1)`` (peft's ``_cayley_batch``, term for term)."""
+    eye = torch.eye(s.shape[-1], device=s.device, dtype=s.dtype).expand_as(s)
+    if terms == 1:
+        return eye.clone()
+    r, power = eye + 2 * s, s
+    if terms == 2:
+        return r
+    for _ in range(2, max(3, terms - 1)):
+        power = power @ s
+        r = r + 2 * power
+    return r + power @ s
 
 
 @register_method("oft", OFTConfig, paper="https://arxiv.org/abs/2306.07280",
@@ -92,6 +118,7 @@ class OFT(WeightDelta):
                               f"the block size ({what})")
         self.r, self.b = fan_in // b, b
         self.coft, self.eps = config.coft, config.eps
+        self.neumann_terms = config.neumann_terms if config.cayley == "neumann" else 0
         self.oft_S = nn.Parameter(torch.zeros(self.r, b * (b - 1) // 2, device=base.weight.device,
                                               dtype=param_dtype(base, config.adapter_dtype)))
 
@@ -102,7 +129,7 @@ class OFT(WeightDelta):
             radius = self.eps / self.r ** 0.5
             norm = s.flatten(1).norm(dim=1).clamp_min(1e-12)[:, None, None]
             s = s * torch.clamp(radius / norm, max=1.0)
-        return cayley(s)
+        return cayley_neumann(s, self.neumann_terms) if self.neumann_terms else cayley(s)
 
     def delta(self, base: Mapping[str, Tensor]) -> dict[str, Tensor]:
         w0 = base["weight"].float()
@@ -114,4 +141,5 @@ class OFT(WeightDelta):
         return {"weight": from_out_in(w_new, self.conv1d, tuple(w0.shape)) - w0}
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, block_size={self.b}, coft={self.coft}"
+        series = f", neumann_terms={self.neumann_terms}" if self.neumann_terms else ""
+        return f"r={self.r}, block_size={self.b}, coft={self.coft}{series}"
