@@ -65,7 +65,7 @@ def add_export(sub) -> None:
     p = sub.add_parser("export", help="write base+adapter merged, or the adapter in peft format",
                        description="Export an adapter: 'merged' writes a plain transformers checkpoint "
                                    "(safetensors) with the adapter folded into the base weights; 'peft' "
-                                   "writes a Hugging Face peft LoRA adapter directory.")
+                                   "writes a Hugging Face peft adapter directory (every method both libraries have).")
     p.add_argument("adapter", help="adapter directory")
     p.add_argument("-o", "--out", required=True, help=OUT_HELP)
     add_overwrite(p, "merged / peft export (the same --format)")
