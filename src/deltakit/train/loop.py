@@ -40,6 +40,10 @@ How :func:`fit` behaves, and why:
   works: autocast caches the low-precision copy of every weight for the life of the
   block, so ``fit`` clears that cache after each optimiser step; without that, the
   forward would keep using the weights as they were before training.
+- *Causal LMs.* With the default loss a batch from
+  :func:`deltakit.train.instruct.make_instruction_loader` trains on the model's own loss:
+  ``labels`` are ``-100`` outside assistant tokens, so the prompt costs nothing.
+  ``gradient_checkpointing=True`` trades a second forward per block for activation memory.
 - *Progress.* On a terminal, a tqdm bar with loss, learning rate, tokens/s
   (non-padding tokens, from ``attention_mask`` when the batch has one) and ETA;
   otherwise one line per log step with the same figures.
@@ -245,7 +249,7 @@ def fit(
     seed: int = 0, progress: bool = True, loss_fn: Callable[[torch.nn.Module, Batch], torch.Tensor] | None = None,
     params: Mapping[str, torch.nn.Parameter] | None = None, callbacks: Sequence[Any] = (),
     autocast: torch.dtype | None = None, early_stopping_patience: int | None = None,
-    early_stopping_metric: str | None = None,
+    early_stopping_metric: str | None = None, gradient_checkpointing: bool = False,
 ) -> TrainResult:
     """Train the ``requires_grad`` parameters of ``model`` (or ``params``) on ``train_loader``.
 
@@ -256,6 +260,8 @@ def fit(
     with ``resume`` training continues from the newest one, bit for bit. Each of
     ``callbacks`` has ``on_step(step, model)`` called after every optimiser step.
     ``autocast=torch.bfloat16`` runs forwards in bf16 with fp32 master weights.
+    ``gradient_checkpointing=True`` recomputes a transformers model's block activations in
+    backward (non-reentrant) instead of storing them; it is switched off again afterwards.
     ``early_stopping_patience=P`` stops after P evaluations without improving
     ``early_stopping_metric`` (default: the first of ``metric``) and leaves the best
     evaluated parameters in the model. A non-finite loss, gradient, parameter or
@@ -278,6 +284,7 @@ def fit(
                dynamic_ncols=True)
     was_training = model.training
     model.train()
+    undo_checkpointing = _enable_gradient_checkpointing(model) if gradient_checkpointing else None
     try:
         _loop(run, bar, eval_fn, loss_fn=loss_fn, autocast=autocast, max_grad_norm=max_grad_norm,
               callbacks=callbacks, log_every=log_every, eval_every=eval_every, ckpt_every=ckpt_every,
@@ -285,8 +292,32 @@ def fit(
     finally:
         bar.close()
         model.train(was_training)
+        if undo_checkpointing is not None:
+            undo_checkpointing()
     _finish(run, eval_fn)
     return TrainResult(history=run.history, metrics=run.metrics, steps=run.steps_done, best_step=run.best_step)
+
+
+def _enable_gradient_checkpointing(model: torch.nn.Module) -> Callable[[], None] | None:
+    """Turn on a transformers model's gradient checkpointing; returns how to turn it off again
+    (None when it was already on, so ``fit`` leaves it as found).
+
+    Non-reentrant (``use_reentrant=False``): the reentrant kind gives no gradient to the
+    parameters inside a block whose inputs do not require grad, which is every adapter on a
+    frozen base (peft works around it with ``enable_input_require_grads``). transformers 5
+    renamed the methods to ``activation_checkpointing_*``; both spellings are accepted.
+    """
+    for prefix in ("activation", "gradient"):
+        enable = getattr(model, f"{prefix}_checkpointing_enable", None)
+        if enable is not None:
+            break
+    else:
+        raise ValueError("expected a transformers model (with gradient_checkpointing_enable) for "
+                         f"gradient_checkpointing=True, found {type(model).__name__}")
+    if getattr(model, f"is_{prefix}_checkpointing", False):
+        return None
+    enable({"use_reentrant": False})
+    return getattr(model, f"{prefix}_checkpointing_disable")
 
 
 def _check_arguments(max_steps: int | None, epochs: int | None, grad_accum: int, log_every: int,
