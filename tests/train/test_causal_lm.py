@@ -216,3 +216,24 @@ def test_fit_trains_two_adapters_at_once_as_each_alone(tok):
         for n, p in dk.get_adapter(alone, name).named_parameters():
             assert (p - initial[n]).abs().max() > 1e-3, n  # it did train
             torch.testing.assert_close(trained[n], p, rtol=0, atol=1e-6)
+
+
+def test_gradient_checkpointing_replays_the_mixed_batch_in_backward(tok):
+    """backward() runs after the mixed_batch block has closed: the recompute must still route
+    each row to its adapter (else checkpoint fails on the mismatch, or the gradients are the base's)."""
+    from deltakit.train.loop import _enable_gradient_checkpointing
+
+    batch = next(iter(make_instruction_loader(examples()[:4], tok, batch_size=4, max_length=32)))
+    grads = {}
+    for gc in (False, True):
+        model = _two_adapters()
+        model.train()
+        if gc:
+            _enable_gradient_checkpointing(model)
+        with dk.mixed_batch(model, ROWS):
+            loss = _sum_loss(model, batch)
+        loss.backward()
+        grads[gc] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads[True].keys() == grads[False].keys() and len(grads[False]) == 16
+    for n, g in grads[False].items():
+        torch.testing.assert_close(grads[True][n], g, rtol=0, atol=1e-6)

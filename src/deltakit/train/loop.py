@@ -69,6 +69,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import sys
 import time
@@ -306,6 +307,7 @@ def _enable_gradient_checkpointing(model: torch.nn.Module) -> Callable[[], None]
     parameters inside a block whose inputs do not require grad, which is every adapter on a
     frozen base (peft works around it with ``enable_input_require_grads``). transformers 5
     renamed the methods to ``activation_checkpointing_*``; both spellings are accepted.
+    The recompute also replays the forward's context variables (:func:`_replay_context`).
     """
     for prefix in ("activation", "gradient"):
         enable = getattr(model, f"{prefix}_checkpointing_enable", None)
@@ -316,8 +318,27 @@ def _enable_gradient_checkpointing(model: torch.nn.Module) -> Callable[[], None]
                          f"gradient_checkpointing=True, found {type(model).__name__}")
     if getattr(model, f"is_{prefix}_checkpointing", False):
         return None
-    enable({"use_reentrant": False})
+    enable({"use_reentrant": False, "context_fn": _replay_context})
     return getattr(model, f"{prefix}_checkpointing_disable")
+
+
+def _replay_context() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """``torch.utils.checkpoint``'s ``context_fn``: the recompute in backward runs with the context
+    variables the forward saw. Per-call routing (``deltakit.mixed_batch``) lives in a ContextVar
+    and ``backward()`` usually runs after its block has closed; without this the recompute would
+    take the base path and checkpoint would fail on the mismatch.
+    """
+    return contextlib.nullcontext(), _with_context_vars(contextvars.copy_context())
+
+
+@contextlib.contextmanager
+def _with_context_vars(saved: contextvars.Context) -> Iterator[None]:
+    tokens = [(var, var.set(value)) for var, value in saved.items()]
+    try:
+        yield
+    finally:
+        for var, token in reversed(tokens):
+            var.reset(token)
 
 
 def _check_arguments(max_steps: int | None, epochs: int | None, grad_accum: int, log_every: int,
