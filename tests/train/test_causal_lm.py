@@ -149,8 +149,8 @@ def test_fit_with_gradient_checkpointing_recomputes_and_trains_the_same(tok):
 
 def test_gradient_checkpointing_needs_a_transformers_model():
     with pytest.raises(ValueError, match="expected a transformers model .* found Linear"):
-        fit(torch.nn.Linear(2, 2), DataLoader([{"x": torch.zeros(2)}]), max_steps=1, loss_fn=lambda m, b: m(b["x"]).sum(),
-            progress=False, gradient_checkpointing=True)
+        fit(torch.nn.Linear(2, 2), DataLoader([{"x": torch.zeros(2)}]), max_steps=1,
+            loss_fn=lambda m, b: m(b["x"]).sum(), progress=False, gradient_checkpointing=True)
 
 
 ROWS = ["a", "b", "a", "b"]
@@ -170,7 +170,7 @@ def _sum_loss(model, batch):
 
 
 def _adapter_grads(model, name):
-    return {n: p.grad.clone() if p.grad is not None else None for n, p in dk.get_adapter(model, name).named_parameters()}
+    return {n: None if p.grad is None else p.grad.clone() for n, p in dk.get_adapter(model, name).named_parameters()}
 
 
 def test_mixed_batch_gives_each_adapter_the_gradient_of_its_own_rows(tok):

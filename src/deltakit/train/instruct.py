@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from deltakit.train.data import DataFormatError
+from deltakit.train.data import DataFormatError, _subsample
 
 __all__ = ["read_instructions", "examples_from_dataset", "to_messages", "TASKS", "TaskPrompt",
            "task_examples", "task_prompt", "read_task_file", "encode_example", "InstructionDataset",
@@ -69,8 +69,9 @@ def to_messages(obj: Any, where: str) -> list[dict[str, str]]:
     raise DataFormatError(f"{where}: expected key 'messages' or keys 'prompt' + 'completion', found {sorted(obj)}")
 
 
-def read_instructions(path: str | os.PathLike) -> list[Example]:
-    """Examples from a JSONL file; any bad line is a one-line error naming file and line."""
+def read_instructions(path: str | os.PathLike, *, max_rows: int | None = None, seed: int = 0) -> list[Example]:
+    """Examples from a JSONL file; any bad line is a one-line error naming file and line.
+    ``max_rows``: keep a seeded random subset of this size (in file order), after checking every line."""
     path = Path(path)
     if not path.is_file():
         raise DataFormatError(f"{path}: expected a JSONL file, found nothing")
@@ -86,7 +87,7 @@ def read_instructions(path: str | os.PathLike) -> list[Example]:
             out.append({"messages": to_messages(obj, f"{path} line {n}")})
     if not out:
         raise DataFormatError(f"{path}: expected at least one example, found an empty file")
-    return out
+    return _subsample(out, max_rows, seed)
 
 
 def examples_from_dataset(ds: Any) -> list[Example]:
@@ -173,7 +174,7 @@ def read_task_file(path: str | os.PathLike, task: str | TaskPrompt, *, max_rows:
     Every row is checked before subsampling, so a label without an answer word is a one-line
     error naming the file and the row's line (as ``read_rows`` numbers them).
     """
-    from deltakit.train.data import _subsample, read_rows
+    from deltakit.train.data import read_rows
 
     spec = task_prompt(task) if isinstance(task, str) else task
     rows = read_rows(path, max_rows=None)
