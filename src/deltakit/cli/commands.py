@@ -166,16 +166,33 @@ def run_bench(args) -> int:
 
 # ----------------------------------------------------------------------------- train
 def add_train(sub) -> None:
-    p = sub.add_parser("train", help="train an adapter on a text-classification file",
+    p = sub.add_parser("train", help="train an adapter on text classification or instruction data",
                        description="Train one adapter on CSV / TSV / JSONL data with GLUE-style columns "
                                    "(sentence or sentence1+sentence2, label) and save it as a directory. "
+                                   "With --task causal-lm: instruction JSONL (chat 'messages' or "
+                                   "'prompt' + 'completion') or a GLUE-style task directory turned into "
+                                   "instructions (its name picks the prompt, e.g. sst2), on a causal LM, "
+                                   "with the loss on the answer tokens only. "
                                    "The data is checked first (label histogram, empty texts, classes). "
                                    "Checkpoints go to OUT.ckpt beside -o OUT (or --ckpt-dir) every "
                                    "--ckpt-every steps: after a crash, re-run the same command to resume "
                                    "exactly; OUT.ckpt is removed once the adapter is saved. Training that "
                                    "diverges (NaN / inf) stops with an error naming the step and saves nothing.")
-    p.add_argument("--model", default="minilm", help=BUNDLED_HELP)
+    p.add_argument("--task", default="classification", choices=["classification", "causal-lm"],
+                   help="what to train (default classification)")
+    p.add_argument("--model", default=None, help="model directory, hub id, 'minilm' (bundled all-MiniLM-L6-v2, "
+                                                  "the default) or 'smollm2' (bundled SmolLM2-135M-Instruct, the "
+                                                  "default with --task causal-lm)")
     p.add_argument("--train", required=True, help="training file (.csv, .tsv, .jsonl) or a GLUE-style directory")
+    p.add_argument("--task-prompt", default=None, metavar="NAME|FILE.json",
+                   help="causal-lm on GLUE-style rows: the instruction, a task name (sst2, cola, ...) or a JSON "
+                        "file {\"template\": \"... {sentence} ...\", \"answers\": [words by label]} "
+                        "(default: the directory's name)")
+    p.add_argument("--packing", action="store_true",
+                   help="causal-lm: concatenate examples into rows of --max-length tokens (default off)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in backward instead of storing them: less memory, same "
+                        "gradients, a slower step (default off)")
     p.add_argument("--dev", default=None, help="evaluation file (default: none, or dev.tsv of a directory)")
     p.add_argument("--method", default="lora", help="method name (see 'deltakit methods'; default lora)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -183,10 +200,12 @@ def add_train(sub) -> None:
     p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (default 5e-4)")
     p.add_argument("--steps", type=int, default=200, help="optimiser steps (default 200)")
     p.add_argument("--batch-size", type=int, default=16, help="batch size per process (default 16)")
-    p.add_argument("--max-length", type=int, default=128, help="tokens per example (default 128)")
+    p.add_argument("--max-length", type=int, default=128,
+                   help="tokens per example, or per packed row (default 128); truncation is counted and printed")
     p.add_argument("--max-rows", type=int, default=None, help="subsample the training file to this many rows")
     p.add_argument("--metric", default="accuracy", choices=["accuracy", "f1", "f1_macro", "mcc"],
-                   help="evaluation metric (default accuracy)")
+                   help="evaluation metric (default accuracy; --task causal-lm reports the dev answer loss and "
+                        "perplexity)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--num-labels", type=int, default=None, metavar="K",
                    help="number of classes; the training data must have exactly labels 0..K-1 "
@@ -212,12 +231,14 @@ def run_train(args) -> int:
     import torch
 
     from ..core.adapter import attach, param_counts
-    from ..io.adapter_files import save_adapter
     from ..io.models import head_modules, load_classifier
     from ..train import fit
     from ..io.files import guard_output
     from ..train.data import make_loader
 
+    _check_task_flags(args)
+    if args.task == "causal-lm":
+        return _run_train_causal_lm(args)
     guard_output(args.out, "adapter", inputs=[p for p in (args.train, args.dev, args.model) if p],
                  overwrite=args.overwrite)
     spec = get_method(args.method)
@@ -239,18 +260,26 @@ def run_train(args) -> int:
                  max_steps=args.steps, warmup_steps=max(1, args.steps // 10), seed=args.seed,
                  ckpt_dir=ckpt_dir, ckpt_every=args.ckpt_every or None, eval_every=args.eval_every,
                  early_stopping_patience=args.early_stop, params=params, callbacks=callbacks,
-                 autocast={"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.autocast))
+                 autocast={"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.autocast),
+                 gradient_checkpointing=args.gradient_checkpointing)
+    _save_trained(args, adapter, result, record, data, ckpt_dir if owned else None)
+    return 0
+
+
+def _save_trained(args, adapter, result, record: dict, data: list[dict], owned_ckpt: Path | None) -> None:
+    """Save the adapter with its training record, then remove the checkpoints this command owns."""
+    from ..io.adapter_files import save_adapter
+
     training = {"steps": result.steps, "metrics": result.metrics, "data": data, "settings": record}
     if result.best_step is not None:
         training["best_step"] = result.best_step
     save_adapter(adapter, args.out, training=training)
-    if owned:  # the adapter is safely saved: the checkpoints are debris now
+    if owned_ckpt is not None:  # the adapter is safely saved: the checkpoints are debris now
         import shutil
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        shutil.rmtree(owned_ckpt, ignore_errors=True)
     shown = {k: round(v, 4) for k, v in result.metrics.items()}
     print(f"saved {args.out}  {json.dumps(shown, allow_nan=False)}"
           + (f" (best evaluation: step {result.best_step} of {result.steps})" if result.best_step else ""))
-    return 0
 
 
 def _train_data(args) -> tuple[list[dict], list[dict] | None, int, list[dict]]:
@@ -261,10 +290,6 @@ def _train_data(args) -> tuple[list[dict], list[dict] | None, int, list[dict]]:
     """
     from ..train.data import check_labels, describe_rows, provenance, read_rows, split_file
 
-    for flag, v, low in (("--eval-every", args.eval_every, 1), ("--early-stop", args.early_stop, 1),
-                         ("--ckpt-every", args.ckpt_every, 0), ("--steps", args.steps, 1)):
-        if v is not None and v < low:
-            raise ValueError(f"{flag}: expected an integer >= {low}, found {v}")
     train_file = split_file(args.train, "train")
     dev_path = args.dev or (args.train if Path(args.train).is_dir() else None)
     dev_file = split_file(dev_path, "dev") if dev_path else None
@@ -278,6 +303,22 @@ def _train_data(args) -> tuple[list[dict], list[dict] | None, int, list[dict]]:
         print(f"{split:<5} {f}: {describe_rows(rows)}")
     k = check_labels(splits[0][2], splits[1][2] if dev_file else None, num_labels=args.num_labels)
     return splits[0][2], splits[1][2] if dev_file else None, k, [provenance(f, s, r) for s, f, r in splits]
+
+
+def _check_task_flags(args) -> None:
+    """Counts in range, and no flag that the chosen --task would ignore; fills in the default --model."""
+    for flag, v, low in (("--eval-every", args.eval_every, 1), ("--early-stop", args.early_stop, 1),
+                         ("--ckpt-every", args.ckpt_every, 0), ("--steps", args.steps, 1)):
+        if v is not None and v < low:
+            raise ValueError(f"{flag}: expected an integer >= {low}, found {v}")
+    causal = args.task == "causal-lm"
+    ignored = [("--num-labels", args.num_labels is not None)] if causal else \
+        [("--task-prompt", args.task_prompt is not None), ("--packing", args.packing)]
+    for flag, given in ignored:
+        if given:
+            raise ValueError(f"{flag}: expected only with --task {'classification' if causal else 'causal-lm'}, "
+                             f"found --task {args.task}")
+    args.model = args.model or ("smollm2" if causal else "minilm")
 
 
 def _train_settings(args, method: str, k: int) -> dict:
@@ -300,6 +341,118 @@ def _checkpoint_dir(args, run: dict) -> tuple[Path | None, bool]:
         every = f"every {args.ckpt_every} steps" if args.ckpt_every else "at the end"
         print(f"checkpoints {every} in {path}; after a crash, re-run the same command to resume")
     return path, args.ckpt_dir is None
+
+
+# ----------------------------------------------------------------------------- train --task causal-lm
+def _run_train_causal_lm(args) -> int:
+    """``train --task causal-lm``: an adapter on a causal LM, the loss on answer tokens only; the dev
+    data (if any) is scored by the same loss and its perplexity, and early stopping watches that loss."""
+    import torch
+
+    from ..core.adapter import attach
+    from ..io.files import guard_output
+    from ..io.models import load_causal_lm
+    from ..train import fit
+    from ..train.instruct import answer_loss
+
+    guard_output(args.out, "adapter", inputs=[p for p in (args.train, args.dev, args.model) if p],
+                 overwrite=args.overwrite)
+    spec = get_method(args.method)
+    config = spec.config(**parse_settings(spec.config, args.set))
+    train_ex, dev_ex, data, task = _lm_data(args)
+    model, tok = load_causal_lm(args.model)
+    adapter = attach(model, config, name=Path(args.out).name or "default")
+    _print_trainable(spec.name, model)
+    train_loader, dev_loader = _lm_loaders(args, tok, train_ex, dev_ex)
+    params, callbacks = adapter.training_hooks(loader=train_loader, total_steps=args.steps)
+    record = _lm_settings(args, spec.name, task)
+    ckpt_dir, owned = _checkpoint_dir(args, {**record, "data": [(d["split"], d["sha256"]) for d in data]})
+    result = fit(model, train_loader, eval_fn=(lambda m: answer_loss(m, dev_loader)) if dev_loader else None,
+                 lr=args.lr, max_steps=args.steps, warmup_steps=max(1, args.steps // 10), seed=args.seed,
+                 ckpt_dir=ckpt_dir, ckpt_every=args.ckpt_every or None, eval_every=args.eval_every,
+                 early_stopping_patience=args.early_stop, early_stopping_metric="loss", params=params,
+                 callbacks=callbacks, autocast={"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.autocast),
+                 gradient_checkpointing=args.gradient_checkpointing)
+    _save_trained(args, adapter, result, record, data, ckpt_dir if owned else None)
+    return 0
+
+
+def _print_trainable(method: str, model) -> None:
+    from ..core.adapter import param_counts
+
+    trainable, total = param_counts(model)
+    print(f"{method}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
+
+
+def _lm_source(path: str, split: str, task: str | None) -> tuple[Path, str | None]:
+    """(file, task prompt) of a --train / --dev argument: a directory is a GLUE-style task named by
+    the directory (or --task-prompt); a file is instruction JSONL unless a task prompt is given."""
+    from ..train.data import DataFormatError, split_file
+    from ..train.instruct import TASKS, task_prompt
+
+    p = Path(path)
+    if p.is_dir():
+        if task is None and p.name not in TASKS:
+            raise DataFormatError(f"{p}: expected a task directory named after a known task {sorted(TASKS)}, "
+                                  f"found {p.name!r}; pass --task-prompt NAME|FILE.json")
+        task = task or p.name
+        task_prompt(task)  # an unknown --task-prompt fails here, before the model loads
+        return split_file(p, split), task
+    if task is None and p.suffix != ".jsonl":
+        kind = p.suffix or "suffix-less"
+        raise DataFormatError(f"{p}: expected instruction JSONL ('messages' or 'prompt' + 'completion'), found a "
+                              f"{kind} file; for GLUE-style rows, pass --task-prompt NAME|FILE.json")
+    return p, task
+
+
+def _lm_data(args) -> tuple[list[dict], list[dict] | None, list[dict], str | None]:
+    """(train examples, dev examples, provenance, task prompt), each split described as it is read."""
+    from ..train.data import label_histogram, provenance
+    from ..train.instruct import read_instructions, read_task_file
+
+    train_file, task = _lm_source(args.train, "train", args.task_prompt)
+    dev_arg = args.dev or (args.train if Path(args.train).is_dir() else None)
+    dev_file = _lm_source(dev_arg, "dev", task)[0] if dev_arg else None
+    if args.early_stop and not (args.eval_every and dev_file):
+        raise ValueError("--early-stop: expected --eval-every and dev data (--dev, or a directory with dev.tsv), "
+                         f"found --eval-every {args.eval_every} and {dev_file or 'no dev data'}")
+    splits = []
+    for split, f, max_rows in (("train", train_file, args.max_rows), ("dev", dev_file, None)):
+        if f is None:
+            continue
+        ex = read_task_file(f, task, max_rows=max_rows, seed=args.seed) if task else \
+            read_instructions(f, max_rows=max_rows, seed=args.seed)
+        labels = f", labels {label_histogram(ex)} as {task} answers" if task else ""
+        print(f"{split:<5} {f}: {len(ex)} examples{labels}")
+        splits.append((split, f, ex))
+    dev = splits[1][2] if dev_file else None
+    return splits[0][2], dev, [provenance(f, s, ex) for s, f, ex in splits], task
+
+
+def _lm_loaders(args, tok, train_ex: list[dict], dev_ex: list[dict] | None):
+    """Tokenised loaders; what truncation cut is printed before training, and an answer cut from
+    every training example is an error (there would be nothing to learn)."""
+    from ..train.instruct import make_instruction_loader
+
+    train = make_instruction_loader(train_ex, tok, batch_size=args.batch_size, max_length=args.max_length,
+                                    packing=args.packing, shuffle=True, seed=args.seed)
+    report = train.dataset.report
+    print(f"train: {report}" + (f"; packed into {len(train.dataset)} rows of up to {args.max_length} tokens"
+                                if args.packing else ""))
+    if len(report.no_target_left) == report.examples:
+        raise ValueError(f"--max-length {args.max_length}: expected room for the answers, found every training "
+                         "example's answer cut off; raise --max-length")
+    if not dev_ex:
+        return train, None
+    dev = make_instruction_loader(dev_ex, tok, batch_size=args.batch_size, max_length=args.max_length)
+    print(f"dev:   {dev.dataset.report}")
+    return train, dev
+
+
+def _lm_settings(args, method: str, task: str | None) -> dict:
+    """What decides a causal-LM run (recorded in the manifest; checkpoints resume only for the same)."""
+    record = {k: v for k, v in _train_settings(args, method, 0).items() if k not in ("metric", "num_labels")}
+    return {**record, "task": "causal-lm", "task_prompt": task, "packing": args.packing}
 
 
 # ----------------------------------------------------------------------------- demo

@@ -23,6 +23,7 @@ one prompt per task, the answer a word ("positive" / "negative"), so every text 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,10 +33,11 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from deltakit.train.data import DataFormatError
+from deltakit.train.data import DataFormatError, _subsample
 
 __all__ = ["read_instructions", "examples_from_dataset", "to_messages", "TASKS", "TaskPrompt",
-           "task_examples", "encode_example", "InstructionDataset", "make_instruction_loader", "IGNORE"]
+           "task_examples", "task_prompt", "read_task_file", "encode_example", "InstructionDataset",
+           "make_instruction_loader", "answer_loss", "IGNORE"]
 
 IGNORE = -100
 Example = dict[str, Any]
@@ -67,8 +69,9 @@ def to_messages(obj: Any, where: str) -> list[dict[str, str]]:
     raise DataFormatError(f"{where}: expected key 'messages' or keys 'prompt' + 'completion', found {sorted(obj)}")
 
 
-def read_instructions(path: str | os.PathLike) -> list[Example]:
-    """Examples from a JSONL file; any bad line is a one-line error naming file and line."""
+def read_instructions(path: str | os.PathLike, *, max_rows: int | None = None, seed: int = 0) -> list[Example]:
+    """Examples from a JSONL file; any bad line is a one-line error naming file and line.
+    ``max_rows``: keep a seeded random subset of this size (in file order), after checking every line."""
     path = Path(path)
     if not path.is_file():
         raise DataFormatError(f"{path}: expected a JSONL file, found nothing")
@@ -84,7 +87,7 @@ def read_instructions(path: str | os.PathLike) -> list[Example]:
             out.append({"messages": to_messages(obj, f"{path} line {n}")})
     if not out:
         raise DataFormatError(f"{path}: expected at least one example, found an empty file")
-    return out
+    return _subsample(out, max_rows, seed)
 
 
 def examples_from_dataset(ds: Any) -> list[Example]:
@@ -139,6 +142,53 @@ def task_examples(rows: Sequence[Mapping[str, Any]], task: str | TaskPrompt) -> 
         out.append({"messages": [{"role": "user", "content": spec.template.format(**r)},
                                  {"role": "assistant", "content": spec.answers[label]}], "label": label})
     return out
+
+
+def task_prompt(name_or_file: str | os.PathLike) -> TaskPrompt:
+    """A task's prompt by name (a key of :data:`TASKS`), or from a JSON file
+    ``{"template": "... {sentence} ...", "answers": ["negative", "positive"]}``."""
+    name = str(name_or_file)
+    if name in TASKS:
+        return TASKS[name]
+    path = Path(name)
+    if not path.is_file():
+        raise DataFormatError(f"unknown task {name!r}: expected one of {sorted(TASKS)} or a JSON file with "
+                              "'template' and 'answers'")
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataFormatError(f"{path}: expected a JSON object with 'template' and 'answers', found invalid JSON "
+                              f"({e})") from None
+    if (not isinstance(obj, dict) or not isinstance(obj.get("template"), str)
+            or not isinstance(obj.get("answers"), list) or len(obj["answers"]) < 2
+            or not all(isinstance(a, str) and a for a in obj["answers"])):
+        raise DataFormatError(f"{path}: expected {{'template': str, 'answers': [two or more words]}}, "
+                              f"found {obj!r:.80}")
+    return TaskPrompt(obj["template"], tuple(obj["answers"]))
+
+
+def read_task_file(path: str | os.PathLike, task: str | TaskPrompt, *, max_rows: int | None = None,
+                   seed: int = 0) -> list[Example]:
+    """A GLUE-style file (see :func:`deltakit.train.data.read_rows`) as instruction examples.
+
+    Every row is checked before subsampling, so a label without an answer word is a one-line
+    error naming the file and the row's line (as ``read_rows`` numbers them).
+    """
+    from deltakit.train.data import read_rows
+
+    spec = task_prompt(task) if isinstance(task, str) else task
+    rows = read_rows(path, max_rows=None)
+    line0 = 1 if Path(path).suffix == ".jsonl" else 2
+    for i, r in enumerate(rows):
+        if r["label"] >= len(spec.answers):
+            raise DataFormatError(f"{path} row {i + line0}: expected a label in 0..{len(spec.answers) - 1} "
+                                  f"(answers {list(spec.answers)}), found {r['label']}")
+        try:
+            spec.template.format(**r)
+        except (KeyError, IndexError) as e:
+            raise DataFormatError(f"{path} row {i + line0}: the task template needs field {e}, found columns "
+                                  f"{sorted(r)}") from None
+    return task_examples(_subsample(rows, max_rows, seed), spec)
 
 
 # ----------------------------------------------------------------------------- tokenising and masking
@@ -240,3 +290,29 @@ def make_instruction_loader(examples: Sequence[Example], tokenizer: Any, *, batc
     ds = InstructionDataset(examples, tokenizer, max_length=max_length, packing=packing)
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, collate_fn=ds.collate,
                       generator=torch.Generator().manual_seed(seed) if shuffle else None)
+
+
+@torch.no_grad()
+def answer_loss(model: torch.nn.Module, loader: DataLoader) -> dict[str, float]:
+    """``{"loss", "perplexity"}`` of a causal LM on the labelled (answer) tokens of ``loader``.
+
+    Weighted per token, not per batch: a batch's mean loss hides how many answer tokens it
+    had, so averaging batch means would over-weight short answers. Leaves the model's
+    train/eval mode and the global RNG as it found them (iterating a DataLoader draws from it).
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    with torch.random.fork_rng(devices=[]):
+        for batch in loader:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            labels = batch["labels"][:, 1:]  # token t predicts token t + 1
+            total += torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
+                                                       ignore_index=IGNORE, reduction="sum").item()
+            count += int((labels != IGNORE).sum())
+    model.train(was_training)
+    if count == 0:
+        raise ValueError("expected at least one answer token in the evaluation data, found none")
+    return {"loss": total / count, "perplexity": math.exp(total / count)}

@@ -47,6 +47,10 @@ How :func:`fit` behaves, and why:
   works: autocast caches the low-precision copy of every weight for the life of the
   block, so ``fit`` clears that cache after each optimiser step; without that, the
   forward would keep using the weights as they were before training.
+- *Causal LMs.* With the default loss a batch from
+  :func:`deltakit.train.instruct.make_instruction_loader` trains on the model's own loss:
+  ``labels`` are ``-100`` outside assistant tokens, so the prompt costs nothing.
+  ``gradient_checkpointing=True`` trades a second forward per block for activation memory.
 - *Progress.* On a terminal, a tqdm bar with loss, learning rate, tokens/s
   (non-padding tokens, from ``attention_mask`` when the batch has one) and ETA;
   otherwise one line per log step with the same figures.
@@ -72,6 +76,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import sys
 import time
@@ -270,7 +275,7 @@ def fit(
     seed: int = 0, progress: bool = True, loss_fn: Callable[[torch.nn.Module, Batch], torch.Tensor] | None = None,
     params: Mapping[str, torch.nn.Parameter] | None = None, callbacks: Sequence[Any] = (),
     autocast: torch.dtype | None = None, early_stopping_patience: int | None = None,
-    early_stopping_metric: str | None = None,
+    early_stopping_metric: str | None = None, gradient_checkpointing: bool = False,
 ) -> TrainResult:
     """Train the ``requires_grad`` parameters of ``model`` (or ``params``) on ``train_loader``.
 
@@ -285,6 +290,8 @@ def fit(
     IncreLoRA's and LISA's do) or declare ``stateless = True``; any other callback makes
     resume an error, since fit cannot know whether a fresh one would behave as the old one.
     ``autocast=torch.bfloat16`` runs forwards in bf16 with fp32 master weights.
+    ``gradient_checkpointing=True`` recomputes a transformers model's block activations in
+    backward (non-reentrant) instead of storing them; it is switched off again afterwards.
     ``early_stopping_patience=P`` stops after P evaluations without improving
     ``early_stopping_metric`` (default: the first of ``metric``) and leaves the best
     evaluated parameters in the model. A non-finite loss, gradient, parameter or
@@ -307,6 +314,7 @@ def fit(
                dynamic_ncols=True)
     was_training = model.training
     model.train()
+    undo_checkpointing = _enable_gradient_checkpointing(model) if gradient_checkpointing else None
     try:
         _loop(run, bar, eval_fn, loss_fn=loss_fn, autocast=autocast, max_grad_norm=max_grad_norm,
               callbacks=callbacks, log_every=log_every, eval_every=eval_every, ckpt_every=ckpt_every,
@@ -314,8 +322,52 @@ def fit(
     finally:
         bar.close()
         model.train(was_training)
+        if undo_checkpointing is not None:
+            undo_checkpointing()
     _finish(run, eval_fn)
     return TrainResult(history=run.history, metrics=run.metrics, steps=run.steps_done, best_step=run.best_step)
+
+
+def _enable_gradient_checkpointing(model: torch.nn.Module) -> Callable[[], None] | None:
+    """Turn on a transformers model's gradient checkpointing; returns how to turn it off again
+    (None when it was already on, so ``fit`` leaves it as found).
+
+    Non-reentrant (``use_reentrant=False``): the reentrant kind gives no gradient to the
+    parameters inside a block whose inputs do not require grad, which is every adapter on a
+    frozen base (peft works around it with ``enable_input_require_grads``). transformers 5
+    renamed the methods to ``activation_checkpointing_*``; both spellings are accepted.
+    The recompute also replays the forward's context variables (:func:`_replay_context`).
+    """
+    for prefix in ("activation", "gradient"):
+        enable = getattr(model, f"{prefix}_checkpointing_enable", None)
+        if enable is not None:
+            break
+    else:
+        raise ValueError("expected a transformers model (with gradient_checkpointing_enable) for "
+                         f"gradient_checkpointing=True, found {type(model).__name__}")
+    if getattr(model, f"is_{prefix}_checkpointing", False):
+        return None
+    enable({"use_reentrant": False, "context_fn": _replay_context})
+    return getattr(model, f"{prefix}_checkpointing_disable")
+
+
+def _replay_context() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """``torch.utils.checkpoint``'s ``context_fn``: the recompute in backward runs with the context
+    variables the forward saw. Per-call routing (``deltakit.mixed_batch``) lives in a ContextVar
+    and ``backward()`` usually runs after its block has closed; without this the recompute would
+    take the base path and checkpoint would fail on the mismatch.
+    """
+    return contextlib.nullcontext(), _with_context_vars(contextvars.copy_context())
+
+
+@contextlib.contextmanager
+def _with_context_vars(saved: contextvars.Context) -> Iterator[None]:
+    tokens = [(var, var.set(value)) for var, value in saved.items()]
+    try:
+        yield
+    finally:
+        for var, token in reversed(tokens):
+            var.reset(token)
 
 
 def _check_arguments(max_steps: int | None, epochs: int | None, grad_accum: int, log_every: int,
