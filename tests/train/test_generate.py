@@ -2,6 +2,8 @@
 time, our loop equals transformers' generate, seeded sampling reproduces, prompts match training."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -173,3 +175,76 @@ def test_generate_text_decodes_the_new_tokens(tok):  # noqa: F811
     ids = generate_ids(model, encode_prompts(tok, ["hi there", "what is two plus four"]), adapters=["a", "b"],
                        max_new_tokens=4, pad_token_id=tok.pad_token_id, eos_token_id=[1, tok.eos_token_id])
     assert texts == [tok.decode(i, skip_special_tokens=True) for i in ids]
+
+
+# ----------------------------------------------------------------------------- evaluation by generation
+class _Bigram(torch.nn.Module):
+    """A causal LM with known next-token probabilities: P[current token] (rows sum to one)."""
+
+    P = torch.tensor([[0.5, 0.25, 0.25], [0.2, 0.6, 0.2], [0.1, 0.1, 0.8]])
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(self.P.log())
+
+    def forward(self, input_ids, attention_mask=None):
+        return type("Out", (), {"logits": self.w[input_ids]})()
+
+
+def test_perplexity_by_hand():
+    from deltakit.train.gen_eval import perplexity
+    batches = [{"input_ids": torch.tensor([[0, 1, 2]]), "labels": torch.tensor([[IGNORE, 1, 2]])},
+               {"input_ids": torch.tensor([[2, 2, 0]]), "labels": torch.tensor([[IGNORE, 2, IGNORE]]),
+                "attention_mask": torch.tensor([[1, 1, 0]])}]
+    out = perplexity(_Bigram(), batches)
+    # scored: P[0][1] = 0.25, P[1][2] = 0.2, P[2][2] = 0.8 -> token-weighted mean over 3 tokens
+    assert out["tokens"] == 3
+    assert out["nll"] == pytest.approx(-math.log(0.25 * 0.2 * 0.8) / 3)   # 1.0730
+    assert out["perplexity"] == pytest.approx(0.04 ** (-1 / 3))      # 2.9240
+    with pytest.raises(ValueError, match="labelled tokens"):
+        perplexity(_Bigram(), [{"input_ids": torch.tensor([[0, 1]]), "labels": torch.tensor([[IGNORE, IGNORE]])}])
+
+
+def test_perplexity_on_instruction_data_scores_assistant_tokens_only(tok):  # noqa: F811
+    from deltakit.train.gen_eval import perplexity
+    from deltakit.train.instruct import make_instruction_loader
+    model = _with_adapters("llama")
+    exs = [{"prompt": "how old are you", "completion": "seven years"},
+           {"messages": [{"role": "user", "content": "what is two plus four"}, {"role": "assistant", "content": "six"}]}]
+    loader = make_instruction_loader(exs, tok, batch_size=2)
+    batch = next(iter(loader))
+    out = perplexity(model, loader)
+    # seven years <|im_end|> and six <|im_end|>: 5 assistant tokens, nothing of the prompts
+    assert out["tokens"] == 5 == int((batch["labels"] != IGNORE).sum())
+    with torch.no_grad():   # transformers' own loss is the same token mean for a single batch
+        ref = model(**batch).loss.item()
+    assert out["nll"] == pytest.approx(ref, rel=1e-6)
+
+
+def test_answer_mapping_and_scores():
+    from deltakit.train.gen_eval import answer_label, exact_match, label_accuracy
+    ans = ("negative", "positive")
+    assert answer_label("  Positive!", ans) == 1                         # starts with, any case
+    assert answer_label("It is negative, not positive", ans) == 0         # first mentioned
+    assert answer_label("nonpositive", ans) is None                       # whole words only
+    assert answer_label("No.", ("yes", "no")) == 1 and answer_label("not sure", ("yes", "no")) is None
+    out = label_accuracy(["positive", "Negative.", "dunno", "positive"], [1, 1, 0, 1], ans)
+    assert out == {"accuracy": 0.5, "unmapped": 1, "predictions": [1, 0, None, 1]}
+    assert exact_match(["Seven years.", " six ", "two"], ["seven  years", "Six", "four"]) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="as many predictions"):
+        exact_match(["a"], [])
+
+
+def test_evaluate_generation_scores_what_generate_says(tok):  # noqa: F811
+    from deltakit.train.gen_eval import answer_label, evaluate_generation
+    from deltakit.train.instruct import TaskPrompt, task_examples
+    model = _with_adapters("llama")
+    spec = TaskPrompt("how old are {sentence}", ("seven", "six"))
+    exs = task_examples([{"sentence": "you", "label": 0}, {"sentence": "they", "label": 1}], spec)
+    res = evaluate_generation(model, tok, exs, task=spec, adapters="a", max_new_tokens=3)
+    outs = generate(model, tok, ["how old are you", "how old are they"], adapters="a", max_new_tokens=3)
+    assert res["outputs"] == outs
+    want = [answer_label(o, spec.answers) for o in outs]
+    assert res["accuracy"] == sum(w == y for w, y in zip(want, [0, 1])) / 2
+    assert res["unmapped"] == sum(w is None for w in want)
+    assert res["exact_match"] == sum(o.strip().casefold() == r for o, r in zip(outs, ["seven", "six"])) / 2
