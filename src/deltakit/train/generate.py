@@ -136,8 +136,10 @@ def generate_ids(model: nn.Module, prompts: Sequence[Sequence[int]], *,
                  decoding: Decoding | None = None, **settings) -> list[list[int]]:
     """New token ids per prompt (up to, not including, the first EOS), in prompt order.
 
-    Prompts are decoded in batches of ``batch_size`` after sorting by length (less padding);
-    ``settings`` are :class:`Decoding` fields when ``decoding`` is not given.
+    Prompts are decoded in batches of ``batch_size`` after sorting by length (less padding), so
+    give per-row adapters through ``adapters``, not an enclosing ``mixed_batch`` (whose rows
+    would no longer line up). The model runs in eval mode (adapter dropout off) and its mode
+    is restored afterwards. ``settings`` are :class:`Decoding` fields when ``decoding`` is not given.
     """
     d = decoding or Decoding(**settings)
     if batch_size < 1:
