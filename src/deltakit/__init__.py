@@ -23,6 +23,7 @@ from .methods.full import FullConfig
 from .methods.lora import LoraConfig
 from .taskvec import LazyCheckpoint, LowRank, TaskVector
 from .train import TrainResult, evaluate, fit
+from .train.generate import generate
 
 __all__ = [
     "__version__",
@@ -33,6 +34,6 @@ __all__ = [
     "TargetError", "select_targets",
     "load_adapter", "save_adapter", "AdapterLoadError", "DeltakitFileError",
     "LoraConfig", "FullConfig",
-    "fit", "evaluate", "TrainResult",
+    "fit", "evaluate", "TrainResult", "generate",
     "TaskVector", "LazyCheckpoint", "LowRank",
 ]
