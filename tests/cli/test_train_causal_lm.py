@@ -59,7 +59,8 @@ def facts(tmp_path_factory) -> tuple[Path, Path]:
 
 def _dev_loss(model_dir, adapter, dev) -> float:
     from deltakit.io.models import load_causal_lm
-    from deltakit.train.instruct import answer_loss, make_instruction_loader, read_instructions
+    from deltakit.train.gen_eval import answer_loss
+    from deltakit.train.instruct import make_instruction_loader, read_instructions
 
     model, tok = load_causal_lm(str(model_dir))
     if adapter is not None:

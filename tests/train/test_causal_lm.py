@@ -10,7 +10,8 @@ from torch.utils.data import DataLoader
 
 import deltakit as dk
 from deltakit.train import fit
-from deltakit.train.instruct import IGNORE, answer_loss, make_instruction_loader
+from deltakit.train.gen_eval import answer_loss
+from deltakit.train.instruct import IGNORE, make_instruction_loader
 from deltakit.train.loop import _count_tokens
 
 CHATML = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"

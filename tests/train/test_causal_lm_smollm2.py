@@ -9,7 +9,8 @@ import torch
 
 import deltakit as dk
 from deltakit.train import fit
-from deltakit.train.instruct import answer_loss, make_instruction_loader, task_examples
+from deltakit.train.gen_eval import answer_loss
+from deltakit.train.instruct import make_instruction_loader, task_examples
 
 SST2 = Path("/work/shared/data/text/sst2")
 

@@ -353,7 +353,7 @@ def _run_train_causal_lm(args) -> int:
     from ..io.files import guard_output
     from ..io.models import load_causal_lm
     from ..train import fit
-    from ..train.instruct import answer_loss
+    from ..train.gen_eval import answer_loss
 
     guard_output(args.out, "adapter", inputs=[p for p in (args.train, args.dev, args.model) if p],
                  overwrite=args.overwrite)

@@ -57,22 +57,17 @@ def read_prompts(path: str) -> list:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"--file {path}: expected a JSONL file, found nothing")
+    from ..train.data import json_lines
+
     out: list = []
-    with open(p, encoding="utf-8-sig") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{p} line {n}: expected a JSON object, found invalid JSON ({e})") from None
-            if isinstance(obj, dict) and isinstance(obj.get("prompt"), str):
-                out.append(obj["prompt"])
-            elif isinstance(obj, dict) and isinstance(obj.get("messages"), list) and obj["messages"]:
-                out.append(obj["messages"])
-            else:
-                raise ValueError(f"{p} line {n}: expected {{\"prompt\": text}} or {{\"messages\": [...]}}, "
-                                 f"found {line.strip()[:60]}")
+    for n, obj in json_lines(p):
+        if isinstance(obj, dict) and isinstance(obj.get("prompt"), str):
+            out.append(obj["prompt"])
+        elif isinstance(obj, dict) and isinstance(obj.get("messages"), list) and obj["messages"]:
+            out.append(obj["messages"])
+        else:
+            raise ValueError(f"{p} line {n}: expected {{\"prompt\": text}} or {{\"messages\": [...]}}, "
+                             f"found {json.dumps(obj)[:60]}")
     if not out:
         raise ValueError(f"{p}: expected at least one prompt, found an empty file")
     return out

@@ -29,7 +29,7 @@ import io
 import json
 import os
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,6 +45,7 @@ __all__ = [
     "load_glue_dir",
     "split_file",
     "decode_text_file",
+    "json_lines",
     "provenance",
     "label_histogram",
     "count_empty_texts",
@@ -120,15 +121,23 @@ def decode_text_file(path: str | os.PathLike) -> str:
                               f"at byte offset {at} (byte {column} of the line)") from None
 
 
-def _read_jsonl(text: str, path: Path) -> tuple[list[Row], list[str]]:
-    rows, columns = [], None
+def json_lines(path: str | os.PathLike, text: str | None = None) -> Iterator[tuple[int, Any]]:
+    """``(line number, parsed value)`` for every non-blank line of a JSONL file (decoded with
+    :func:`decode_text_file` unless ``text`` is given): the one JSONL reader, whose errors name
+    the file and line."""
+    text = decode_text_file(path) if text is None else text
     for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            yield n, json.loads(line)
         except json.JSONDecodeError as e:
             raise DataFormatError(f"{path} line {n}: expected a JSON object, found invalid JSON ({e})") from None
+
+
+def _read_jsonl(text: str, path: Path) -> tuple[list[Row], list[str]]:
+    rows, columns = [], None
+    for n, obj in json_lines(path, text):
         if not isinstance(obj, dict):
             raise DataFormatError(f"{path} line {n}: expected a JSON object, found {type(obj).__name__}")
         _text_columns(obj.keys(), f"{path} line {n}")

@@ -34,7 +34,8 @@ from torch import nn
 from .generate import generate
 from .instruct import IGNORE, TASKS, TaskPrompt, to_messages
 
-__all__ = ["normalize", "exact_match", "answer_label", "label_accuracy", "perplexity", "evaluate_generation"]
+__all__ = ["normalize", "exact_match", "answer_label", "label_accuracy", "perplexity", "answer_loss",
+           "evaluate_generation"]
 
 
 def normalize(text: str) -> str:
@@ -85,20 +86,28 @@ def perplexity(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) 
     model.eval()
     device = next(model.parameters()).device
     try:
-        for b in batches:
-            labels = b["labels"].to(device)
-            kw = {"attention_mask": b["attention_mask"].to(device)} if "attention_mask" in b else {}
-            logits = model(input_ids=b["input_ids"].to(device), **kw).logits[:, :-1].float()
-            target = labels[:, 1:]
-            total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                             target.reshape(-1), ignore_index=IGNORE,
-                                                             reduction="sum"))
-            count += int((target != IGNORE).sum())
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):  # a DataLoader draws from the global RNG
+            for b in batches:
+                labels = b["labels"].to(device)
+                kw = {"attention_mask": b["attention_mask"].to(device)} if "attention_mask" in b else {}
+                logits = model(input_ids=b["input_ids"].to(device), **kw).logits[:, :-1].float()
+                target = labels[:, 1:]
+                total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                                 target.reshape(-1), ignore_index=IGNORE,
+                                                                 reduction="sum"))
+                count += int((target != IGNORE).sum())
     finally:
         model.train(was_training)
     if count == 0:
         raise ValueError("expected labelled tokens (labels other than -100) to score, found none")
     return {"nll": total / count, "perplexity": math.exp(total / count), "tokens": count}
+
+
+def answer_loss(model: nn.Module, loader: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, float]:
+    """``{"loss", "perplexity"}`` on the labelled (answer) tokens of ``loader``, weighted per token
+    (averaging batch means would over-weight short answers): :func:`perplexity` as fit's eval_fn."""
+    r = perplexity(model, loader)
+    return {"loss": r["nll"], "perplexity": r["perplexity"]}
 
 
 def evaluate_generation(model: nn.Module, tokenizer: Any, examples: Sequence[Mapping[str, Any]], *,

@@ -23,7 +23,6 @@ one prompt per task, the answer a word ("positive" / "negative"), so every text 
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,11 +32,11 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from deltakit.train.data import DataFormatError, _subsample
+from deltakit.train.data import json_lines, DataFormatError, _subsample
 
 __all__ = ["read_instructions", "examples_from_dataset", "to_messages", "TASKS", "TaskPrompt",
            "task_examples", "task_prompt", "read_task_file", "encode_example", "InstructionDataset",
-           "make_instruction_loader", "answer_loss", "IGNORE"]
+           "make_instruction_loader", "IGNORE"]
 
 IGNORE = -100
 Example = dict[str, Any]
@@ -75,16 +74,7 @@ def read_instructions(path: str | os.PathLike, *, max_rows: int | None = None, s
     path = Path(path)
     if not path.is_file():
         raise DataFormatError(f"{path}: expected a JSONL file, found nothing")
-    out = []
-    with open(path, encoding="utf-8-sig") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataFormatError(f"{path} line {n}: expected a JSON object, found invalid JSON ({e})") from None
-            out.append({"messages": to_messages(obj, f"{path} line {n}")})
+    out = [{"messages": to_messages(obj, f"{path} line {n}")} for n, obj in json_lines(path)]
     if not out:
         raise DataFormatError(f"{path}: expected at least one example, found an empty file")
     return _subsample(out, max_rows, seed)
@@ -290,29 +280,3 @@ def make_instruction_loader(examples: Sequence[Example], tokenizer: Any, *, batc
     ds = InstructionDataset(examples, tokenizer, max_length=max_length, packing=packing)
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, collate_fn=ds.collate,
                       generator=torch.Generator().manual_seed(seed) if shuffle else None)
-
-
-@torch.no_grad()
-def answer_loss(model: torch.nn.Module, loader: DataLoader) -> dict[str, float]:
-    """``{"loss", "perplexity"}`` of a causal LM on the labelled (answer) tokens of ``loader``.
-
-    Weighted per token, not per batch: a batch's mean loss hides how many answer tokens it
-    had, so averaging batch means would over-weight short answers. Leaves the model's
-    train/eval mode and the global RNG as it found them (iterating a DataLoader draws from it).
-    """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    with torch.random.fork_rng(devices=[]):
-        for batch in loader:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            labels = batch["labels"][:, 1:]  # token t predicts token t + 1
-            total += torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
-                                                       ignore_index=IGNORE, reduction="sum").item()
-            count += int((labels != IGNORE).sum())
-    model.train(was_training)
-    if count == 0:
-        raise ValueError("expected at least one answer token in the evaluation data, found none")
-    return {"loss": total / count, "perplexity": math.exp(total / count)}
