@@ -131,10 +131,10 @@ class DeltaLayer(nn.Module):
             # The parent called us with the main input by keyword (e.g. Llama's
             # ``self_attn(hidden_states=...)``, ``self.model(input_ids=...)``): move it
             # to the front so deltas always see ``(x, *args, **kwargs)``.
-            first = _first_param(self.base)
+            first = _first_param(self._modules["base"])
             if first in kwargs:
                 x = kwargs.pop(first)
-        call = self.state.call()
+        call = self.__dict__["state"].call()
         if call.rows is not None:
             return self._mixed_forward(call.rows, x, *args, **kwargs)
         if call.disabled:
@@ -143,15 +143,33 @@ class DeltaLayer(nn.Module):
                     f"adapters {self.merged} are merged into the weights, so a disabled forward would "
                     "not be the base; unmerge them first")
             return self._forward_with([], x, *args, **kwargs)
-        return self._forward_with(self.state.live(self.deltas), x, *args, **kwargs)
+        return self._forward_with(self.__dict__["state"].live(self._modules["deltas"]), x, *args, **kwargs)
+
+    def _plan(self, names: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
+        """``(dense, fast, acts)``: the live deltas by how they apply. Cached per name list, and
+        checked against the delta objects themselves, so an attach / detach is never missed."""
+        deltas = self._modules["deltas"]
+        key = tuple(names)
+        objs = tuple(deltas[n] for n in key)
+        hit = self.__dict__.setdefault("_plans", {}).get(key)
+        if hit is not None and hit[0] == objs:
+            return hit[1]
+        weight = [n for n in key if isinstance(deltas[n], WeightDelta)]
+        plan = ([n for n in weight if deltas[n].residual is None], [n for n in weight if deltas[n].residual is not None],
+                [n for n in key if isinstance(deltas[n], ActivationDelta)])
+        self._plans[key] = (objs, plan)
+        return plan
 
     def _forward_with(self, names: Sequence[str], x, *args, **kwargs):
-        weight = [n for n in names if isinstance(self.deltas[n], WeightDelta)]
-        dense = [n for n in weight if self.deltas[n].residual is None]
-        fast = [n for n in weight if self.deltas[n].residual is not None]
-        if fast and _fold_is_cheaper(self.base, x):
+        base, deltas = self._modules["base"], self._modules["deltas"]
+        dense, fast, acts = self._plan(names)
+        if fast and _fold_is_cheaper(base, x):
             dense, fast = dense + fast, []
-        acts = [n for n in names if isinstance(self.deltas[n], ActivationDelta)]
+        if not dense and not acts:  # the common case (nothing live, or the LoRA family): no closures
+            out = base(x, *args, **kwargs)
+            for n in fast:
+                out = out + deltas[n].residual(base, x).to(out.dtype)
+            return out
 
         def inner(x, *args, **kwargs):
             if dense:

@@ -128,7 +128,11 @@ class LoRA(WeightDelta):
         output: r/out of the elementwise work, forward and backward.
         """
         A, B = _compute_factors(self, x)
-        h = _down(base, self.dropout(_cast(x, A)), A) * self.scale  # (B, ..., r)
+        x = _cast(x, A)
+        drop = self._modules["dropout"]
+        if not isinstance(drop, nn.Identity):  # no module call per decode step when there is none
+            x = drop(x)
+        h = _down(base, x, A) * self.scale  # (B, ..., r)
         return _up(base, h, B)
 
     @classmethod
