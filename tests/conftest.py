@@ -86,3 +86,23 @@ def tiny_model_dir(tmp_path_factory):
     BertForSequenceClassification(cfg).save_pretrained(d)
     tok.save_pretrained(d)
     return d
+
+
+# ChatML with every marker and word a separate token, so tests can check masks token by token
+CHATML = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
+
+
+def word_chat_tokenizer(words):
+    """A word-level tokenizer over ``words`` with ChatML markers as single tokens and CHATML as its
+    chat template: every id is a known word."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "</s>", *words])}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=t, pad_token="<pad>", unk_token="<unk>", eos_token="</s>",
+                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    fast.chat_template = CHATML
+    return fast

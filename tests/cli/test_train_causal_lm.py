@@ -13,9 +13,8 @@ import torch
 
 import deltakit as dk
 from deltakit.cli import main
+from tests.conftest import word_chat_tokenizer
 
-CHATML = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
 WORDS = ("system user assistant what is two plus four six one three seven five eight colour of the sky grass "
          "blue green positive negative a good bad film fine dull Review: Answer").split()
 FACTS = [("what is two plus four", "six"), ("what is one plus two", "three"),
@@ -26,15 +25,9 @@ FACTS = [("what is two plus four", "six"), ("what is one plus two", "three"),
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
     """A random 2-layer Llama and its tokenizer (every word of the data is one token) in one directory."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "</s>", *WORDS])}
-    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=t, pad_token="<pad>", unk_token="<unk>", eos_token="</s>",
-                                  additional_special_tokens=["<|im_start|>", "<|im_end|>"])
-    tok.chat_template = CHATML
+    tok = word_chat_tokenizer(WORDS)
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,

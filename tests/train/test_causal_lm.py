@@ -13,9 +13,8 @@ from deltakit.train import fit
 from deltakit.train.gen_eval import answer_loss
 from deltakit.train.instruct import IGNORE, make_instruction_loader
 from deltakit.train.loop import _count_tokens
+from tests.conftest import word_chat_tokenizer
 
-CHATML = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
 WORDS = ("system user assistant what is two plus four six one three seven five eight nine ten colour of the sky "
          "grass blue green red").split()
 FACTS = [("what is two plus four", "six"), ("what is one plus two", "three"),
@@ -24,17 +23,7 @@ FACTS = [("what is two plus four", "six"), ("what is one plus two", "three"),
 
 
 def word_tokenizer():
-    """A word-level tokenizer with ChatML markers as single tokens (as tests/train/test_instruct.py)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "</s>", *WORDS])}
-    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=t, pad_token="<pad>", unk_token="<unk>", eos_token="</s>",
-                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"])
-    fast.chat_template = CHATML
-    return fast
+    return word_chat_tokenizer(WORDS)
 
 
 def tiny_llama(seed: int = 0):

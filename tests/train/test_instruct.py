@@ -9,9 +9,8 @@ import torch
 from deltakit.train.data import DataFormatError
 from deltakit.train.instruct import (IGNORE, TASKS, InstructionDataset, encode_example, make_instruction_loader,
                                      read_instructions, task_examples, to_messages)
+from tests.conftest import word_chat_tokenizer
 
-CHATML = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
 WORDS = ("system user assistant you are terse hi hello there how old are seven years what is two plus "
          "four six thanks bye ok").split()
 
@@ -19,16 +18,7 @@ WORDS = ("system user assistant you are terse hi hello there how old are seven y
 @pytest.fixture(scope="module")
 def tok():
     """A word-level tokenizer with ChatML markers as single tokens: every id is a known word."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "</s>", *WORDS])}
-    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=t, pad_token="<pad>", unk_token="<unk>", eos_token="</s>",
-                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"])
-    fast.chat_template = CHATML
-    return fast
+    return word_chat_tokenizer(WORDS)
 
 
 CONV = [{"role": "system", "content": "you are terse"}, {"role": "user", "content": "hi how old are you"},

@@ -13,14 +13,9 @@ from deltakit.methods.increlora import IncreLoraConfig
 from deltakit.methods.lisa import LisaConfig
 from deltakit.train import fit
 from tests.conftest import make_model
+from tests.train.train_helpers import token_label_loader as _loader
 
 
-def _loader(n=32, batch=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(3, 64, (n, 6), generator=g)
-    y = torch.randint(0, 3, (n,), generator=g)
-    return torch.utils.data.DataLoader([{"input_ids": a, "labels": b} for a, b in zip(x, y)],
-                                       batch_size=batch, shuffle=True)
 
 
 class _Crash(Exception):

@@ -4,14 +4,9 @@ import torch
 import deltakit as dk
 from deltakit.train import fit
 from tests.conftest import make_model
+from tests.train.train_helpers import token_label_loader as _loader
 
 
-def _loader(n=32, batch=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(3, 64, (n, 6), generator=g)
-    y = torch.randint(0, 3, (n,), generator=g)
-    return torch.utils.data.DataLoader([{"input_ids": a, "labels": b} for a, b in zip(x, y)],
-                                       batch_size=batch, shuffle=True)
 
 
 def test_adalora_budget_reaches_target_through_fit():

@@ -58,3 +58,12 @@ def linear_loss(m, b):
 def linear_model():
     torch.manual_seed(0)
     return torch.nn.Linear(4, 2)
+
+
+def token_label_loader(n: int = 32, batch: int = 8, seed: int = 0):
+    """Random token rows with random 3-class labels, shuffled: data for callback / schedule tests."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(3, 64, (n, 6), generator=g)
+    y = torch.randint(0, 3, (n,), generator=g)
+    return torch.utils.data.DataLoader([{"input_ids": a, "labels": b} for a, b in zip(x, y)],
+                                       batch_size=batch, shuffle=True)

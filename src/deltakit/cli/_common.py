@@ -129,23 +129,3 @@ def check_labels(rows: list[dict], num_labels: int, data: str) -> None:
     if top >= num_labels:
         raise ValueError(f"{data}: expected labels 0..{num_labels - 1} (the model's {num_labels} classes), "
                          f"found label {top}")
-
-
-def check_output_dir(out: str, overwrite: bool, inputs: list[str], manifest: str) -> Path:
-    """Refuse an output directory that is one of the inputs (or holds / sits inside one), or that
-    exists non-empty, unless ``overwrite`` and it is an output of the same kind (has ``manifest``)."""
-    o = Path(out).resolve()
-    for i in inputs:
-        p = Path(i).resolve()
-        if Path(i).exists() and (o == p or o in p.parents or p in o.parents):
-            raise FileExistsError(f"-o {out}: expected a path apart from this command's input {i}, found it overlaps")
-    if o.is_file():
-        raise FileExistsError(f"-o {out}: expected a directory path, found a file")
-    if o.is_dir() and any(o.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"-o {out}: expected a new or empty directory, found a non-empty one "
-                                  f"(pass --overwrite to replace a previous output)")
-        if not (o / manifest).is_file():
-            raise FileExistsError(f"-o {out}: --overwrite replaces only a previous output (with {manifest}); "
-                                  f"this directory has none")
-    return Path(out)

@@ -67,13 +67,13 @@ def load_peft_base(peft_dir: Path, model: str | None):
 
 
 def run(args) -> int:
-    from ..io.adapter_files import MANIFEST, save_adapter
-    from ..io.peft import read_peft_config, import_peft
-    from ._common import check_output_dir
+    from ..io.adapter_files import save_adapter
+    from ..io.files import guard_output
+    from ..io.peft import import_peft, read_peft_config
 
     peft_dir = Path(args.peft_dir)
     read_peft_config(peft_dir)  # one-line errors for a missing / unsupported directory before any loading
-    out = check_output_dir(args.out, args.overwrite, [args.peft_dir], MANIFEST)
+    out = guard_output(args.out, "adapter", inputs=[args.peft_dir], overwrite=args.overwrite)
     base = load_peft_base(peft_dir, args.model)
     adapter = import_peft(base, peft_dir, name=out.name or "default")
     save_adapter(adapter, out)

@@ -14,8 +14,6 @@ attention module, and export refuses an adapter that leaves either out.
 """
 from __future__ import annotations
 
-import re
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -23,8 +21,8 @@ from torch import nn
 from ...core.adapter import Adapter
 from ...core.targets import matches
 from ...methods.prefix_tuning import ATTENTION, PrefixTuningConfig, kv_layout
-from ._common import PeftConverter, PeftExport, PeftFormatError, PeftImport, PeftSource, register_converter
-from .prompt_tuning import backbone
+from ._common import PeftExport, PeftFormatError, PeftImport, PeftSource, register_converter
+from .prompt_tuning import VirtualTokenConverter, backbone
 
 _KEY = "prompt_embeddings"
 
@@ -39,18 +37,10 @@ def attention_paths(model: nn.Module, modules: dict[str, nn.Module], where: obje
 
 
 @register_converter
-class PrefixTuningConverter(PeftConverter):
+class PrefixTuningConverter(VirtualTokenConverter):
     peft_type = "PREFIX_TUNING"
     methods = ("prefix_tuning",)
-    key = re.compile(r"(?!)")  # no per-module tensors
-    shared_key = re.compile(_KEY)
-    prefix = "base_model."
-    needs_task_type = True
-
-    def check_config(self, cfg: dict, config_file: Path) -> None:
-        if cfg.get("num_transformer_submodules", 1) not in (1, None):
-            raise PeftFormatError(f"{config_file}: num_transformer_submodules="
-                                  f"{cfg['num_transformer_submodules']!r} (encoder-decoder prefixes) is not supported")
+    what = "prefixes"
 
     def to_deltakit(self, src: PeftSource) -> PeftImport:
         pe = src.shared.get(_KEY)

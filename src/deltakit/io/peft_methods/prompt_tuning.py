@@ -35,20 +35,27 @@ def backbone(model: nn.Module, where: object) -> str:
     return name
 
 
-@register_converter
-class PromptTuningConverter(PeftConverter):
-    peft_type = "PROMPT_TUNING"
-    methods = ("prompt_tuning",)
+class VirtualTokenConverter(PeftConverter):
+    """What prompt and prefix tuning share in peft's files: one ``prompt_embeddings`` tensor under
+    ``base_model.`` (no per-module tensors), a task model, and a single transformer stack."""
+
     key = re.compile(r"(?!)")  # no per-module tensors
     shared_key = re.compile(_KEY)
     prefix = "base_model."
     needs_task_type = True
+    what: str = "prompts"  # for messages
 
     def check_config(self, cfg: dict, config_file: Path) -> None:
         if cfg.get("num_transformer_submodules", 1) not in (1, None):
             raise PeftFormatError(f"{config_file}: num_transformer_submodules="
-                                  f"{cfg['num_transformer_submodules']!r} (encoder-decoder prompts) is not "
+                                  f"{cfg['num_transformer_submodules']!r} (encoder-decoder {self.what}) is not "
                                   "supported; deltakit prompts a decoder or an encoder")
+
+
+@register_converter
+class PromptTuningConverter(VirtualTokenConverter):
+    peft_type = "PROMPT_TUNING"
+    methods = ("prompt_tuning",)
 
     def to_deltakit(self, src: PeftSource) -> PeftImport:
         prompt = src.shared.get(_KEY)
