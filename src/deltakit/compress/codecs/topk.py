@@ -1,0 +1,101 @@
+"""Magnitude top-k sparsification: keep the ``density`` fraction of entries largest in |dW|.
+
+The kept values are stored in ``value_dtype`` (fp16 by default) and their positions by the
+cheaper of a bitmask and Rice-coded gaps (:mod:`deltakit.compress._sparse`), so the file
+costs about ``density * (16 + log2(1/density) + 2)`` bits per parameter. Ties at the
+threshold are broken by position (``torch.topk`` on |dW|), so exactly ``ceil(density * n)``
+entries are kept. Decoding is exact for the kept entries up to ``value_dtype`` rounding;
+the error is the dropped tail: ``|dW - decode|_F^2 = sum of the smallest (1-density) n
+squared entries`` (plus rounding).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from ...core.fields import knob
+from ...taskvec import register_codec
+from .._dtypes import dtype_name, dtype_of
+from .._registry import CompressedValue, register_compressor
+from .._sparse import decode_positions, encode_positions, position_bits
+
+__all__ = ["TopKConfig", "Sparse", "topk"]
+
+
+@register_codec("sparse")
+class Sparse(CompressedValue):
+    """``dW`` zero except at ``positions`` (flat, sorted), where it is ``values * scale``."""
+
+    def __init__(self, positions: torch.Tensor, values: torch.Tensor, shape: tuple[int, ...],
+                 dtype: torch.dtype, scale: float = 1.0):
+        if positions.numel() != values.numel():
+            raise ValueError(f"Sparse: expected one value per position, found {values.numel()} values "
+                             f"for {positions.numel()} positions")
+        self.positions, self.values = positions.reshape(-1), values.reshape(-1)
+        self._shape, self._dtype, self.scale = tuple(int(s) for s in shape), dtype, float(scale)
+        self._parts: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
+
+    shape = property(lambda self: self._shape)
+    dtype = property(lambda self: self._dtype)
+
+    @property
+    def density(self) -> float:
+        return self.values.numel() / max(1, self.numel)
+
+    def to_dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        work = torch.float64 if torch.float64 in (self._dtype, dtype) else torch.float32
+        out = torch.zeros(self.numel, dtype=work, device=self.values.device)
+        out[self.positions.to(out.device)] = self.values.to(work) * self.scale
+        return out.reshape(self._shape).to(dtype or self._dtype)
+
+    def _index(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        if self._parts is None:
+            self._parts = encode_positions(self.positions, self.numel)
+        return self._parts
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"values": self.values, **self._index()[0]}
+
+    def meta(self) -> dict[str, Any]:
+        return {"shape": list(self._shape), "dtype": dtype_name(self._dtype), "scale": self.scale,
+                **self._index()[1]}
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> Sparse:
+        pos = decode_positions(dict(tensors), dict(meta))
+        return cls(pos, tensors["values"], tuple(meta["shape"]), dtype_of(meta["dtype"]), meta.get("scale", 1.0))
+
+    def scaled(self, c: float) -> Sparse:
+        return Sparse(self.positions, self.values, self._shape, self._dtype, self.scale * float(c))
+
+
+@dataclass(frozen=True)
+class TopKConfig:
+    density: float = knob(0.1, gt=0, le=1, log=True, doc="fraction of entries kept (the largest |dW|)")
+    value_dtype: Literal["float16", "bfloat16", "float32"] = knob("float16", doc="dtype of the kept values")
+
+
+def _bits(cfg: TopKConfig, shape: tuple[int, ...]) -> float:
+    n = math.prod(shape)
+    k = math.ceil(cfg.density * n)
+    return (k * dtype_of(cfg.value_dtype).itemsize * 8 + position_bits(k, n)) / n
+
+
+def keep_largest(dw: torch.Tensor, density: float) -> torch.Tensor:
+    """Sorted flat positions of the ``ceil(density * n)`` entries largest in magnitude."""
+    flat = dw.reshape(-1)
+    k = min(flat.numel(), math.ceil(density * flat.numel()))
+    return torch.topk(flat.abs().float(), k, sorted=False).indices.sort().values
+
+
+@register_compressor("topk", config=TopKConfig, paper="magnitude pruning (e.g. Yadav et al. 2023, TIES' trim)",
+                     bits=_bits)
+def topk(dw: torch.Tensor, cfg: TopKConfig) -> Sparse:
+    """keep the largest-magnitude entries, values in fp16, positions Rice-coded"""
+    pos = keep_largest(dw, cfg.density)
+    vals = dw.reshape(-1)[pos].to(dtype_of(cfg.value_dtype))
+    return Sparse(pos, vals, tuple(dw.shape), dw.dtype)
