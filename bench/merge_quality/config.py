@@ -76,6 +76,9 @@ class Config:
     threads: int = 1
     workers: int = 2             # processes for the fine-tunes (each with ``threads`` threads)
     quick: bool = False
+    # merging shares one model and swaps heads, so every task needs the same head shape;
+    # benchmarks that score each task on its own model (compression) lift this
+    binary_only: bool = True
 
     def train_key(self, kind: str, task: str) -> str:
         keys = ("data_dir", "model", "n_fit", "n_select", "steps", "batch_size", "max_length", "lr_full",

@@ -33,6 +33,7 @@ class TaskData:
     fit: list[dict]
     select: list[dict]
     dev: list[dict]
+    labels: int = 2
     loaders: dict = field(default_factory=dict)  # "fit" (shuffled), "select", "dev" (length-sorted)
 
 
@@ -45,13 +46,14 @@ def load_tasks(cfg: Config, tok) -> dict[str, TaskData]:
         d = Path(cfg.data_dir) / t
         rows = load_glue_dir(d, "train", max_rows=cfg.n_fit + cfg.n_select, seed=cfg.seed)
         dev = load_glue_dir(d, "dev", max_rows=cfg.n_dev, seed=cfg.seed)
-        if num_labels(rows, dev) != 2:
-            raise ValueError(f"{t}: expected a 2-label task, found {num_labels(rows, dev)} labels")
+        k = num_labels(rows, dev)
+        if cfg.binary_only and k != 2:
+            raise ValueError(f"{t}: expected a 2-label task, found {k} labels")
         order = list(range(len(rows)))
         random.Random(cfg.seed).shuffle(order)
         select = [rows[i] for i in sorted(order[:cfg.n_select])]
         fit = [rows[i] for i in sorted(order[cfg.n_select:])]
-        td = TaskData(t, TASK_METRIC.get(t, "accuracy"), fit, select, dev)
+        td = TaskData(t, TASK_METRIC.get(t, "accuracy"), fit, select, dev, k)
         td.loaders["fit"] = make_loader(fit, tok, batch_size=cfg.batch_size, max_length=cfg.max_length,
                                         shuffle=True, seed=cfg.seed)
         for split, rs in (("select", select), ("dev", dev)):

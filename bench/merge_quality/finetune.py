@@ -63,7 +63,7 @@ def _train(cfg: Config, kind: str, td: TaskData):
     from deltakit.io.models import head_modules, load_classifier
     from deltakit.train import fit
 
-    model, _ = load_classifier(cfg.model, 2, seed=cfg.seed)
+    model, _ = load_classifier(cfg.model, td.labels, seed=cfg.seed)
     adapter = None
     if kind == "lora":
         lcfg = deltakit.LoraConfig(r=cfg.r, alpha=cfg.alpha, targets=("query", "value"),
@@ -108,7 +108,7 @@ def _roundtrip(cfg: Config, td: TaskData, model, base_state, tv, head) -> float:
     with torch.no_grad(), autocast(cfg):
         model.eval()
         ref = model(**probe).logits.float()
-        fresh, _ = load_classifier(cfg.model, 2, seed=cfg.seed)
+        fresh, _ = load_classifier(cfg.model, td.labels, seed=cfg.seed)
         fresh.load_state_dict(compose(base_state, tv, head))
         fresh.eval()
         got = fresh(**probe).logits.float()
@@ -141,7 +141,7 @@ def _stats_one(cfg: Config, td: TaskData, tok, base_state, tv, head) -> tuple[di
     from deltakit.io.models import load_classifier
     from deltakit.merge import collect_grams, estimate_fisher
 
-    model, _ = load_classifier(cfg.model, 2, seed=cfg.seed)
+    model, _ = load_classifier(cfg.model, td.labels, seed=cfg.seed)
     model.load_state_dict(compose(base_state, tv, head))
     model.eval()  # no dropout: the Fisher of the deterministic fine-tuned model
     names = list(tv)

@@ -1,0 +1,1 @@
+"""Pieces of the compression benchmark (``bench/bench_compress.py``)."""
