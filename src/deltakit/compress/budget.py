@@ -25,6 +25,7 @@ candidate too, so the result is never worse than the best single codec+setting a
 """
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
 import math
@@ -73,6 +74,13 @@ class Setting:
     @cached_property
     def config(self) -> Any:
         return None if self.codec == KEEP else build_compressor_config(self.codec, dict(self.knobs))
+
+    @property
+    def recorded_knobs(self) -> dict[str, Any]:
+        """Every knob of the config (defaults included), JSON-able: what a file records."""
+        if self.config is None:
+            return {}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self.config).items()}
 
     def encode(self, value: Delta) -> Delta:
         """The entry under this setting (``keep``: unchanged; the input is never mutated)."""
@@ -364,7 +372,7 @@ def plan_budget(tv: TaskVector, *, target_bytes: int | None = None, ratio: float
 def sources(tv: TaskVector, alloc: Allocation) -> dict[str, Source]:
     """The second pass, lazily: each tensor encoded with its chosen setting when it is written."""
     return {n: Source(lambda n=n, s=c.setting: s.encode(tv.get(n)),
-                      None if c.setting.codec == KEEP else c.setting.codec, dict(c.setting.knobs))
+                      None if c.setting.codec == KEEP else c.setting.codec, c.setting.recorded_knobs)
             for n, c in alloc.choices.items()}
 
 

@@ -50,8 +50,9 @@ _TV_FORMAT = "deltakit.taskvector/2"
 
 @dataclass(frozen=True)
 class Source:
-    """One entry to write: its value (or a zero-argument function computing it, called once
-    while planning, and once more when written if it turns out dense) and what made it."""
+    """One entry to write: its value (or a zero-argument function computing it or a resolved
+    Source, called once while planning, and once more when written if it turns out dense) and
+    what made it (``compressor`` None: the entry kept as it was)."""
 
     value: Delta | Callable[[], Delta]
     compressor: str | None = None
@@ -125,8 +126,13 @@ def _digest(parts: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _resolve(src: Source) -> Delta:
-    return src.value() if callable(src.value) and not isinstance(src.value, torch.Tensor) else src.value
+def _resolve(src: Source) -> Source:
+    """``src`` with its value computed; a function may also return a whole :class:`Source` (an
+    encoder that decides per tensor, e.g. keeping an entry its codec cannot take, says so)."""
+    if not callable(src.value) or isinstance(src.value, torch.Tensor):
+        return src
+    out = src.value()
+    return out if isinstance(out, Source) else Source(out, src.compressor, src.knobs)
 
 
 class _Plan:
@@ -139,8 +145,9 @@ class _Plan:
         self.dense: dict[str, tuple[Source, str]] = {}   # stored key -> (source, sha256)
         self.manifest: dict[str, dict[str, Any]] = {}
 
-    def add(self, name: str, src: Source) -> None:
-        value = _resolve(src)
+    def add(self, name: str, given: Source) -> None:
+        src = _resolve(given)
+        value = src.value
         codec, parts, meta = encode(value)
         parts = {p: t.detach() for p, t in parts.items()}
         stored = {"value": name} if codec == DENSE else {p: f"{name}.{codec}_{p}" for p in parts}
@@ -148,7 +155,7 @@ class _Plan:
         for p, t in parts.items():
             self.items.append(PlannedTensor(stored[p], tuple(t.shape), t.dtype))
             if codec == DENSE:
-                self.dense[stored[p]] = (src, digest)
+                self.dense[stored[p]] = (given, digest)  # not the value: recomputed when written
             else:
                 self.held[stored[p]] = t
         self.manifest[name] = {
@@ -160,7 +167,7 @@ class _Plan:
         if it.name in self.held:
             return self.held.pop(it.name)
         src, digest = self.dense[it.name]
-        t = as_dense(_resolve(src))
+        t = as_dense(_resolve(src).value)
         if _digest({"value": t}) != digest:  # the source gave other bytes the second time
             raise DeltakitFileError(f"{it.name}: the dense entry changed between planning and writing "
                                     f"(a non-deterministic source?); nothing was written")
@@ -169,13 +176,16 @@ class _Plan:
 
 def write_compressed(path: str | os.PathLike, entries: Mapping[str, Source | Delta], *,
                      base_fingerprint: str | None = None, base_exclude: Iterable[str] = (),
-                     info: Mapping[str, Any] | None = None, progress: bool = False) -> Path:
+                     info: Mapping[str, Any] | None = None, max_bytes: int | None = None,
+                     progress: bool = False, kind: str = KIND) -> Path:
     """Write ``entries`` (name -> :class:`Source`, or a plain value kept as it is) to ``path``.
 
     Every entry is computed once while planning (one at a time; a compressed value is held
     until written, a dense one is recomputed when written). ``base_fingerprint``: the base the
     delta applies to (:func:`base_fingerprint`), with the module paths it excluded;
-    ``info``: JSON-able extras stored beside it (the source, the budget...). Atomic.
+    ``info``: JSON-able extras stored beside it (the source, the budget...). ``max_bytes``:
+    refuse (before anything is written) if the encoded parts take more. ``kind``: the output
+    kind ``--overwrite`` checks (a decompressed delta is a ``taskvector``). Atomic.
     """
     plan = _Plan()
     names = list(entries)
@@ -187,11 +197,15 @@ def write_compressed(path: str | os.PathLike, entries: Mapping[str, Source | Del
             bar.update(1)
     if bar is not None:
         bar.close()
+    total = sum(e["bytes"] for e in plan.manifest.values())
+    if max_bytes is not None and total > max_bytes:
+        raise DeltakitFileError(f"expected at most {max_bytes:,} bytes of encoded parts, found {total:,}; "
+                                f"nothing was written")
     head = {"format": FORMAT, "base_fingerprint": base_fingerprint, "base_exclude": sorted(base_exclude),
             **(dict(info) if info else {})}
     meta = {"deltakit": _TV_FORMAT, "entries": json.dumps(plan.manifest, separators=(",", ":")),
             "compressed": json.dumps(head, separators=(",", ":"))}
-    return write_checkpoint(path, plan.items, plan.produce, metadata=meta, kind=KIND, progress=progress,
+    return write_checkpoint(path, plan.items, plan.produce, metadata=meta, kind=kind, progress=progress,
                             desc="writing")
 
 
