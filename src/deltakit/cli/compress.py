@@ -174,7 +174,7 @@ def run_compress(args) -> int:
     _check_mode(args, knobs)
     if args.codec is not None:
         from ..compress import build_compressor_config
-        build_compressor_config(args.codec, knobs, where="deltakit compress")  # bad knob: before any work
+        build_compressor_config(args.codec, knobs, where=f"--codec {args.codec}")  # bad knob: before any work
     guard_output(args.out, "compressed", inputs=[i for i in (args.src, args.base, args.model) if i],
                  overwrite=args.overwrite)
     delta = open_delta(args.src, base=args.base, model=args.model)
