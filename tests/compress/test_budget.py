@@ -155,7 +155,7 @@ def test_allocation_beats_every_single_setting_at_its_size(lowrank_codec, tmp_pa
 
 def test_written_file_matches_the_plan_and_stays_under_budget(lowrank_codec, tmp_path):
     tv = _spectra_delta()
-    for ratio in (4, 16, 64):
+    for ratio in (4, 32):
         res = compress(tv, tmp_path / f"r{ratio}", ratio=ratio, codecs=["topk", lowrank_codec])
         a, f = res.allocation, load_compressed(res.path, verify=True)
         assert f.total_bytes == a.total_bytes <= a.budget == int(a.original_bytes / ratio)

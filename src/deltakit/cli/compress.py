@@ -228,9 +228,11 @@ def run_decompress(args) -> int:
 
 # ----------------------------------------------------------------------------- inspect
 def is_compressed_dir(path: Path) -> bool:
-    """A task-vector directory (compressed or not) rather than an adapter."""
-    from ..compress.api import is_task_vector
-    return path.is_dir() and not (path / "adapter.json").is_file() and is_task_vector(path)
+    """A safetensors directory rather than an adapter: inspect reads it as a (compressed) task
+    vector, so a damaged one gets its own error, not 'adapter.json missing'."""
+    from ..io.tensors import INDEX_NAME, SINGLE_NAME
+    return path.is_dir() and not (path / "adapter.json").is_file() and \
+        ((path / SINGLE_NAME).is_file() or (path / INDEX_NAME).is_file())
 
 
 def inspect_compressed(path: Path, as_json: bool) -> int:
