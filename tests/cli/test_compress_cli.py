@@ -182,3 +182,31 @@ def test_defects_are_one_line_errors_that_change_nothing(pair, tmp_path, capsys)
     assert "truncated" in _err(capsys)
     assert main(["decompress", str(out), "-o", str(tmp_path / "x")]) == 1
     assert "truncated" in _err(capsys) and not (tmp_path / "x").exists()
+
+
+def test_budget_weighted_by_activations_on_data(adapter_dir, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    from deltakit.compress.api import open_delta
+    from deltakit.compress.budget import activation_stats, plan_budget
+    from deltakit.train.data import make_loader
+
+    path, _ = adapter_dir
+    data = tmp_path / "d.tsv"
+    data.write_text("sentence\n" + "".join(f"{t}\n" for t in ["a good film", "dull and slow", "not good at all"]))
+    assert main(["compress", str(path), "--ratio", "8", "--codecs", "topk,keep", "--data", str(data),
+                 "-o", str(tmp_path / "c"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "activation statistics: 14 linear layers, 3 rows" in out      # 2 layers x 6 linears + pooler + head
+    c = load_compressed(tmp_path / "c")
+    assert c.header["weighted"] is True
+    # the same choices as the library's allocation with the same statistics
+    d = open_delta(path)
+    tok = AutoTokenizer.from_pretrained(d.model_path)
+    d.model.eval()
+    rows = [{"sentence": t, "label": 0} for t in ["a good film", "dull and slow", "not good at all"]]
+    stats = activation_stats(d.model, ({k: v for k, v in b.items() if k != "labels"}
+                                       for b in make_loader(rows, tok, batch_size=1)))
+    want = plan_budget(d.tv, ratio=8, codecs=["topk", "keep"], stats=stats)
+    assert {n: r.bytes for n, r in c.records.items()} == {n: ch.bytes for n, ch in want.choices.items()}
+    assert c.total_bytes == want.total_bytes <= want.budget

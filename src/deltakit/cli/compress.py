@@ -15,7 +15,7 @@ __all__ = ["add_parsers", "run_compress", "run_decompress", "inspect_compressed"
 
 REF_SHAPE = (4096, 4096)  # --list plans bits/param on this shape (a 7B attention projection)
 _RESERVED = {"out", "codec", "codecs", "list", "json", "ratio", "target_size", "base", "model", "overwrite",
-             "no_progress", "set", "src", "func", "command", "debug"}
+             "no_progress", "set", "src", "func", "command", "debug", "data", "data_rows"}
 
 EPILOG = """\
 examples:
@@ -66,6 +66,9 @@ def _add_compress(sub) -> None:
     p.add_argument("--base", help="base checkpoint: SRC - BASE for a fine-tuned checkpoint; for a task vector, "
                                   "the base whose fingerprint to record")
     p.add_argument("--model", help="an adapter's base model (default: the one its manifest records)")
+    p.add_argument("--data", help="budget mode, adapter SRC: weight each tensor's error by the mean squared input "
+                                  "activations on this data (a .tsv/.csv/.jsonl file or task directory)")
+    p.add_argument("--data-rows", type=int, default=64, help="rows of --data to run (default 64, one at a time)")
     p.add_argument("--set", action="append", default=[], metavar="KNOB=VALUE",
                    help="a codec knob (same as --KNOB VALUE; repeatable)")
     p.add_argument("--list", action="store_true", help="list every codec with its knobs and bits/param, and exit")
@@ -158,8 +161,9 @@ def _check_mode(args, knobs: dict) -> None:
     if budget and knobs:
         raise ValueError(f"budget mode sweeps the knobs itself; found --{next(iter(knobs))} (use --codec for fixed "
                          f"knobs)")
-    if args.codecs and not budget:
-        raise ValueError("--codecs chooses budget candidates; give --target-size or --ratio with it")
+    if (args.codecs or args.data) and not budget:
+        raise ValueError(f"{'--codecs' if args.codecs else '--data'} serves budget mode; give --target-size or "
+                         f"--ratio with it")
 
 
 def run_compress(args) -> int:
@@ -178,7 +182,8 @@ def run_compress(args) -> int:
     guard_output(args.out, "compressed", inputs=[i for i in (args.src, args.base, args.model) if i],
                  overwrite=args.overwrite)
     delta = open_delta(args.src, base=args.base, model=args.model)
-    res = compress(delta, args.out, codec=args.codec, knobs=knobs,
+    stats = _activation_stats(delta, args) if args.data else None
+    res = compress(delta, args.out, codec=args.codec, knobs=knobs, stats=stats,
                    target_bytes=parse_size(args.target_size) if args.target_size else None, ratio=args.ratio,
                    codecs=args.codecs.split(",") if args.codecs else None, progress=not args.no_progress)
     if res.allocation is not None:
@@ -188,6 +193,30 @@ def run_compress(args) -> int:
         print(f"kept as is: {len(res.kept)} tensor(s) {args.codec} cannot encode (first {name}: {why})")
     _print_summary(res.path)
     return 0
+
+
+def _activation_stats(delta, args) -> dict:
+    """Mean x^2 per input feature of every linear layer of the adapted model on ``--data``, one
+    row at a time (so no padding enters the statistics)."""
+    from transformers import AutoTokenizer
+
+    from ..compress.budget import activation_stats
+    from ..train.data import make_loader
+    from ._common import read_data
+
+    if delta.model is None:
+        raise ValueError("--data needs an adapter SRC (its base model runs the data); a checkpoint pair or a task "
+                         "vector has no model here")
+    if args.data_rows < 1:
+        raise ValueError(f"expected --data-rows >= 1, found {args.data_rows}")
+    rows, _ = read_data(args.data, "train", need_labels=False)
+    tok = AutoTokenizer.from_pretrained(delta.model_path)
+    delta.model.eval()
+    batches = ({k: v for k, v in b.items() if k != "labels"}
+               for b in make_loader(rows[: args.data_rows], tok, batch_size=1))
+    stats = activation_stats(delta.model, batches)
+    print(f"activation statistics: {len(stats)} linear layers, {min(len(rows), args.data_rows)} rows of {args.data}")
+    return stats
 
 
 def _print_summary(path: Path) -> None:

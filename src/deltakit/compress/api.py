@@ -37,7 +37,8 @@ class DeltaSource:
     base_fingerprint: str | None = None
     base_exclude: list[str] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
-    keep_alive: Any = None  # the model an adapter's values came from
+    model: Any = None       # an adapter's base with the adapter attached (runs data for activation stats)
+    model_path: str | None = None
 
 
 @dataclass(frozen=True)
@@ -67,12 +68,13 @@ def _from_adapter(path: Path, model: str | None) -> DeltaSource:
     if man.get("kind") != "weight":
         raise DeltakitFileError(f"{path}: expected an adapter with a weight delta, found {man.get('method')!r} "
                                 f"(an activation delta has no dW to compress)")
-    base, _ = load_base_for(man, model)
+    base, base_path = load_base_for(man, model)
     adapter = load_adapter(base, path, strict_base=False)  # the recorded fingerprint travels on instead
     tv = TaskVector.from_adapter(adapter)
     exclude = sorted(p for p, t in man["targets"].items() if t["method"] == "full")
     return DeltaSource(tv, man["base_fingerprint"], exclude,
-                       {"source": "adapter", "path": str(path), "method": man["method"]}, keep_alive=base)
+                       {"source": "adapter", "path": str(path), "method": man["method"]}, model=base,
+                       model_path=str(base_path))
 
 
 def open_delta(src: str | os.PathLike, *, base: str | os.PathLike | None = None,
