@@ -209,3 +209,15 @@ def test_activation_weights_move_bytes_to_the_inputs_that_matter():
 
 def _decoded(alloc, name, w):
     return alloc.choices[name].setting.encode(w).to_dense()
+
+
+def test_single_codec_keeps_what_it_cannot_encode_and_says_so(lowrank_codec, tmp_path):
+    tv = _spectra_delta()
+    res = compress(tv, tmp_path / "c", codec=lowrank_codec, knobs={"rank": 2})
+    assert list(res.kept) == ["bias"] and "expected a matrix" in res.kept["bias"]
+    f = load_compressed(tmp_path / "c", verify=True)
+    assert (f.records["bias"].compressor, f.records["bias"].codec) == (None, "dense")
+    assert (f.records["lowrank"].compressor, f.records["lowrank"].knobs, f.records["lowrank"].bytes) == \
+        ("test_svd", {"rank": 2}, (64 * 2 + 2 * 48) * 4)
+    with pytest.raises(ValueError, match="choose a budget's candidates"):
+        compress(tv, tmp_path / "d", codec="topk", codecs=["topk"])

@@ -69,7 +69,7 @@ def _from_adapter(path: Path, model: str | None) -> DeltaSource:
         raise DeltakitFileError(f"{path}: expected an adapter with a weight delta, found {man.get('method')!r} "
                                 f"(an activation delta has no dW to compress)")
     base, base_path = load_base_for(man, model)
-    adapter = load_adapter(base, path, strict_base=False)  # the recorded fingerprint travels on instead
+    adapter = load_adapter(base, path)  # strict: a modules_to_save delta is relative to the base
     tv = TaskVector.from_adapter(adapter)
     exclude = sorted(p for p, t in man["targets"].items() if t["method"] == "full")
     return DeltaSource(tv, man["base_fingerprint"], exclude,
@@ -132,6 +132,8 @@ def compress(delta: DeltaSource | TaskVector, out: str | os.PathLike, *, codec: 
     if (codec is None) == (not budgeted):
         raise ValueError("expected either a codec or a budget (target size / ratio), found "
                          + ("both" if codec else "neither"))
+    if codec is not None and (codecs is not None or stats is not None):
+        raise ValueError("codecs and activation stats choose a budget's candidates; give a target size or ratio")
     kept: dict[str, str] = {}
     alloc = None
     if codec is not None:
