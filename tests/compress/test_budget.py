@@ -80,11 +80,26 @@ def test_two_tensor_toy_allocation_by_hand():
     assert a.total_error == _brute(_toy(), 600)
 
 
-def test_uniform_setting_wins_where_the_hull_misses_it():
-    # budget 400: the hull greedy stops at error 30 (300 bytes), while setting s2 on both tensors uses
-    # exactly 400 bytes for 10 + 15 = 25: the allocation takes it and says so
+def test_leftover_bytes_buy_a_point_off_the_hull():
+    # budget 400: the hull steps stop at A=(200, 10), B=(100, 20) with 100 bytes left; B's (200, 15), off its
+    # hull, fits in them: error 25, the exhaustive optimum
     a = allocate(_toy(), 400)
-    assert (a.total_bytes, a.total_error, a.method) == (400, 25, "uniform c(s=2)") and _brute(_toy(), 400) == 25
+    assert (a.choices["A"].bytes, a.choices["B"].bytes, a.total_error, a.method) == (200, 200, 25, "rate-distortion")
+    assert _brute(_toy(), 400) == 25
+
+
+def test_uniform_setting_wins_where_the_greedy_commits_early():
+    # A's (200, 63) is off its hull (slopes -0.15 then -0.63), so A's hull is (100, 78) -> (300, 0), slope -0.39;
+    # B's hull is all three points (slopes -0.51, -0.11). Budget 400 from 200 bytes: B's -0.51 step (300 bytes),
+    # A's -0.39 step needs 200 more (no), B's -0.11 step (400 bytes): 78 + 31 = 109, nothing left to fill.
+    # Setting s2 on both: 200 + 200 bytes, 63 + 42 = 105 - the allocation takes it and says so.
+    toy = {"A": _measured("A", _pts("c", (100, 78), (200, 63), (300, 0))),
+           "B": _measured("B", _pts("c", (100, 93), (200, 42), (300, 31)))}
+    a = allocate(toy, 400)
+    assert (a.total_bytes, a.total_error, a.method) == (400, 105, "uniform c(s=2)")
+    # the limit of the method, stated: the exact knapsack optimum here is A=(300, 0), B=(100, 93), error 93;
+    # the hull allocation is exact only at budgets on the hulls' vertices
+    assert _brute(toy, 400) == 93
 
 
 def test_budget_below_the_smallest_candidates_is_an_error():

@@ -17,8 +17,11 @@ allocation from the numbers alone; the chosen settings are encoded again when wr
 each tensor's lower convex hull of ``(bytes, error)`` points, start every tensor at its
 cheapest point and repeatedly take the step with the largest error decrease per byte that
 still fits (the hull makes each tensor's slopes decreasing, so the greedy order is the order
-of increasing lambda). Each uniform allocation (one setting for every tensor) that fits is a
+of increasing lambda); bytes the hull steps leave over buy the best single change that fits,
+off the hull too. Each uniform allocation (one setting for every tensor) that fits is a
 candidate too, so the result is never worse than the best single codec+setting at that size.
+The allocation is exact at budgets on the hulls' vertices; between them it is a heuristic (an
+exact multiple-choice knapsack can do better on small cases, see tests/compress/test_budget.py).
 
 >>> alloc = plan_budget(tv, ratio=16, codecs=["topk"])      # doctest: +SKIP
 >>> print(alloc.table())                                     # per tensor: choice, bytes, error
@@ -297,6 +300,21 @@ def _greedy(hulls: Mapping[str, list[Point]], budget: int) -> dict[str, Point]:
     return {n: hulls[n][i] for n, i in at.items()}
 
 
+def _fill(measured: Mapping[str, Measured], chosen: dict[str, Point], budget: int) -> dict[str, Point]:
+    """Spend what the hull steps left over: repeatedly take the single change of one tensor to
+    any of its points (on the hull or not) that fits and lowers the error most."""
+    chosen = dict(chosen)
+    left = budget - sum(p.bytes for p in chosen.values())
+    while True:
+        best = max(((chosen[n].error - q.error, n, q) for n, m in measured.items() for q in m.points
+                    if q.bytes - chosen[n].bytes <= left), key=lambda t: t[0], default=None)
+        if best is None or best[0] <= 0:
+            return chosen
+        _, n, q = best
+        left -= q.bytes - chosen[n].bytes
+        chosen[n] = q
+
+
 def _uniform(measured: Mapping[str, Measured], budget: int) -> tuple[Setting, dict[str, Point]] | None:
     """The best single setting every tensor takes, within the budget (None if none fits)."""
     best = None
@@ -318,7 +336,7 @@ def allocate(measured: Mapping[str, Measured], budget: int) -> Allocation:
     if floor > budget:
         raise BudgetError(f"expected a budget of at least {floor:,} bytes (every tensor at its smallest "
                           f"candidate), found {budget:,}; allow smaller settings or a larger budget")
-    chosen, method = _greedy(hulls, budget), "rate-distortion"
+    chosen, method = _fill(measured, _greedy(hulls, budget), budget), "rate-distortion"
     uni = _uniform(measured, budget)
     if uni is not None and sum(p.error for p in uni[1].values()) < sum(p.error for p in chosen.values()):
         chosen, method = uni[1], f"uniform {uni[0].label}"
