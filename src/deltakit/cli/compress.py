@@ -250,7 +250,7 @@ def run_decompress(args) -> int:
     write_compressed(args.out, entries, base_fingerprint=f.base_fingerprint,
                      base_exclude=f.header.get("base_exclude") or [], info={"source": "decompressed",
                                                                             "path": str(args.src)},
-                     progress=progress, kind="taskvector")
+                     progress=progress, kind="taskvector", desc="decoding")
     print(f"wrote {args.out}: the dense task vector of {args.src} ({len(f.records)} tensors)")
     return 0
 

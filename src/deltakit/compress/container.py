@@ -177,7 +177,7 @@ class _Plan:
 def write_compressed(path: str | os.PathLike, entries: Mapping[str, Source | Delta], *,
                      base_fingerprint: str | None = None, base_exclude: Iterable[str] = (),
                      info: Mapping[str, Any] | None = None, max_bytes: int | None = None,
-                     progress: bool = False, kind: str = KIND) -> Path:
+                     progress: bool = False, kind: str = KIND, desc: str = "encoding") -> Path:
     """Write ``entries`` (name -> :class:`Source`, or a plain value kept as it is) to ``path``.
 
     Every entry is computed once while planning (one at a time; a compressed value is held
@@ -185,11 +185,12 @@ def write_compressed(path: str | os.PathLike, entries: Mapping[str, Source | Del
     delta applies to (:func:`base_fingerprint`), with the module paths it excluded;
     ``info``: JSON-able extras stored beside it (the source, the budget...). ``max_bytes``:
     refuse (before anything is written) if the encoded parts take more. ``kind``: the output
-    kind ``--overwrite`` checks (a decompressed delta is a ``taskvector``). Atomic.
+    kind ``--overwrite`` checks (a decompressed delta is a ``taskvector``); ``desc``: the
+    planning pass's progress-bar label. Atomic.
     """
     plan = _Plan()
     names = list(entries)
-    bar = _bar(progress, len(names), "encoding")
+    bar = _bar(progress, len(names), desc)
     for name in names:
         src = entries[name]
         plan.add(name, src if isinstance(src, Source) else Source(src))
