@@ -14,12 +14,15 @@ REQUIRED = ("method", "kind", "config", "targets", "tensors", "parameters", "bas
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("inspect", help="describe a saved adapter",
+    p = sub.add_parser("inspect", help="describe a saved adapter or a compressed delta",
                        description="Show an adapter directory's method, config, targets, parameter counts, "
                                    "bytes on disk, training record and base fingerprint. Checks the tensor "
                                    "file's sha256, that every tensor is finite and that the method is known "
-                                   "(exit 1 otherwise).")
-    p.add_argument("adapter", help="adapter directory (adapter.json + adapter.safetensors)")
+                                   "(exit 1 otherwise). On a compressed delta (deltakit compress -o ...): per "
+                                   "tensor codec, bits/param, bytes and ratio, totals, the base fingerprint; "
+                                   "every entry's sha256 is checked.")
+    p.add_argument("adapter", help="adapter directory (adapter.json + adapter.safetensors), or a compressed-delta "
+                                   "/ task-vector directory")
     p.add_argument("--json", action="store_true", help="print the manifest (plus the checks) as JSON")
     p.set_defaults(func=run)
 
@@ -112,6 +115,9 @@ def run(args) -> int:
     from ..io.files import DeltakitFileError
 
     path = Path(args.adapter)
+    from .compress import inspect_compressed, is_compressed_dir
+    if is_compressed_dir(path):
+        return inspect_compressed(path, args.json)
     man = read_manifest(path)
     missing = [k for k in REQUIRED if k not in man] or \
         [f"tensors.{k}" for k in ("file", "sha256") if k not in man["tensors"]]

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..core.fields import ConfigError, coerce_fields, fields_of
+from ..core.fields import ConfigError, check_fields, coerce_fields, fields_of
 from ..taskvec import DeltaValue
 
 __all__ = ["Compressor", "register_compressor", "get_compressor", "list_compressors", "build_compressor_config",
@@ -110,7 +110,9 @@ def build_compressor_config(name: str, values: Mapping[str, Any] | None = None, 
     :mod:`deltakit.core.fields`; a bad knob is a one-line :class:`CompressConfigError`."""
     c = get_compressor(name)
     try:
-        return c.config(**coerce_fields(c.config, dict(values or {}), where, owner=name))
+        cfg = c.config(**coerce_fields(c.config, dict(values or {}), where, owner=name))
+        check_fields(cfg)  # ranges too (a config without the Checked mixin would take density=2)
+        return cfg
     except (ValueError, TypeError) as e:
         raise CompressConfigError(f"{where}: {e}") from None
 

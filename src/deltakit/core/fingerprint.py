@@ -17,14 +17,15 @@ targeted tensors only); they are still checked that way.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .layer import DeltaLayer
 
-__all__ = ["SAMPLE", "plain_tensors", "model_fingerprint", "targets_fingerprint", "fingerprint_matches"]
+__all__ = ["SAMPLE", "plain_tensors", "model_fingerprint", "tensors_fingerprint", "targets_fingerprint",
+           "fingerprint_matches"]
 
 SAMPLE = 1 << 14  # elements hashed per tensor by default
 
@@ -78,11 +79,20 @@ def _update(h, name: str, t: Tensor, full: bool) -> None:
 def model_fingerprint(model: nn.Module, *, exclude: Iterable[str] = (), full: bool = False) -> str:
     """Fingerprint of the whole base (see the module docstring). ``exclude``: module paths whose
     direct tensors the adapter replaces outright (``modules_to_save``), so they do not count."""
+    tensors = dict(plain_tensors(model))
+    return tensors_fingerprint(tensors, tensors.__getitem__, exclude=exclude, full=full)
+
+
+def tensors_fingerprint(names: Iterable[str], get: Callable[[str], Tensor], *, exclude: Iterable[str] = (),
+                        full: bool = False) -> str:
+    """The same fingerprint over named tensors fetched one at a time by ``get(name)``, so a
+    checkpoint's tensors hash as the model they load into does (a lazy ``get``, e.g. a memory
+    map, reads only the sampled elements)."""
     skip = set(exclude)
     h = hashlib.sha256()
-    for name, t in sorted(plain_tensors(model), key=lambda kv: kv[0]):
+    for name in sorted(names):
         if name.rpartition(".")[0] not in skip:
-            _update(h, name, t, full)
+            _update(h, name, get(name), full)
     return f"{'full' if full else 'sample'}-v2:{h.hexdigest()}"
 
 

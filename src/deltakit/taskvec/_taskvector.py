@@ -425,11 +425,12 @@ class TaskVector:
 
     def apply_to_checkpoint(self, base_dir: str | os.PathLike, out_dir: str | os.PathLike, scale: float = 1.0,
                             *, dtype: torch.dtype | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                            progress: bool = False) -> Path:
+                            progress: bool = False, kind: str | None = None) -> Path:
         """Stream ``base + scale * dW`` into a new HF checkpoint dir (atomic; one tensor in memory).
 
         ``dtype``: output dtype of floating tensors (default: the base's). Names the task
-        vector lacks are copied unchanged; names the base lacks are an error.
+        vector lacks are copied unchanged; names the base lacks are an error. ``kind`` marks
+        the output as a deltakit output of that kind (``--overwrite`` may then replace it).
         """
         base = LazyCheckpoint(base_dir)
         missing = [n for n in self._entries if n not in base]
@@ -448,7 +449,7 @@ class TaskVector:
             return w.add_(d, alpha=scale).to(it.dtype)
 
         return write_checkpoint(out_dir, plan, produce, max_shard_bytes=max_shard_bytes,
-                                copy_files_from=base_dir, progress=progress, desc="apply task vector")
+                                copy_files_from=base_dir, progress=progress, desc="apply task vector", kind=kind)
 
     # -- saving --------------------------------------------------------------
     def save(self, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
