@@ -10,7 +10,8 @@ magnitude: fp16 factors keep their relative precision whatever the size of the d
 fine-tuning delta's entries are often 1e-4 or smaller, near fp16's subnormals).
 
 The rank is given directly (``rank``), or chosen as the smallest whose retained energy
-``sum_{i<=r} S_i^2 / |M|_F^2`` reaches ``energy``, or as the largest that fits ``bits`` per
+``sum_{i<=r} S_i^2 / |M|_F^2`` reaches ``energy`` (within 1e-6 relative: the SVD's fp32
+rounding), or as the largest that fits ``bits`` per
 parameter: ``r = floor(bits * out * in / ((out + in) * factor_bits))``. None of the three
 given means rank 16.
 
@@ -82,6 +83,11 @@ class Factored(LowRank, CompressedValue):
     def scaled(self, c: float) -> Factored:
         return Factored(self.B, self.A, self.scale * float(c), self.shape, self.orig_dtype)
 
+    def added(self, other: Any) -> Any:
+        # LowRank.added folds the scale into B in B's dtype: in fp16 that rounds the sum
+        work = torch.float64 if torch.float64 in (self.orig_dtype, other.dtype) else torch.float32
+        return LowRank(self.B.to(work), self.A.to(work), self.scale, self.shape).added(other)
+
 
 @dataclass(frozen=True)
 class SvdMethod(Checked):
@@ -141,7 +147,7 @@ def energy_rank(s: torch.Tensor, total: float, energy: float) -> int:
     if total <= 0:
         return 0
     cum = torch.cumsum(s.double() ** 2, 0) / total
-    hit = torch.nonzero(cum >= energy * (1 - 1e-12))  # a full-rank sum equals total only up to rounding
+    hit = torch.nonzero(cum >= energy * (1 - 1e-6))  # met within the fp32 SVD's rounding
     return int(hit[0]) + 1 if hit.numel() else s.numel()
 
 
