@@ -313,6 +313,14 @@ def test_deltacome_beats_plain_low_rank_at_the_same_size_on_a_long_tailed_spectr
     assert lr.bits_per_param <= dc.bits_per_param and _rel(dc.to_dense(), x) < _rel(lr.to_dense(), x)
 
 
+def test_deltacome_of_a_lora_keeps_at_most_its_rank_and_no_empty_bands():
+    g = torch.Generator().manual_seed(6)
+    lora = LowRank(torch.randn(64, 4, generator=g), torch.randn(4, 48, generator=g), 2.0)
+    v = deltacome(lora, DeltaComeConfig(bits=4.0, group_size=16))
+    assert [(u.rows, u.bits) for u, _ in v.bands] == [(2, 8), (2, 3)] and v.s.numel() == 4
+    assert torch.allclose(v.s, torch.linalg.svdvals(lora.to_dense())[:4], rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------- files, purity, knobs
 def test_round_trip_through_a_task_vector_file_is_bit_exact(tmp_path):
     x = _low_rank(24, 40, 5, noise=0.1)

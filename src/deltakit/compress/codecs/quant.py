@@ -260,7 +260,8 @@ def quantize_bands(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, widths: l
     singular values first), each singular vector quantised in groups along its length."""
     sdt, bands, at = dtype_of(knobs.scale_dtype), [], 0
     for k, bits in widths:
-        if k:
+        k = min(k, u.shape[1] - at)  # a LoRA input has fewer components than a plan may ask for
+        if k > 0:
             ut, v = u[:, at:at + k].T, vh[at:at + k]
             bands.append((quantize(ut, bits, knobs.group_size, knobs.symmetric, sdt),
                           quantize(v, bits, knobs.group_size, knobs.symmetric, sdt)))
