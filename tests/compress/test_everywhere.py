@@ -361,3 +361,29 @@ def test_export_refuses_what_a_lora_cannot_hold(tmp_path):
     with pytest.raises(ValueError, match=r"energy in \(0, 1\], found 1.5"):
         export_lora(tv, model, tmp_path / "x", energy=1.5)
     assert not (tmp_path / "x").exists() and dk.adapters(model) == {}
+
+
+# ----------------------------------------------------------------------------- (d) the CLI
+def test_cli_export_format_lora_writes_the_library_export_and_its_errors(tiny_model_dir, tmp_path, capsys):
+    from transformers import BertForSequenceClassification
+
+    from deltakit.cli import main
+
+    torch.manual_seed(0)
+    m = BertForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
+    ad = _random_adapter(m, dk.get_method("loha").config(r=2, targets=("query", "value"),
+                                                         modules_to_save=("classifier",)))
+    path = dk.save_adapter(ad, tmp_path / "loha")
+    want = export_lora(ad, m, tmp_path / "lib", energy=0.9)
+    assert main(["export", str(path), "--format", "lora", "--energy", "0.9", "-o", str(tmp_path / "cli")]) == 0
+    out = capsys.readouterr().out
+    assert f"LoRA r={want.r} ({want.padded} zero-padded rank components), total relative error " \
+           f"{want.total_error:.4g}; left out (modules_to_save, not LoRA-shaped): classifier" in out
+    row = next(r for r in want.rows() if r["tensor"] == "bert.encoder.layer.1.attention.self.value.weight")
+    assert f"| {row['rank']} " in out and row["rel_error"] in out
+    got = load_file(tmp_path / "cli" / "adapter_model.safetensors")
+    lib = load_file(tmp_path / "lib" / "adapter_model.safetensors")
+    assert got.keys() == lib.keys() and all(torch.equal(got[k], lib[k]) for k in got)
+    assert main(["export", str(path), "--format", "peft", "--rank", "2", "-o", str(tmp_path / "x")]) == 1
+    assert "--rank / --energy go with --format lora" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
