@@ -295,6 +295,31 @@ def test_full_rank_lora_export_loads_in_peft_and_matches(method, tmp_path):
     assert list(dk.adapters(model)) == ["src"]  # the export's LoRA came off again
 
 
+LAYOUTS = {  # model kind -> weights whose LoRA layouts differ (Conv1D and Embedding transposed, Conv2d kernels)
+    "gpt2": ("transformer.h.0.attn.c_attn.weight", "transformer.h.1.mlp.c_proj.weight"),
+    "llama": ("model.embed_tokens.weight", "model.layers.1.self_attn.o_proj.weight"),
+    "conv": ("conv1.weight", "conv2.weight", "head.weight"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(LAYOUTS))
+def test_full_rank_export_of_every_lora_layout_matches_the_merged_model(kind, tmp_path):
+    from tests.conftest import make_input, make_model, run
+
+    model, merged = make_model(kind), make_model(kind)
+    params = dict(model.named_parameters())
+    g = torch.Generator().manual_seed(4)
+    tv = TaskVector.from_mapping({n: torch.randn(params[n].shape, generator=g) * 0.2 for n in LAYOUTS[kind]})
+    tv.apply(merged)
+    x = make_input(kind)
+    report = export_lora(tv, model, tmp_path / "lora", rank=1000)
+    assert report.total_error < 1e-6
+    pm = peft.PeftModel.from_pretrained(model, tmp_path / "lora").eval()
+    with torch.no_grad():
+        got, want = run(pm, x), run(merged, x)
+    assert (got - want).abs().max().item() <= 1e-4
+
+
 def _peft_dw(path, report) -> dict[str, torch.Tensor]:
     """``(lora_alpha / r) B @ A`` per weight name from the written file."""
     t = load_file(path / "adapter_model.safetensors")
