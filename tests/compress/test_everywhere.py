@@ -260,6 +260,21 @@ def test_merging_compressed_files_equals_merging_their_decoded_values(method, tm
     assert decodes.peak <= 2 and decodes.peak_bytes <= 2 * largest and decodes.alive == 0
 
 
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
+def test_merge_checkpoints_streams_compressed_files_to_disk(method, tmp_path, decodes):
+    from deltakit.merge import MergePlan, get_merge, merge_checkpoints
+
+    a, b, largest = _two_files(tmp_path)
+    want = merge_task_vectors(method, [_dense(a), _dense(b)])
+    m = get_merge(method)
+    decodes.calls = 0
+    merge_checkpoints([a, b], tmp_path / "out", MergePlan(m, lambda n, layer, k: m.config()), progress=False)
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    assert got.keys() == set(want.keys()) and all(torch.equal(got[n], want[n]) for n in got)
+    # at most two names' inputs at once: the one merged and the one the prefetch thread reads
+    assert decodes.peak <= 4 and decodes.peak_bytes <= 4 * largest and decodes.alive == 0
+
+
 # ----------------------------------------------------------------------------- (d) export to a peft LoRA
 def _random_adapter(model, config, seed=3):
     ad = dk.attach(model, config, name="src")
