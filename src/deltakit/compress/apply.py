@@ -41,7 +41,7 @@ from ..core.registry import DeltaConfig, MethodSpec
 from ..taskvec import Delta, LowRank, TaskVector, as_dense, codec_of
 from .codecs.topk import Sparse
 
-__all__ = ["attach_compressed", "CompressedDelta", "CompactDelta", "CompressedConfig", "COMPACT", "register_compact"]
+__all__ = ["attach_compressed", "CompressedDelta", "CompactDelta", "CompressedConfig", "COMPACT"]
 
 METHOD = "compressed"
 
@@ -93,16 +93,9 @@ def _sparse_product(d: Sparse, x: Tensor) -> Tensor:
     return torch.sparse.mm(mat, flat.T).T.reshape(*x.shape[:-1], out_f)
 
 
-#: value type -> ``product(value, x) = x @ dW^T`` for a Linear's ``(out, in)`` weight delta
+#: value type -> ``product(value, x) = x @ dW^T`` for a Linear's ``(out, in)`` weight delta. Exact
+#: types only: a subclass may decode differently. A codec with a compact product adds a line here.
 COMPACT: dict[type, Callable[[Delta, Tensor], Tensor]] = {LowRank: _lowrank_product, Sparse: _sparse_product}
-
-
-def register_compact(cls: type) -> Callable[[Callable], Callable]:
-    """Declare ``x @ dW^T`` for values of ``cls`` without forming ``dW`` (one line per codec)."""
-    def deco(fn: Callable) -> Callable:
-        COMPACT[cls] = fn
-        return fn
-    return deco
 
 
 class CompactDelta(CompressedDelta):
