@@ -65,11 +65,20 @@ def add_export(sub) -> None:
     p = sub.add_parser("export", help="write base+adapter merged, or the adapter in peft format",
                        description="Export an adapter: 'merged' writes a plain transformers checkpoint "
                                    "(safetensors) with the adapter folded into the base weights; 'peft' "
-                                   "writes a Hugging Face peft adapter directory (every method both libraries have).")
+                                   "writes a Hugging Face peft adapter directory (every method both libraries "
+                                   "have); 'lora' writes any weight-delta adapter (LoHa, OFT, IA3...) as a peft "
+                                   "LoRA (truncated SVD per layer at --rank, or the rank keeping --energy of each "
+                                   "layer's squared norm) for LoRA servers such as vLLM, and prints each layer's "
+                                   "relative error. Example: deltakit export loha-ad --format lora --energy 0.9 -o out")
     p.add_argument("adapter", help="adapter directory")
     p.add_argument("-o", "--out", required=True, help=OUT_HELP)
-    add_overwrite(p, "merged / peft export (the same --format)")
-    p.add_argument("--format", choices=["merged", "peft"], default="merged", help="what to write (default merged)")
+    add_overwrite(p, "merged / peft export (the same --format; lora writes a peft output)")
+    p.add_argument("--format", choices=["merged", "peft", "lora"], default="merged",
+                   help="what to write (default merged)")
+    rank = p.add_mutually_exclusive_group()
+    rank.add_argument("--rank", type=int, default=None, help="--format lora: the rank of every layer")
+    rank.add_argument("--energy", type=float, default=None,
+                      help="--format lora: per layer, the smallest rank keeping this fraction (0, 1] of |dW|^2")
     p.add_argument("--model", default=None,
                    help="base model (default: the one recorded in the adapter manifest); " + BUNDLED_HELP)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
@@ -104,10 +113,12 @@ def run_export(args) -> int:
     from ..io.adapter_files import read_manifest
     from ..io.files import atomic_dir, guard_output
 
+    if (args.format == "lora") != (args.rank is not None or args.energy is not None):
+        raise ValueError("--rank / --energy go with --format lora (and it needs one of them)")
     man = read_manifest(args.adapter)
     base_src = args.model or (man.get("base_model") or {}).get("name_or_path")
-    guard_output(args.out, args.format, inputs=[args.adapter, *([base_src] if base_src else [])],
-                 overwrite=args.overwrite)
+    guard_output(args.out, "peft" if args.format == "lora" else args.format,
+                 inputs=[args.adapter, *([base_src] if base_src else [])], overwrite=args.overwrite)
     _refuse_nonfinite(Path(args.adapter), man)
     model, path = _load_base_for(man, args.model)
     adapter = load_adapter(model, args.adapter, strict_base=args.strict_base)
@@ -115,6 +126,8 @@ def run_export(args) -> int:
     if args.format == "peft":
         from ..io.peft import export_peft
         export_peft(adapter, out)
+    elif args.format == "lora":
+        _export_lora(adapter, model, out, args.rank, args.energy)
     else:
         merge_and_detach(model)
         if args.dtype:
@@ -128,6 +141,17 @@ def run_export(args) -> int:
                 pass
     print(f"wrote {args.format} export of {args.adapter} to {out}")
     return 0
+
+
+def _export_lora(adapter, model, out: Path, rank: int | None, energy: float | None) -> None:
+    """``--format lora``: the SVD export and its per-layer error table."""
+    from ..compress.export import export_lora
+
+    report = export_lora(adapter, model, out, rank=rank, energy=energy)
+    print(table(report.rows(), ["tensor", "rank", "of", "rel_error"]))
+    left = f"; left out (modules_to_save, not LoRA-shaped): {', '.join(report.left_out)}" if report.left_out else ""
+    print(f"LoRA r={report.r} ({report.padded} zero-padded rank components), total relative error "
+          f"{report.total_error:.4g}{left}")
 
 
 # ----------------------------------------------------------------------------- bench
