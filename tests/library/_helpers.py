@@ -10,10 +10,11 @@ import torch
 import deltakit as dk
 
 
-def lora_dir(out: Path, model, *, r: int, targets: list[str], seed: int, name: str = "t",
+def lora_dir(out: Path, model, *, r: int, targets: list[str], seed: int, name: str | None = None,
              alpha: float | None = None) -> Path:
     """Attach a LoRA, give both factors seeded random values (a fresh LoRA has B = 0, no
     direction to route by), save it to ``out`` and detach: ``model`` is left as it was."""
+    name = name or out.name  # as 'deltakit train -o OUT' names it
     cfg = dk.LoraConfig(r=r, targets=targets, **({"alpha": alpha} if alpha is not None else {}))
     adapter = dk.attach(model, cfg, name=name)
     g = torch.Generator().manual_seed(seed)
