@@ -12,11 +12,16 @@ import deltakit as dk
 
 def lora_dir(out: Path, model, *, r: int, targets: list[str], seed: int, name: str | None = None,
              alpha: float | None = None) -> Path:
-    """Attach a LoRA, give both factors seeded random values (a fresh LoRA has B = 0, no
-    direction to route by), save it to ``out`` and detach: ``model`` is left as it was."""
-    name = name or out.name  # as 'deltakit train -o OUT' names it
+    """A LoRA with seeded random factors (a fresh LoRA has B = 0, no direction to route by)."""
     cfg = dk.LoraConfig(r=r, targets=targets, **({"alpha": alpha} if alpha is not None else {}))
-    adapter = dk.attach(model, cfg, name=name)
+    return adapter_dir(out, model, cfg, seed=seed, name=name)
+
+
+def adapter_dir(out: Path, model, config, *, seed: int, name: str | None = None) -> Path:
+    """Attach an adapter of any method, give every parameter of it seeded random values, save it
+    to ``out`` and detach: ``model`` is left as it was."""
+    name = name or out.name  # as 'deltakit train -o OUT' names it
+    adapter = dk.attach(model, config, name=name)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, p in sorted(adapter.named_parameters()):
@@ -45,9 +50,10 @@ def crashing_add(root: str, adapter_dir: str) -> None:
     """An add killed (os._exit: no cleanup, no rollback handler runs) after its files are
     published and before its index row is committed."""
     from deltakit.library import AdapterLibrary
+    from deltakit.library._index import Index
 
     def die(*args, **kwargs):
         os._exit(17)
 
-    AdapterLibrary.index_insert = staticmethod(die)
+    Index.insert = staticmethod(die)
     AdapterLibrary(root).add(adapter_dir, model=mlp(), name="crashed")

@@ -13,10 +13,11 @@ import deltakit as dk
 from deltakit.core.layer import DeltaLayer
 from deltakit.io.files import sha256_file
 from deltakit.library import AdapterLibrary, LibraryError, layer_sketch, projection, prototype
+from deltakit.library._index import Index
 from deltakit.taskvec import LowRank
 from tests.conftest import make_input, make_model, run
 
-from ._helpers import add_worker, crashing_add, lora_dir, mlp
+from ._helpers import adapter_dir, add_worker, crashing_add, lora_dir, mlp
 
 ATTN = ["q_proj", "v_proj"]
 
@@ -199,6 +200,24 @@ def test_prototypes_equal_the_dense_top_singular_vector_for_mixed_ranks_and_targ
             assert abs(float(p.double() @ Vh[0])) == pytest.approx(1.0, abs=1e-5), (name, path)
 
 
+def test_other_methods_get_dense_prototypes_and_activation_adapters_an_embedding_only(tmp_path, lib, model):
+    from deltakit.methods.bottleneck import HoulsbyConfig
+    from deltakit.methods.ia3 import IA3Config
+
+    ia3 = adapter_dir(tmp_path / "ia3", model, IA3Config(targets=["k_proj", "down_proj"]), seed=4)
+    lib.add(ia3, model=model)
+    routing, dense = lib.routing("ia3"), _dense_dw(model, ia3)
+    assert set(dense) == {k.removeprefix("prototype.") for k in routing if k != "embedding"} and len(dense) == 4
+    for path, dw in dense.items():
+        _, _, Vh = torch.linalg.svd(dw)
+        assert abs(float(routing[f"prototype.{path}"].double() @ Vh[0])) == pytest.approx(1.0, abs=1e-5)
+    houlsby = adapter_dir(tmp_path / "houlsby", model, HoulsbyConfig(bottleneck_size=4), seed=5)
+    e = lib.add(houlsby, model=model)
+    assert e.method == "houlsby" and set(lib.routing("houlsby")) == {"embedding"}
+    assert torch.equal(lib.routing("houlsby")["embedding"], torch.zeros(64))  # no weight delta to sketch
+    assert lib.verify().ok
+
+
 def test_embedding_is_the_seeded_projection_of_the_dense_deltas(tmp_path, lib, model):
     a = lora_dir(tmp_path / "a", model, r=2, targets=ATTN, seed=1)
     b = lora_dir(tmp_path / "b", model, r=6, targets=["v_proj", "gate_proj"], seed=2)
@@ -264,7 +283,7 @@ def test_a_failed_insert_leaves_no_entry_and_no_files(tmp_path, lib, model, monk
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(AdapterLibrary, "index_insert", staticmethod(boom))
+    monkeypatch.setattr(Index, "insert", staticmethod(boom))  # after the files are published
     with pytest.raises(RuntimeError, match="disk full"):
         lib.add(a, model=model, name="a")
     assert lib.list() == [] and _files(lib) == ([], []) and list(lib.root.joinpath("tmp").iterdir()) == []

@@ -73,6 +73,8 @@ class _Staged:
     routing: Path
     routing_sha: str
     fingerprint: str  # the model's, with the library's exclusions
+    exclude: list[str]  # the exclusions used (the library's, or this adapter's modules_to_save)
+    source: Path
 
 
 class AdapterLibrary:
@@ -122,7 +124,7 @@ class AdapterLibrary:
                    "base_fingerprint": staged.manifest["base_fingerprint"], "method": staged.manifest["method"],
                    "task": task, "description": description, "created": time.time(), "manifest": staged.manifest,
                    "size": staged.manifest["tensors"].get("bytes") or (staged.obj / _tensor_file(staged.manifest)).stat().st_size}
-            self._commit(staged, row, list(tags), list(groups), list(lineage))
+            self._commit(model, staged, row, list(tags), list(groups), list(lineage))
         return self.get(f"{name}@{row['version']}")
 
     def _stage(self, source: Path, model: nn.Module, st: Path) -> _Staged:
@@ -144,41 +146,42 @@ class AdapterLibrary:
             raise LibraryError(f"{source}: tensor file sha256 {sha[:12]}... does not match its manifest's "
                                f"{man['tensors']['sha256'][:12]}... (corrupt source)")
         _check_trained_on(model, man, source)
-        fingerprint = model_fingerprint(model, exclude=self._exclude(man),
-                                        full=man["base_fingerprint"].startswith("full-"))
-        self._check_base(fingerprint, source)
+        exclude = self._exclude(man)
+        fingerprint = _fingerprint(model, exclude, man)
+        _check_base(self.base_fingerprint, fingerprint, source)  # early, before the routing maths
         rt = st / "routing.safetensors"
         save_tensors(rt, _measure(model, obj), metadata={"format": ROUTING_FORMAT})
-        return _Staged(obj, sha, man, rt, sha256_file(rt), fingerprint)
+        return _Staged(obj, sha, man, rt, sha256_file(rt), fingerprint, exclude, source)
 
-    def _check_base(self, fingerprint: str, source: Path) -> None:
-        base = self.base_fingerprint
-        if base is not None and base != fingerprint:
-            raise LibraryError(f"{source}: the model given for it is not this library's base (fingerprint "
-                               f"{fingerprint[:24]}... vs the library's {base[:24]}...)")
+    def _settle_base(self, db, model: nn.Module, s: _Staged) -> None:
+        """Inside the add's transaction: record the base if this is the first add, else check it
+        again (another writer may have recorded it, with other exclusions, since staging)."""
+        base, recorded = self.index.meta("base_fingerprint", db), self.index.meta("base_exclude", db)
+        fingerprint = s.fingerprint
+        if recorded is not None and json.loads(recorded) != s.exclude:
+            fingerprint = _fingerprint(model, json.loads(recorded), s.manifest)
+        if base is None:
+            Index.set_meta(db, "base_fingerprint", fingerprint)
+            Index.set_meta(db, "base_exclude", json.dumps(s.exclude))
+        _check_base(base, fingerprint, s.source)
 
-    def _commit(self, s: _Staged, row: dict, tags: list[str], groups: list[str], lineage: list) -> int:
+    def _commit(self, model: nn.Module, s: _Staged, row: dict, tags: list[str], groups: list[str],
+                lineage: list) -> int:
         """Publish the files and insert the row, under the writer lock, in one transaction;
         on any failure remove the files this call published that no entry uses."""
         created: list[Path] = []
         with _store.writer_lock(self.layout):
             try:
                 with self.index.transaction() as db:
-                    self._check_base(s.fingerprint, Path(row["name"]))  # another writer may have set it
-                    if self.index.meta("base_fingerprint", db) is None:
-                        Index.set_meta(db, "base_fingerprint", s.fingerprint)
-                        Index.set_meta(db, "base_exclude", json.dumps(self._exclude(s.manifest)))
+                    self._settle_base(db, model, s)
                     row["version"] = row["version"] or Index.next_version(db, row["name"])
                     self._check_same_use(db, s)
-                    created += self._publish(s)
                     parents = [(self._parent_id(p, db), how) for p, how in lineage]
-                    return self.index_insert(db, row, tags, groups, parents)
+                    created += self._publish(s)
+                    return Index.insert(db, row, tags, groups, parents)
             except BaseException:
                 self._drop_unused(created)
                 raise
-
-    # the one seam a test replaces to simulate a crash between publishing and indexing
-    index_insert = staticmethod(Index.insert)
 
     def _publish(self, s: _Staged) -> list[Path]:
         """Rename the staged object and routing file into place (a stored copy whose hash no
@@ -262,6 +265,17 @@ def _tensor_file(manifest: dict) -> str:
 def _use(manifest: dict) -> tuple:
     return manifest["method"], json.dumps(manifest["config"], sort_keys=True), json.dumps(
         {p: t.get("method") for p, t in manifest["targets"].items()}, sort_keys=True)
+
+
+def _fingerprint(model: nn.Module, exclude: list[str], manifest: dict) -> str:
+    """The model's fingerprint as the library records it (sampled or full, like the manifest's)."""
+    return model_fingerprint(model, exclude=exclude, full=manifest["base_fingerprint"].startswith("full-"))
+
+
+def _check_base(base: str | None, fingerprint: str, source: Path) -> None:
+    if base is not None and base != fingerprint:
+        raise LibraryError(f"{source}: the model given for it is not this library's base (fingerprint "
+                           f"{fingerprint[:24]}... vs the library's {base[:24]}...)")
 
 
 def _check_trained_on(model: nn.Module, man: dict, source: Path) -> None:
