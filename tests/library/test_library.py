@@ -99,6 +99,8 @@ def test_versions_auto_increment_and_duplicates_are_refused(tmp_path, lib, model
         lib.get("x@3")
     with pytest.raises(LibraryError, match="expected NAME or NAME@VERSION"):
         lib.get("x@latest")
+    with pytest.raises(LibraryError, match="expected a non-empty name without '@'"):
+        lib.add(a, model=model, name="x@9")
     assert lib.verify().ok
 
 
@@ -275,6 +277,13 @@ def test_verify_names_corrupt_and_missing_files(tmp_path, lib, model):
     assert report.missing == [f"b@1: {eb.routing_path} is missing"]
     with pytest.raises(dk.DeltakitFileError, match="does not match the manifest"):
         lib.load(make_model("llama"), "a")
+    # adding the same adapters again puts good copies back
+    lib.add(tmp_path / "a", model=model, name="a")
+    lib.add(tmp_path / "b", model=model, name="b")
+    assert lib.verify().ok and lib.verify().checked == 4
+    x = make_input("llama")
+    torch.testing.assert_close(run(dk.load_adapter(make_model("llama"), tmp_path / "a").model, x),
+                               run(lib.load(make_model("llama"), "a@1").model, x))
 
 
 def test_a_failed_insert_leaves_no_entry_and_no_files(tmp_path, lib, model, monkeypatch):

@@ -172,10 +172,11 @@ class Index:
     # ------------------------------------------------------------------ reads
     def entries(self, *, name: str | None = None, task: str | None = None, tag: str | None = None,
                 group: str | None = None, method: str | None = None, version: int | None = None,
-                db: sqlite3.Connection | None = None) -> list[Entry]:
+                sha256: str | None = None, db: sqlite3.Connection | None = None) -> list[Entry]:
         """Entries matching every filter given, by name then version."""
         where, args = [], []
-        for col, val in (("name", name), ("task", task), ("method", method), ("version", version)):
+        for col, val in (("name", name), ("task", task), ("method", method), ("version", version),
+                         ("sha256", sha256)):
             if val is not None:
                 where.append(f"{col} = ?")
                 args.append(val)

@@ -119,11 +119,12 @@ class AdapterLibrary:
             raise LibraryError(f"version: expected a positive integer, found {version!r}")
         with _store.staging(self.layout) as st:
             staged = self._stage(source, model, st)
-            name = name or staged.manifest.get("name") or source.resolve().name
+            name = _check_name(name or staged.manifest.get("name") or source.resolve().name)
+            man = staged.manifest
             row = {"name": name, "version": version, "sha256": staged.sha, "routing_sha256": staged.routing_sha,
-                   "base_fingerprint": staged.manifest["base_fingerprint"], "method": staged.manifest["method"],
-                   "task": task, "description": description, "created": time.time(), "manifest": staged.manifest,
-                   "size": staged.manifest["tensors"].get("bytes") or (staged.obj / _tensor_file(staged.manifest)).stat().st_size}
+                   "base_fingerprint": man["base_fingerprint"], "method": man["method"], "task": task,
+                   "description": description, "created": time.time(), "manifest": man,
+                   "size": (staged.obj / _tensor_file(man)).stat().st_size}
             self._commit(model, staged, row, list(tags), list(groups), list(lineage))
         return self.get(f"{name}@{row['version']}")
 
@@ -176,7 +177,7 @@ class AdapterLibrary:
                     self._settle_base(db, model, s)
                     row["version"] = row["version"] or Index.next_version(db, row["name"])
                     self._check_same_use(db, s)
-                    parents = [(self._parent_id(p, db), how) for p, how in lineage]
+                    parents = [(self._parent_id(p, how, db), how) for p, how in lineage]
                     created += self._publish(s)
                     return Index.insert(db, row, tags, groups, parents)
             except BaseException:
@@ -184,8 +185,9 @@ class AdapterLibrary:
                 raise
 
     def _publish(self, s: _Staged) -> list[Path]:
-        """Rename the staged object and routing file into place (a stored copy whose hash no
-        longer matches, e.g. a corrupt orphan, is replaced). Returns the paths created."""
+        """Rename the staged object and routing file into place. A stored copy whose hash no
+        longer matches (a corrupt file) is replaced by the fresh one: adding an adapter again
+        repairs it. Returns the paths created."""
         out = []
         obj, rt = self.layout.object(s.sha), self.layout.routing_file(s.routing_sha)
         if obj.exists() and _store.hash_object(obj, _tensor_file(s.manifest)) != s.sha:
@@ -199,12 +201,14 @@ class AdapterLibrary:
 
     def _check_same_use(self, db, s: _Staged) -> None:
         """Entries sharing an object must agree on how its tensors are used."""
-        for other in self.index.entries(db=db):
-            if other.sha256 == s.sha and _use(other.manifest) != _use(s.manifest):
+        for other in self.index.entries(sha256=s.sha, db=db):
+            if _use(other.manifest) != _use(s.manifest):
                 raise LibraryError(f"the same tensors are already stored as {other.ref} with a different "
                                    "method, config or targets; save the adapter again with its own tensors")
 
-    def _parent_id(self, parent: int | str, db) -> int:
+    def _parent_id(self, parent: int | str, how: str, db) -> int:
+        if not isinstance(how, str) or not how:
+            raise LibraryError(f"lineage: expected how the entry came from its parent (e.g. 'merge'), found {how!r}")
         return parent if isinstance(parent, int) else self.index.resolve(parent, db).id
 
     def _drop_unused(self, paths: Sequence[Path]) -> None:
@@ -256,6 +260,12 @@ class AdapterLibrary:
         from ._verify import verify
         with _store.writer_lock(self.layout):
             return verify(self, clean=clean)
+
+
+def _check_name(name: str) -> str:
+    if not name or "@" in name or name != name.strip():
+        raise LibraryError(f"entry name: expected a non-empty name without '@' or outer spaces, found {name!r}")
+    return name
 
 
 def _tensor_file(manifest: dict) -> str:
