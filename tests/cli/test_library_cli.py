@@ -103,6 +103,8 @@ def test_errors_are_one_line_with_a_non_zero_exit(tmp_path, base_and_adapters, c
                       (["add", str(dirs["sst2"]), "--parent", "sst2@1"], "--parent: expected REF:HOW")):
         code, _, err = _run(capsys, "library", "--root", root, *argv)
         assert code == 1 and err.count("\n") == 1 and msg in err, (argv, err)
+    code, _, err = _run(capsys, "library", "--root", str(tmp_path / "typo"), "list")
+    assert code == 1 and "expected a library at" in err and not (tmp_path / "typo").exists()
 
 
 @pytest.mark.parametrize("op", [None, "add", "list", "show", "remove", "verify"])

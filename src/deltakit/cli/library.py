@@ -65,8 +65,12 @@ def _add_list(ops) -> None:
     ls.set_defaults(func=run_list)
 
 
-def _library(args):
+def _library(args, create: bool = False):
+    """The library at --root; only ``add`` creates one (a mistyped root should not look empty)."""
     from ..library import AdapterLibrary
+    if not create and not (Path(args.root) / "library.sqlite").is_file():
+        raise FileNotFoundError(f"expected a library at {args.root} (library.sqlite), found nothing; "
+                                "'deltakit library --root DIR add ...' creates one")
     return AdapterLibrary(args.root)
 
 
@@ -91,7 +95,7 @@ def _base_model(adapter: Path, model: str | None):
 
 
 def run_add(args) -> int:
-    lib = _library(args)
+    lib = _library(args, create=True)
     parents = _parents(args.parent)
     adapter = Path(args.adapter)
     if not adapter.is_dir():
