@@ -2,11 +2,11 @@
 
 The kept values are stored in ``value_dtype`` (fp16 by default) and their positions by the
 cheaper of a bitmask and Rice-coded gaps (:mod:`deltakit.compress._sparse`), so the file
-costs about ``density * (16 + log2(1/density) + 2)`` bits per parameter. Ties at the
-threshold are broken by position (``torch.topk`` on |dW|), so exactly ``ceil(density * n)``
-entries are kept. Decoding is exact for the kept entries up to ``value_dtype`` rounding;
-the error is the dropped tail: ``|dW - decode|_F^2 = sum of the smallest (1-density) n
-squared entries`` (plus rounding).
+costs about ``density * (16 + log2(1/density) + 2)`` bits per parameter. Exactly
+``ceil(density * n)`` entries are kept; among entries tied at the threshold the lowest
+positions win (``torch.topk`` leaves that choice to the implementation). Decoding is exact
+for the kept entries up to ``value_dtype`` rounding; the error is the dropped tail:
+``|dW - decode|_F^2 = sum of the smallest (1-density) n squared entries`` (plus rounding).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import torch
 
-from ...core.fields import knob
+from ...core.fields import Checked, knob
 from ...taskvec import register_codec
 from .._dtypes import dtype_name, dtype_of
 from .._registry import CompressedValue, register_compressor
@@ -74,22 +74,38 @@ class Sparse(CompressedValue):
 
 
 @dataclass(frozen=True)
-class TopKConfig:
+class TopKConfig(Checked):
     density: float = knob(0.1, gt=0, le=1, log=True, doc="fraction of entries kept (the largest |dW|)")
     value_dtype: Literal["float16", "bfloat16", "float32"] = knob("float16", doc="dtype of the kept values")
 
 
+def kept_count(density: float, n: int) -> int:
+    """``ceil(density * n)``, without float noise pushing an exact product up (0.3 * 10 is 3.0000000000000004)."""
+    return min(n, math.ceil(round(density * n, 6)))
+
+
 def _bits(cfg: TopKConfig, shape: tuple[int, ...]) -> float:
     n = math.prod(shape)
-    k = math.ceil(cfg.density * n)
+    k = kept_count(cfg.density, n)
     return (k * dtype_of(cfg.value_dtype).itemsize * 8 + position_bits(k, n)) / n
 
 
 def keep_largest(dw: torch.Tensor, density: float) -> torch.Tensor:
-    """Sorted flat positions of the ``ceil(density * n)`` entries largest in magnitude."""
-    flat = dw.reshape(-1)
-    k = min(flat.numel(), math.ceil(density * flat.numel()))
-    return torch.topk(flat.abs().float(), k, sorted=False).indices.sort().values
+    """Sorted flat positions of the ``ceil(density * n)`` entries largest in magnitude.
+
+    Ties at the threshold go to the lowest positions, so the kept set is the same on every
+    machine and torch version (``torch.topk``'s choice among ties is not specified)."""
+    mag = dw.detach().reshape(-1).abs()
+    mag = mag if mag.dtype == torch.float64 else mag.float()
+    n = mag.numel()
+    k = kept_count(density, n)
+    if k in (0, n):
+        return torch.arange(k, device=mag.device)
+    thr = mag.kthvalue(n - k + 1).values                   # the k-th largest magnitude, O(n)
+    keep = mag > thr
+    ties = torch.nonzero(mag == thr, as_tuple=True)[0][: k - int(keep.sum())]
+    keep[ties] = True
+    return torch.nonzero(keep, as_tuple=True)[0]
 
 
 @register_compressor("topk", config=TopKConfig, paper="magnitude pruning (e.g. Yadav et al. 2023, TIES' trim)",
