@@ -6,10 +6,10 @@ entry (unbiased). The price is variance, not bias: ``E |decode - dW|_F^2 = p / (
 |dW|_F^2`` (relative error ``sqrt(p / (1 - p))``: 3.0 at p = 0.9); DARE works on models
 because a layer sums many such errors, which average out, not because each matrix is close.
 
-Stored as a :class:`~deltakit.compress.codecs.topk.Sparse` value: the kept entries' raw
-``dW`` in ``value_dtype`` (fp16 by default), the rescale ``1 / (1 - p)`` as its ``scale``,
-positions as the cheaper of a bitmask and Rice-coded gaps: about ``(1 - p) * (16 +
-log2(1 / (1 - p)) + 2)`` bits per parameter.
+Stored as a :class:`~deltakit.compress.codecs.topk.Sparse` value: the kept entries of ``dW``
+in ``value_dtype`` (fp16 by default, normalised by a power of two as ``topk`` does), the
+rescale ``1 / (1 - p)`` folded into its ``scale``, positions as the cheaper of a bitmask and
+Rice-coded gaps: about ``(1 - p) * (16 + log2(1 / (1 - p)) + 2)`` bits per parameter.
 
 Where the randomness comes from: a compressor sees only ``(dW, cfg)``, so the tensor's
 name reaches the mask through the ``key`` knob (the caller compressing a task vector sets
@@ -26,8 +26,8 @@ runs); positions are stored (the file does not depend on the RNG staying the sam
 versions) instead of a dense masked tensor.
 
 >>> v = dare(torch.tensor([[1.0, -2.0, 3.0], [4.0, 0.5, -6.0]]), DareConfig(p=0.5, key="w"))
->>> v.scale, v.positions.tolist(), v.to_dense().tolist()
-(2.0, [2, 3, 4], [[0.0, 0.0, 6.0], [8.0, 1.0, 0.0]])
+>>> v.positions.tolist(), v.to_dense().tolist()
+([2, 3, 4], [[0.0, 0.0, 6.0], [8.0, 1.0, 0.0]])
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ from ...core.seeding import generator
 from .._dtypes import dtype_of
 from .._registry import register_compressor
 from .._sparse import position_bits
-from .topk import Sparse
+from .topk import Sparse, stored_values
 
 __all__ = ["DareConfig", "dare", "drop_mask"]
 
@@ -80,5 +80,5 @@ def drop_mask(dw: torch.Tensor, cfg: DareConfig) -> torch.Tensor:
 def dare(dw: torch.Tensor, cfg: DareConfig) -> Sparse:
     """random drop with probability p, survivors rescaled by 1/(1-p): unbiased, seeded per tensor"""
     pos = torch.nonzero(drop_mask(dw, cfg), as_tuple=True)[0].to(dw.device)
-    vals = dw.detach().reshape(-1)[pos].to(dtype_of(cfg.value_dtype))
-    return Sparse(pos, vals, tuple(dw.shape), dw.dtype, scale=1.0 / (1.0 - cfg.p))
+    vals, norm = stored_values(dw.detach().reshape(-1)[pos], cfg.value_dtype)
+    return Sparse(pos, vals, tuple(dw.shape), dw.dtype, scale=norm / (1.0 - cfg.p))

@@ -1,6 +1,7 @@
 """Magnitude top-k sparsification: keep the ``density`` fraction of entries largest in |dW|.
 
-The kept values are stored in ``value_dtype`` (fp16 by default) and their positions by the
+The kept values are stored in ``value_dtype`` (fp16 by default, divided by the power of two
+just above their largest magnitude: :func:`stored_values`) and their positions by the
 cheaper of a bitmask and Rice-coded gaps (:mod:`deltakit.compress._sparse`), so the file
 costs about ``density * (16 + log2(1/density) + 2)`` bits per parameter. Exactly
 ``ceil(density * n)`` entries are kept; among entries tied at the threshold the lowest
@@ -90,6 +91,19 @@ def _bits(cfg: TopKConfig, shape: tuple[int, ...]) -> float:
     return (k * dtype_of(cfg.value_dtype).itemsize * 8 + position_bits(k, n)) / n
 
 
+def stored_values(x: torch.Tensor, value_dtype: str) -> tuple[torch.Tensor, float]:
+    """``(x / 2^e in value_dtype, 2^e)`` with ``max |x / 2^e|`` in ``(1/2, 1]``.
+
+    Fine-tuning deltas are often around 1e-5, where fp16 is subnormal (relative error 0.2 %
+    at 1e-5, 2 % at 1e-6) and a large entry can overflow it; normalising by a power of two
+    keeps fp16's full precision relative to the largest entry, and the division is exact."""
+    m = float(x.abs().max()) if x.numel() else 0.0
+    if not 0 < m < math.inf:
+        return x.to(dtype_of(value_dtype)), 1.0
+    scale = 2.0 ** math.ceil(math.log2(m))
+    return (x / scale).to(dtype_of(value_dtype)), scale
+
+
 def keep_largest(dw: torch.Tensor, density: float) -> torch.Tensor:
     """Sorted flat positions of the ``ceil(density * n)`` entries largest in magnitude.
 
@@ -113,5 +127,5 @@ def keep_largest(dw: torch.Tensor, density: float) -> torch.Tensor:
 def topk(dw: torch.Tensor, cfg: TopKConfig) -> Sparse:
     """keep the largest-magnitude entries, values in fp16, positions Rice-coded"""
     pos = keep_largest(dw, cfg.density)
-    vals = dw.reshape(-1)[pos].to(dtype_of(cfg.value_dtype))
-    return Sparse(pos, vals, tuple(dw.shape), dw.dtype)
+    vals, scale = stored_values(dw.detach().reshape(-1)[pos], cfg.value_dtype)
+    return Sparse(pos, vals, tuple(dw.shape), dw.dtype, scale)
