@@ -186,6 +186,9 @@ def test_dare_seed_key_and_content_key():
     assert torch.equal(a.positions, compress_tensor(x.clone(), "dare", p=0.8).positions)   # same bytes, same mask
     assert not torch.equal(a.positions, compress_tensor(x + 1, "dare", p=0.8).positions)   # other bytes, other mask
     assert not torch.equal(a.positions, compress_tensor(x, "dare", p=0.8, seed=1).positions)
+    for y in (x.bfloat16(), x.double()):                                       # the bytes of any dtype
+        assert torch.equal(compress_tensor(y, "dare", p=0.8).positions,
+                           compress_tensor(y.clone(), "dare", p=0.8).positions)
     named = compress_tensor(x, "dare", p=0.8, key="a.weight")
     assert torch.equal(named.positions, compress_tensor(3 * x, "dare", p=0.8, key="a.weight").positions)
     assert not torch.equal(named.positions, compress_tensor(x, "dare", p=0.8, key="b.weight").positions)

@@ -170,6 +170,10 @@ def distill_scales(base_model: nn.Module, finetuned: nn.Module | Callable[[Batch
     tuples), cycled for ``steps`` steps; the teacher's logits are computed once per batch. Neither
     model is changed (not even its ``.grad``); both run in the mode they are in (``.eval()`` for
     dropout-free targets). Returns ``(values with distilled scales, the loss of every step)``.
+
+    ``lr`` is in the units of the scales: the official 1e-4 suits LLM deltas whose ``mean |dW|``
+    is around 1e-3; lower it for smaller deltas. Memory: the signs are held as dense tensors in
+    the model's dtype while training (one model's worth for a fully compressed model).
     """
     batches = list(batches)
     if not batches or steps < 1 or not lr > 0:
