@@ -110,14 +110,14 @@ def test_truncated_rice_index_raises():
 
 def test_positions_round_trip_and_planned_size():
     n = 1 << 16
-    for k in (0, 1, 100, 3000, 40000):
+    for k in (0, 1, 100, 3000, 40000, n):
         pos = torch.randperm(n, generator=torch.Generator().manual_seed(k))[:k].sort().values
         parts, meta = encode_positions(pos, n)
         assert decode_positions(parts, meta).tolist() == pos.tolist()
         stored = 8 * sum(t.numel() for t in parts.values())
         # random positions: the planned size is the expected one, within a byte and 3 % (k = 0 stores nothing)
         assert abs(stored - position_bits(k, n)) <= 8 + 0.03 * position_bits(k, n)
-        assert meta["index"] == {0: "none", 40000: "mask"}.get(k, "rice")
+        assert meta["index"] == {0: "none", 40000: "mask", n: "all"}.get(k, "rice")
     with pytest.raises(ValueError, match="expected sorted distinct positions"):
         encode_positions(torch.tensor([3, 3]), 10)
 
@@ -141,6 +141,7 @@ def test_topk_ties_go_to_the_lowest_positions_and_the_count_is_exact():
 
 def test_topk_density_one_is_exact():
     x = gaussian((64, 48))
+    assert compress_tensor(x, "topk", density=1.0).bits_per_param == 16.0     # every position: no index stored
     assert torch.equal(compress_tensor(x, "topk", density=1.0, value_dtype="float32").to_dense(), x)
     assert torch.equal(compress_tensor(x, "topk", density=1.0).to_dense(), x.half().float())   # |x| < 4: no shift
     for magnitude in (1e-6, 1e-2, 1e3):          # fine-tuning deltas are often ~1e-5, where fp16 is subnormal
@@ -224,6 +225,8 @@ def test_compeft_never_keeps_zeros_and_is_exact_on_ternary_input():
     x = torch.tensor([[0.25, 0.0, -0.25], [0.0, 0.0, 0.25]])
     v = compress_tensor(x, "compeft", density=1.0, alpha=None)
     assert v.positions.tolist() == [0, 2, 5] and torch.equal(v.to_dense(), x)
+    dense = compress_tensor(gaussian((64, 64)), "compeft", density=1.0)      # no zeros: every position, no index
+    assert dense.meta()["index"] == "all" and dense.bits_per_param == 1 + 32 / 64 ** 2
 
 
 def test_an_all_zero_delta_stores_no_positions():
