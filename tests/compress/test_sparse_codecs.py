@@ -202,11 +202,11 @@ def test_dare_p_zero_is_exact():
 
 
 # ----------------------------------------------------------------------------- ComPEFT
-def test_compeft_hand_worked_default_alpha_sigma():
+def test_compeft_hand_worked_alpha_times_the_tensor_std():
     # x has mean 0 and sum of squares 20, so its unbiased std is sqrt(20 / 5) = 2; alpha = 1 -> scale 2.
     # density 0.5 keeps 3 entries: |3|, |-3|, then |-1| and |1| tie and the lower position (2) wins
     x = torch.tensor([[3.0, -3.0, -1.0], [1.0, 0.0, 0.0]])
-    v = compress_tensor(x, "compeft", density=0.5)
+    v = compress_tensor(x, "compeft", density=0.5, alpha=1.0)
     assert isinstance(v, SignSparse) and v.positions.tolist() == [0, 1, 2] and v.scale == 2.0
     assert v.to_dense().tolist() == [[2.0, -2.0, -2.0], [0.0, 0.0, 0.0]]
     parts = v.tensors()
@@ -214,10 +214,10 @@ def test_compeft_hand_worked_default_alpha_sigma():
     assert parts["scale"].tolist() == [2.0]
 
 
-def test_compeft_hand_worked_given_sigma_and_l2_alpha():
+def test_compeft_hand_worked_given_sigma_and_default_l2_alpha():
     v = compress_tensor(X23, "compeft", density=0.5, alpha=2.0, sigma=0.5)
     assert v.scale == 1.0 and v.to_dense().tolist() == [[0.0, -1.0, 1.0], [1.0, 0.0, 0.0]]
-    w = compress_tensor(X23, "compeft", density=0.5, alpha=None)     # mean of |-2|, |3|, |4| = 3
+    w = compress_tensor(X23, "compeft", density=0.5)                  # mean of |-2|, |3|, |4| = 3
     assert w.scale == 3.0 and w.to_dense().tolist() == [[0.0, -3.0, 3.0], [3.0, 0.0, 0.0]]
 
 
@@ -271,7 +271,7 @@ def test_bitdelta_error_identity_and_exact_sign_input():
 
 # ----------------------------------------------------------------------------- the contract, every codec
 CASES = [("topk", {"density": 0.1}), ("dare", {"p": 0.9, "key": "w"}), ("compeft", {"density": 0.1}),
-         ("compeft", {"density": 0.1, "alpha": None}), ("bitdelta", {})]
+         ("compeft", {"density": 0.1, "alpha": 1.5}), ("bitdelta", {})]
 
 
 @pytest.mark.parametrize("name, knobs", CASES)

@@ -19,10 +19,13 @@ L2-optimal one.
 Knobs and defaults, and where we differ from the official code
 (``prateeky2806/compeft``, ``src/bert_eval.py``, ``compress_and_update_parms``):
 
-- ``density`` 0.2 and ``alpha`` 1.0 are the official script's defaults (``--k 20``,
-  ``--replace_factor 1.0``); the paper sweeps ``alpha`` per task on validation data. ``alpha=None``
-  (our addition) uses the L2-optimal scale ``mean |kept dW|`` instead, for when no validation
-  data is at hand (e.g. a size-budget allocation that minimises reconstruction error).
+- ``density`` 0.2 is the official script's default (``--k 20``). ``alpha``: the paper sweeps it
+  per task on validation data; the script's default is ``--replace_factor 1.0``. Our default is
+  ``alpha=None``, the L2-optimal scale ``s = mean |kept dW|`` (i.e. ``alpha = s / sigma``,
+  about 1.75 for a Gaussian delta at density 0.2), because a codec has no validation data: on a
+  MiniLM delta fine-tuned on SST-2 (36 matrices) it kept dev accuracy within 0.2 / 0.9 / 3.2
+  points of the uncompressed delta at density 0.2 / 0.1 / 0.05, where ``alpha = 1`` lost
+  2.5 / 6.9 / 12.2. Give ``alpha`` to get the paper's ``alpha * sigma``.
 - ``sigma``: the official code flattens the *whole* task vector and takes one std (and one top-k)
   over all of it. A compressor sees one tensor, so by default ``sigma`` is this tensor's std and
   top-k is per tensor; pass the task vector's global std as ``sigma`` to get the paper's scale
@@ -31,7 +34,7 @@ Knobs and defaults, and where we differ from the official code
   the official ``|x| >= kth value`` keeps every entry tied at the threshold. Entries that are
   exactly zero are never kept (``sign(0) = 0`` in the official code too), so ``k`` may be smaller.
 
->>> v = compeft(torch.tensor([[0.5, -2.0, 3.0], [4.0, -0.25, 0.0]]), ComPeftConfig(density=0.5, alpha=None))
+>>> v = compeft(torch.tensor([[0.5, -2.0, 3.0], [4.0, -0.25, 0.0]]), ComPeftConfig(density=0.5))
 >>> v.positions.tolist(), v.scale, v.to_dense().tolist()
 ([1, 2, 3], 3.0, [[0.0, -3.0, 3.0], [3.0, 0.0, 0.0]])
 """
@@ -120,8 +123,8 @@ class SignSparse(CompressedValue):
 @dataclass(frozen=True)
 class ComPeftConfig(Checked):
     density: float = knob(0.2, gt=0, le=1, log=True, doc="fraction of entries kept (the largest |dW|)")
-    alpha: float | None = knob(1.0, gt=0, doc="scale = alpha * sigma (tuned per task in the paper); "
-                                              "none: the L2-optimal mean |kept dW|")
+    alpha: float | None = knob(None, gt=0, doc="scale = alpha * sigma (tuned per task in the paper); "
+                                               "none: the L2-optimal mean |kept dW|")
     sigma: float | None = knob(None, gt=0, doc="std the scale multiplies; none: this tensor's std "
                                                "(the paper: the whole task vector's)")
 
