@@ -7,14 +7,13 @@ Sparsification and Quantization" (https://arxiv.org/abs/2311.13171)::
     sigma  = std(dW)                          (the unbiased std of the whole delta, ``tv.std()``)
 
 so the delta becomes ternary ``{-s, 0, +s}``. Storage (:class:`SignSparse`): one sign bit per
-kept entry, the positions as the cheaper of a bitmask and Rice-coded gaps (what the paper
-counts, "Golomb coding"), and one fp32 scale ``s = alpha * sigma``: about
-``density * (1 + log2(1 / density) + 2)`` bits per parameter plus 32 bits per tensor.
+kept entry, the positions as the cheaper of a bitmask and Rice (Golomb) coded gaps, and one
+fp32 scale ``s = alpha * sigma``: about ``density * (1 + log2(1 / density) + 2)`` bits per
+parameter plus 32 bits per tensor (0.59 at density 0.1, 0.96 at 0.2 on a 512 x 512 matrix).
 
 Error: ``|dW - decode|_F^2 = sum of the dropped (smallest) squares + sum_kept (|dW_i| - s)^2``.
 The second term is smallest at ``s = mean(|dW_i|, kept)`` (the L2-optimal scale); the paper
-instead tunes ``alpha`` on validation data, because the best *task* scale is usually not the
-L2-optimal one.
+instead tunes ``alpha`` on each task's validation data.
 
 Knobs and defaults, and where we differ from the official code
 (``prateeky2806/compeft``, ``src/bert_eval.py``, ``compress_and_update_parms``):
