@@ -14,6 +14,7 @@ not divide 8 (3, 5, 6, 7 bits) straddles byte boundaries the same way.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 __all__ = ["pack", "unpack", "packed_bytes", "pack_signs", "unpack_signs"]
@@ -29,22 +30,26 @@ def _check_bits(bits: int) -> None:
         raise ValueError(f"expected a code width of 1-32 bits, found {bits!r}")
 
 
+def _bitplane(flat: torch.Tensor, bits: int) -> torch.Tensor:
+    """Code ``i``'s bit ``j`` at index ``i * bits + j``, as uint8 0/1 (the stream order on disk)."""
+    if bits == 1:
+        return flat.to(torch.uint8)
+    work = torch.uint8 if bits <= 8 else torch.int64
+    shifts = torch.arange(bits, device=flat.device, dtype=work)
+    return ((flat.to(work).unsqueeze(1) >> shifts) & 1).to(torch.uint8).reshape(-1)
+
+
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack a tensor of integer codes in ``[0, 2**bits)`` (flattened) into uint8 bytes."""
     _check_bits(bits)
     flat = codes.reshape(-1)
-    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 1 << bits):
+    host = flat.cpu().numpy()                      # numpy's integer min/max are much faster than torch's
+    if host.size and (int(host.min()) < 0 or int(host.max()) >= 1 << bits):
         raise ValueError(f"expected codes in [0, {1 << bits}) for {bits}-bit packing, "
-                         f"found [{int(flat.min())}, {int(flat.max())}]")
-    n = flat.numel()
-    # one bit per row, then 8 bits per output byte: exact for every width, O(n * bits) memory
-    shifts = torch.arange(bits, device=flat.device)
-    bitplane = ((flat.to(torch.int64).unsqueeze(1) >> shifts) & 1).reshape(-1).to(torch.uint8)
-    pad = packed_bytes(n, bits) * 8 - bitplane.numel()
-    if pad:
-        bitplane = torch.cat([bitplane, bitplane.new_zeros(pad)])
-    weights = (1 << torch.arange(8, device=flat.device)).to(torch.int32)
-    return (bitplane.reshape(-1, 8).to(torch.int32) * weights).sum(1).to(torch.uint8)
+                         f"found [{int(host.min())}, {int(host.max())}]")
+    # numpy's packbits does the 8-bits-per-byte step in C (little bit order = our stream order)
+    packed = np.packbits(_bitplane(flat, bits).cpu().numpy(), bitorder="little")
+    return torch.from_numpy(packed).to(flat.device)
 
 
 def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
@@ -53,11 +58,14 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     if packed.dtype != torch.uint8 or packed.numel() < packed_bytes(n, bits):
         raise ValueError(f"expected at least {packed_bytes(n, bits)} uint8 bytes for {n} {bits}-bit codes, "
                          f"found {packed.numel()} {packed.dtype}")
-    shifts = torch.arange(8, device=packed.device)
-    bitplane = ((packed.reshape(-1).to(torch.int32).unsqueeze(1) >> shifts) & 1).reshape(-1)[: n * bits]
-    weights = 1 << torch.arange(bits, device=packed.device, dtype=torch.int64)
-    codes = (bitplane.reshape(n, bits).to(torch.int64) * weights).sum(1)
-    return codes.to(torch.uint8) if bits <= 8 else codes
+    raw = np.unpackbits(packed.reshape(-1).cpu().numpy(), count=n * bits, bitorder="little")
+    bitplane = torch.from_numpy(raw).to(packed.device)
+    if bits == 1:
+        return bitplane
+    work = torch.int32 if bits <= 8 else torch.int64
+    weights = 1 << torch.arange(bits, device=packed.device, dtype=work)
+    codes = (bitplane.reshape(n, bits).to(work) * weights).sum(1)
+    return codes.to(torch.uint8) if bits <= 8 else codes.to(torch.int64)
 
 
 def pack_signs(x: torch.Tensor) -> torch.Tensor:

@@ -1,12 +1,13 @@
 """Magnitude top-k sparsification: keep the ``density`` fraction of entries largest in |dW|.
 
-The kept values are stored in ``value_dtype`` (fp16 by default) and their positions by the
+The kept values are stored in ``value_dtype`` (fp16 by default, divided by the power of two
+just above their largest magnitude: :func:`stored_values`) and their positions by the
 cheaper of a bitmask and Rice-coded gaps (:mod:`deltakit.compress._sparse`), so the file
-costs about ``density * (16 + log2(1/density) + 2)`` bits per parameter. Ties at the
-threshold are broken by position (``torch.topk`` on |dW|), so exactly ``ceil(density * n)``
-entries are kept. Decoding is exact for the kept entries up to ``value_dtype`` rounding;
-the error is the dropped tail: ``|dW - decode|_F^2 = sum of the smallest (1-density) n
-squared entries`` (plus rounding).
+costs about ``density * (16 + log2(1/density) + 2)`` bits per parameter. Exactly
+``ceil(density * n)`` entries are kept; among entries tied at the threshold the lowest
+positions win (``torch.topk`` leaves that choice to the implementation). Decoding is exact
+for the kept entries up to ``value_dtype`` rounding; the error is the dropped tail:
+``|dW - decode|_F^2 = sum of the smallest (1-density) n squared entries`` (plus rounding).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Any, Literal
 
 import torch
 
-from ...core.fields import knob
+from ...core.fields import Checked, knob
 from ...taskvec import register_codec
 from .._dtypes import dtype_name, dtype_of
 from .._registry import CompressedValue, register_compressor
@@ -74,22 +75,51 @@ class Sparse(CompressedValue):
 
 
 @dataclass(frozen=True)
-class TopKConfig:
+class TopKConfig(Checked):
     density: float = knob(0.1, gt=0, le=1, log=True, doc="fraction of entries kept (the largest |dW|)")
     value_dtype: Literal["float16", "bfloat16", "float32"] = knob("float16", doc="dtype of the kept values")
 
 
+def kept_count(density: float, n: int) -> int:
+    """``ceil(density * n)``, without float noise pushing an exact product up (0.3 * 10 is 3.0000000000000004)."""
+    return min(n, math.ceil(round(density * n, 6)))
+
+
 def _bits(cfg: TopKConfig, shape: tuple[int, ...]) -> float:
     n = math.prod(shape)
-    k = math.ceil(cfg.density * n)
+    k = kept_count(cfg.density, n)
     return (k * dtype_of(cfg.value_dtype).itemsize * 8 + position_bits(k, n)) / n
 
 
+def stored_values(x: torch.Tensor, value_dtype: str) -> tuple[torch.Tensor, float]:
+    """``(x / 2^e in value_dtype, 2^e)`` with ``max |x / 2^e|`` in ``(1/2, 1]``.
+
+    Fine-tuning deltas are often around 1e-5, where fp16 is subnormal (relative error 0.2 %
+    at 1e-5, 2 % at 1e-6) and a large entry can overflow it; normalising by a power of two
+    keeps fp16's full precision relative to the largest entry, and the division is exact."""
+    m = float(x.abs().max()) if x.numel() else 0.0
+    if not 0 < m < math.inf:
+        return x.to(dtype_of(value_dtype)), 1.0
+    scale = 2.0 ** math.ceil(math.log2(m))
+    return (x / scale).to(dtype_of(value_dtype)), scale
+
+
 def keep_largest(dw: torch.Tensor, density: float) -> torch.Tensor:
-    """Sorted flat positions of the ``ceil(density * n)`` entries largest in magnitude."""
-    flat = dw.reshape(-1)
-    k = min(flat.numel(), math.ceil(density * flat.numel()))
-    return torch.topk(flat.abs().float(), k, sorted=False).indices.sort().values
+    """Sorted flat positions of the ``ceil(density * n)`` entries largest in magnitude.
+
+    Ties at the threshold go to the lowest positions, so the kept set is the same on every
+    machine and torch version (``torch.topk``'s choice among ties is not specified)."""
+    mag = dw.detach().reshape(-1).abs()
+    mag = mag if mag.dtype == torch.float64 else mag.float()
+    n = mag.numel()
+    k = kept_count(density, n)
+    if k in (0, n):
+        return torch.arange(k, device=mag.device)
+    thr = mag.kthvalue(n - k + 1).values                   # the k-th largest magnitude, O(n)
+    keep = mag > thr
+    ties = torch.nonzero(mag == thr, as_tuple=True)[0][: k - int(keep.sum())]
+    keep[ties] = True
+    return torch.nonzero(keep, as_tuple=True)[0]
 
 
 @register_compressor("topk", config=TopKConfig, paper="magnitude pruning (e.g. Yadav et al. 2023, TIES' trim)",
@@ -97,5 +127,5 @@ def keep_largest(dw: torch.Tensor, density: float) -> torch.Tensor:
 def topk(dw: torch.Tensor, cfg: TopKConfig) -> Sparse:
     """keep the largest-magnitude entries, values in fp16, positions Rice-coded"""
     pos = keep_largest(dw, cfg.density)
-    vals = dw.reshape(-1)[pos].to(dtype_of(cfg.value_dtype))
-    return Sparse(pos, vals, tuple(dw.shape), dw.dtype)
+    vals, scale = stored_values(dw.detach().reshape(-1)[pos], cfg.value_dtype)
+    return Sparse(pos, vals, tuple(dw.shape), dw.dtype, scale)
