@@ -12,8 +12,8 @@ from torch.utils.data import DataLoader
 
 import deltakit as dk
 from deltakit.compress._bits import pack
-from deltakit.compress.qbase import (NF4, _pack4, _unpack4, QuantConfig, QuantLinear, base_bytes, dequantize_base, dequantize_tensor,
-                                     lq_decompose, lq_lora, quantize_base, quantize_tensor)
+from deltakit.compress.qbase import (NF4, QuantConfig, QuantLinear, QuantParts, _pack4, base_bytes, dequantize_base,
+                                     dequantize_tensor, lq_decompose, lq_lora, quantize_base, quantize_tensor)
 from deltakit.core.fields import ConfigError
 from deltakit.core.layer import DeltaStateError
 
@@ -79,7 +79,8 @@ def test_int8_tail_group_is_padded_and_codes_are_whole_bytes():
 def test_4bit_packing_is_the_bits_module_layout():
     codes = torch.randint(0, 16, (64,), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
     assert torch.equal(_pack4(codes), pack(codes, 4))
-    assert torch.equal(_unpack4(_pack4(codes)), codes)
+    one = QuantParts(_pack4(codes), torch.ones(1, dtype=torch.float16), None)   # scale 1: values = codes - 8
+    assert torch.equal(dequantize_tensor(one, QuantConfig(bits=4, group_size=64), (64,)), codes.float() - 8)
 
 
 @pytest.mark.parametrize("cfg,bound", [(QuantConfig(bits=8), 0.5 / 127), (QuantConfig(bits=4), 0.5 / 7),
