@@ -125,6 +125,8 @@ def test_quant_linear_is_f_linear_with_the_dequantised_weight(scheme, bits):
     with torch.no_grad():
         assert torch.equal(q(x), ref)
     assert [n for n, _ in q.named_parameters()] == ["bias"]
+    q.to(torch.bfloat16)                                            # converts floating buffers: none here
+    assert torch.equal(q.dequantize(torch.float32), W) and q.scales.dtype == torch.int16
     assert {n for n, _ in q.named_buffers()} == {"codes", "scales"} | ({"offsets"} if scheme == "asymmetric" else set())
 
 

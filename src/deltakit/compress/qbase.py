@@ -207,9 +207,10 @@ class _QuantMatmul(torch.autograd.Function):
 class QuantLinear(PackedLinear):
     """``y = x @ W'.T + b`` with ``W'`` rebuilt per call from per-group codes (buffers).
 
-    ``codes`` (uint8), ``scales`` (fp16, one per group) and, asymmetric only, ``offsets`` are
-    persistent buffers; ``bias`` stays a (frozen by attach) parameter in the original dtype;
-    ``weight_dtype`` is the original weight's dtype, the default compute dtype.
+    ``codes`` (uint8), ``scales`` (fp16 bits stored as int16, one per group) and, asymmetric
+    only, ``offsets`` (likewise) are persistent buffers: :meth:`parts` gives them as fp16.
+    ``bias`` stays a (frozen by attach) parameter in the original dtype; ``weight_dtype`` is the
+    original weight's dtype, the default of :meth:`dequantize`.
     """
 
     def __init__(self, in_features: int, out_features: int, config: QuantConfig, parts: QuantParts,
@@ -218,8 +219,10 @@ class QuantLinear(PackedLinear):
         self.in_features, self.out_features, self.config = in_features, out_features, config
         self.weight_dtype = weight_dtype
         self.register_buffer("codes", parts.codes)
-        self.register_buffer("scales", parts.scales)
-        self.register_buffer("offsets", parts.offsets)
+        # fp16 scales kept as their int16 bit patterns: ``model.to(torch.bfloat16)`` / ``.float()``
+        # convert floating buffers, which would silently re-round (or bloat) them
+        self.register_buffer("scales", parts.scales.view(torch.int16))
+        self.register_buffer("offsets", None if parts.offsets is None else parts.offsets.view(torch.int16))
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad) if bias is not None else None
 
     @classmethod
@@ -228,7 +231,8 @@ class QuantLinear(PackedLinear):
                    linear.bias, linear.weight.dtype)
 
     def parts(self) -> QuantParts:
-        return QuantParts(self.codes, self.scales, self.offsets)
+        offsets = None if self.offsets is None else self.offsets.view(torch.float16)
+        return QuantParts(self.codes, self.scales.view(torch.float16), offsets)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         return dequantize_tensor(self.parts(), self.config, (self.out_features, self.in_features),
@@ -339,7 +343,8 @@ def dequantize_base(model: nn.Module) -> list[str]:
             lin.bias.copy_(m.bias)
         lin.requires_grad_(not frozen)
         _replace(model, path, lin)
-        done.append(path.removesuffix(".base") if path.endswith(".base") else path)
+        parent = model.get_submodule(path.rpartition(".")[0]) if "." in path else model
+        done.append(path.rpartition(".")[0] if isinstance(parent, DeltaLayer) else path)
     return done
 
 
