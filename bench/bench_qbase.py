@@ -6,7 +6,8 @@ Per variant, in one process, one after the other (SmolLM2-135M-Instruct, bundled
 * the bytes of the base's parameters and buffers (each tensor once: the tied embedding / head
   counts once) and the time to quantise it;
 * the weight reconstruction error ``sqrt(sum |W - W'|^2 / sum |W|^2)`` over the quantised
-  linears, where ``W'`` is the dequantised weight (plus ``s B A`` at step 0 for LQ-LoRA);
+  linears, where ``W'`` is the dequantised weight (plus ``s B A`` at step 0 for LQ-LoRA), and
+  the same over the LoRA targets only (where LQ-LoRA acts);
 * a LoRA (r=8, alpha=16 on q_proj and v_proj) trained ``--steps`` steps on ``--train-rows``
   sst2 rows as instructions (``deltakit.train.instruct.read_task_file``), ``--batch``, AdamW;
   the mean wall time per step and the first / last logged train loss;
@@ -57,7 +58,7 @@ def build(variant: str, lq_iterations: int):
     cfg = VARIANTS[variant]
     if cfg is None:
         return model, tok, attach(model, LORA), {"bytes": fp32_bytes, "fp32_bytes": fp32_bytes, "quantise_s": 0.0,
-                                                 "weight_error": 0.0}
+                                                 "weight_error": 0.0, "weight_error_lora_targets": 0.0}
     linears = {n: m.weight for n, m in model.named_modules()
                if isinstance(m, torch.nn.Linear) and m is not model.get_output_embeddings()}
     t = timer()
@@ -67,8 +68,12 @@ def build(variant: str, lq_iterations: int):
         quantize_base(model, cfg)
         adapter = attach(model, LORA)
     seconds = t()
+    lora_paths = {p for p, _ in adapter.deltas()}
     figures = {"bytes": base_bytes(model), "fp32_bytes": fp32_bytes, "quantise_s": seconds,
-               "weight_error": _weight_error(model, adapter, linears), "bits_per_weight": cfg.bits_per_weight(),
+               "weight_error": _weight_error(model, adapter, linears),
+               "weight_error_lora_targets": _weight_error(model, adapter, {p: w for p, w in linears.items()
+                                                                          if p in lora_paths}),
+               "bits_per_weight": cfg.bits_per_weight(),
                "quant": {"bits": cfg.bits, "scheme": cfg.scheme, "group_size": cfg.group_size}}
     return model, tok, adapter, figures
 
@@ -113,8 +118,9 @@ def train(model, tok, examples: list, steps: int, lr: float, batch: int) -> dict
 def run_variant(variant: str, args, train_rows: list, dev: list, log: Log) -> dict:
     model, tok, adapter, row = build(variant, args.lq_iterations)
     row["load_avg_start"] = load_avg()
-    log(f"{variant}: {row['bytes'] / 2**20:.1f} MiB base (fp32 {row['fp32_bytes'] / 2**20:.1f}), "
-        f"weight error {row['weight_error']:.4f}, quantised in {row['quantise_s']:.1f}s")
+    log(f"{variant}: {row['bytes'] / 2**20:.1f} MiB base (fp32 {row['fp32_bytes'] / 2**20:.1f}), weight error "
+        f"{row['weight_error']:.4f} (LoRA targets {row['weight_error_lora_targets']:.4f}), quantised in "
+        f"{row['quantise_s']:.1f}s")
     row["before"] = evaluate(model, tok, dev, args.accuracy)
     log(f"{variant}: before {row['before']}")
     row["train"] = train(model, tok, train_rows, args.steps, args.lr, args.batch)
@@ -127,18 +133,25 @@ def run_variant(variant: str, args, train_rows: list, dev: list, log: Log) -> di
 
 
 def markdown(results: dict) -> str:
+    st, lora = results["settings"], results["settings"]["lora"]
     lines = ["# QLoRA / LQ-LoRA on SmolLM2-135M-Instruct (sst2)", "",
-             f"{results['settings']}", "",
+             f"LoRA r={lora['r']}, alpha={lora['alpha']} on {', '.join(lora['targets'])}; {st['steps']} AdamW steps "
+             f"(lr {st['lr']}, batch {st['batch']}) on {st['train_rows']} sst2 train rows as instructions; answer-token "
+             f"loss on {st['dev_rows']} dev rows before and after; LQ-LoRA init with {st['lq_iterations']} "
+             "iterations (its time is in 'quantise s'). Base bytes: every parameter and buffer once (the tied "
+             "embedding/head, 108 MiB, stays fp32). Weight error: relative Frobenius error of the dequantised "
+             "linears (plus the LoRA at step 0), over all quantised linears / over the LoRA targets.", "",
              f"Machine: {results['machine']['cpu']}, {results['machine']['logical_cpus']} CPUs, torch "
              f"{results['machine']['torch']}, {results['settings']['threads']} thread(s); load average at start "
              f"{results['machine']['load_avg']} (shared machine: timings are indicative).", "",
-             "| base | base MiB | bits/weight | weight error | quantise s | step s | train loss first -> last "
-             "| answer loss before -> after | accuracy before -> after | load (1 min) |",
-             "|---|---:|---:|---:|---:|---:|---|---|---|---:|"]
+             "| base | base MiB | bits/weight | weight error (all / LoRA targets) | quantise s | step s "
+             "| train loss first -> last | answer loss before -> after | accuracy before -> after | load (1 min) |",
+             "|---|---:|---:|---|---:|---:|---|---|---|---:|"]
     for name, r in results["variants"].items():
         b, a, t = r["before"], r["after"], r["train"]
         acc = f"{b['accuracy']:.3f} -> {a['accuracy']:.3f}" if "accuracy" in b else "not run"
-        lines.append(f"| {name} | {r['bytes'] / 2**20:.1f} | {r.get('bits_per_weight', 32)} | {r['weight_error']:.4f} "
+        lines.append(f"| {name} | {r['bytes'] / 2**20:.1f} | {r.get('bits_per_weight', 32)} | {r['weight_error']:.4f} / "
+                     f"{r['weight_error_lora_targets']:.4f} "
                      f"| {r['quantise_s']:.1f} | {t['step_s']:.2f} | {t['train_loss_first']:.3f} -> "
                      f"{t['train_loss_last']:.3f} | {b['answer_loss']:.3f} -> {a['answer_loss']:.3f} | "
                      f"{acc} | {r['load_avg_start'][0]} |")
