@@ -24,12 +24,15 @@ The machine is shared, so timings are indicative: the load average is recorded p
 
 The committed run (bench/results/qbase.json) used ``--steps 10 --batch 4 --train-rows 80
 --dev-rows 24`` at a load average of 15-20 on 2 cores, where one SmolLM2 step of batch 8
-took ~17 s: the full settings would take ~45 minutes there.
+took ~17 s: the full settings would take ~45 minutes there. Then ``--timing-rounds 4 --batch 4``
+added the interleaved step timing (``interleaved_timing``) to the same file.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -132,6 +135,33 @@ def run_variant(variant: str, args, train_rows: list, dev: list, log: Log) -> di
     return row
 
 
+def interleaved_timing(names: list[str], examples: list, steps: int, batch: int, log: Log) -> dict:
+    """Train-step time of each variant on one fixed batch, the variants interleaved step by step
+    (round ``i`` times each once, after a warm-up round), so another user's load hits them alike:
+    the median seconds and the median of the per-round ratios to fp32."""
+    built = {v: build(v, 1)[:3] for v in names}
+    tok = built[names[0]][1]
+    fixed = next(iter(make_instruction_loader(examples, tok, batch_size=batch, max_length=160)))
+    opts = {v: torch.optim.AdamW(list(ad.parameters()), lr=1e-4) for v, (_, _, ad) in built.items()}
+    times: dict[str, list[float]] = {v: [] for v in names}
+    for i in range(steps + 1):
+        for v in names:
+            model = built[v][0].train()
+            t = timer(None)
+            model(**fixed).loss.backward()
+            opts[v].step()
+            opts[v].zero_grad(set_to_none=True)
+            if i:
+                times[v].append(t())
+        if i:
+            log(f"timing round {i}: " + ", ".join(f"{v} {times[v][-1]:.2f}s" for v in names))
+    out = {v: {"median_s": round(statistics.median(ts), 3)} for v, ts in times.items()}
+    if "fp32" in times:
+        for v, ts in times.items():
+            out[v]["ratio_to_fp32"] = round(statistics.median(a / b for a, b in zip(ts, times["fp32"])), 3)
+    return {"steps": steps, "batch": batch, "load_avg": load_avg(), "variants": out}
+
+
 def markdown(results: dict) -> str:
     st, lora = results["settings"], results["settings"]["lora"]
     lines = ["# QLoRA / LQ-LoRA on SmolLM2-135M-Instruct (sst2)", "",
@@ -155,6 +185,13 @@ def markdown(results: dict) -> str:
                      f"| {r['quantise_s']:.1f} | {t['step_s']:.2f} | {t['train_loss_first']:.3f} -> "
                      f"{t['train_loss_last']:.3f} | {b['answer_loss']:.3f} -> {a['answer_loss']:.3f} | "
                      f"{acc} | {r['load_avg_start'][0]} |")
+    if "timing" in results:
+        tm = results["timing"]
+        lines += ["", f"Interleaved train-step timing ({tm['steps']} rounds, batch {tm['batch']}, one fixed batch, "
+                      f"load at the end {tm['load_avg']}): median seconds per step and median paired ratio to fp32.",
+                  "", "| base | step s | / fp32 |", "|---|---:|---:|"]
+        lines += [f"| {v} | {r['median_s']:.2f} | {r.get('ratio_to_fp32', float('nan')):.2f} |"
+                  for v, r in tm["variants"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -171,12 +208,21 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is faster on a crowded 2-core box)")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--data", default=DEFAULT_DATA)
+    p.add_argument("--timing-rounds", type=int, default=0,
+                   help="only add interleaved step timing of fp32/int8/int4/nf4 (N rounds) to an existing --out")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     log = Log()
     data = Path(args.data) / "sst2"
     train_rows = read_task_file(data / "train.tsv", "sst2", max_rows=args.train_rows, seed=0)
     dev = read_task_file(data / "dev.tsv", "sst2", max_rows=args.dev_rows, seed=0)
+    if args.timing_rounds:
+        results = json.loads(Path(args.out).read_text())
+        results["timing"] = interleaved_timing(["fp32", "int8", "int4", "nf4"], train_rows, args.timing_rounds,
+                                               args.batch, log)
+        write_json(args.out, results)
+        write_text(Path(args.out).with_suffix(".md"), markdown(results))
+        return 0
     results = {"machine": machine_info("transformers"), "variants": {},
                "settings": {"model": "smollm2", "lora": LORA.to_dict(), "steps": args.steps, "lr": args.lr,
                             "train_rows": len(train_rows), "dev_rows": len(dev), "batch": args.batch,
