@@ -168,8 +168,8 @@ def markdown(results: dict) -> str:
              f"LoRA r={lora['r']}, alpha={lora['alpha']} on {', '.join(lora['targets'])}; {st['steps']} AdamW steps "
              f"(lr {st['lr']}, batch {st['batch']}) on {st['train_rows']} sst2 train rows as instructions; answer-token "
              f"loss on {st['dev_rows']} dev rows before and after; LQ-LoRA init with {st['lq_iterations']} "
-             "iterations (its time is in 'quantise s'). Base bytes: every parameter and buffer once (the tied "
-             "embedding/head, 108 MiB, stays fp32). Weight error: relative Frobenius error of the dequantised "
+             "iterations (its time is in 'quantise s'). Base MiB: every parameter and buffer once, measured with "
+             "the LoRA attached (its 1.8 MiB included; the tied embedding/head, 108 MiB, stays fp32). Weight error: relative Frobenius error of the dequantised "
              "linears (plus the LoRA at step 0), over all quantised linears / over the LoRA targets.", "",
              f"Machine: {results['machine']['cpu']}, {results['machine']['logical_cpus']} CPUs, torch "
              f"{results['machine']['torch']}, {results['settings']['threads']} thread(s); load average at start "
