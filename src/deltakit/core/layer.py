@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .delta import ActivationDelta, Delta, WeightDelta
+from .packed import PackedLinear
 from .state import ModelState
 
 __all__ = ["DeltaLayer", "DeltaStateError"]
@@ -88,6 +89,11 @@ class DeltaLayer(nn.Module):
         d = self.deltas[name]
         if not isinstance(d, WeightDelta):
             raise DeltaStateError(f"adapter {name!r} is an activation delta and cannot be merged into weights")
+        if isinstance(self.base, PackedLinear):
+            raise DeltaStateError(
+                f"adapter {name!r} cannot merge into a {type(self.base).__name__}: its weight is stored packed "
+                "(quantised), and W + dW would have to be requantised (lossy, not exactly undoable); keep it "
+                "unmerged, or dequantise the base first (deltakit.compress.qbase.dequantize_base)")
         dw = self.weight_delta([name])
         params = dict(self.base.named_parameters(recurse=False))
         new = {}

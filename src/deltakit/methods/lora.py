@@ -5,7 +5,9 @@
 
 B starts at zero, so the adapted model starts equal to the base. Supports
 ``nn.Linear``, GPT-2's ``Conv1D``, ``nn.Conv2d`` (A is a conv with the base's
-kernel, B a 1x1 conv) and ``nn.Embedding`` (A: (r, num_embeddings), B: (dim, r)).
+kernel, B a 1x1 conv), ``nn.Embedding`` (A: (r, num_embeddings), B: (dim, r)) and
+a quantised linear (:class:`~deltakit.core.packed.PackedLinear`, QLoRA: the update
+stays unmerged beside it).
 
 >>> import torch, deltakit as dk
 >>> lin = torch.nn.Sequential(torch.nn.Linear(8, 4))
@@ -26,8 +28,9 @@ from torch import Tensor, nn
 
 from ..core.delta import BuildContext, WeightDelta, param_dtype
 from ..core.fields import knob
+from ..core.packed import PackedLinear
 from ..core.registry import ConfigError, DeltaConfig, register_method
-from ._base_ops import Conv1D, in_out
+from ._base_ops import Conv1D, device_of, in_out
 
 __all__ = ["LoraConfig", "LoRA", "lora_scale"]
 
@@ -57,13 +60,14 @@ def lora_scale(config: LoraConfig) -> float:
 @register_method("lora", LoraConfig, paper="https://arxiv.org/abs/2106.09685",
                  description="low-rank update W + (alpha/r) B A")
 class LoRA(WeightDelta):
-    supported = (nn.Linear, Conv1D, nn.Conv2d, nn.Embedding)
+    # PackedLinear: a quantised base (QLoRA); the residual path never needs its weight
+    supported = (nn.Linear, Conv1D, nn.Conv2d, nn.Embedding, PackedLinear)
 
     def __init__(self, base: nn.Module, config: LoraConfig, ctx: BuildContext | None = None):
         super().__init__()
         if isinstance(base, nn.Conv2d) and base.groups != 1:
             raise ConfigError(f"LoRA on grouped Conv2d is not supported (groups={base.groups})")
-        dev = next(base.parameters()).device
+        dev = device_of(base)
         dtype = param_dtype(base, config.adapter_dtype)
         fan_in, fan_out = in_out(base)
         r = config.r
