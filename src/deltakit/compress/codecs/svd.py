@@ -42,6 +42,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import weakref
+
 import torch
 
 from ...core.fields import Checked, ConfigError, knob
@@ -172,13 +174,30 @@ def spectrum(x: torch.Tensor | LowRank, cfg: SvdMethod, rank: int | None, energy
         total = float(mat.double().pow(2).sum())
         full = min(mat.shape)
         if cfg.method == "exact" or (rank is not None and rank >= full):
-            u, s, vh = torch.linalg.svd(mat, full_matrices=False)
+            u, s, vh = _exact_svd(x, mat)
         elif rank is not None:
             u, s, vh = randomized_svd(mat, rank, cfg.oversample, cfg.power_iters, cfg.seed)
         else:
             u, s, vh = _randomized_to_energy(mat, cfg, energy, total)
     k = min(rank, s.numel()) if rank is not None else energy_rank(s, total, energy)
     return u[:, :k], s[:k], vh[:k]
+
+
+_LAST_SVD: list = []  # [(weakref to the input, its version, (U, S, Vh))]: one entry
+
+
+def _exact_svd(x: torch.Tensor, mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.linalg.svd(mat)``, remembered for the last input tensor: a size budget encodes
+    one tensor with many SVD settings in a row (ranks, bits, code widths), and the exact SVD is
+    the same for all of them. The entry is keyed by the tensor object and its version counter,
+    so an in-place change or a new tensor recomputes; it holds one tensor's factors at most."""
+    if _LAST_SVD:
+        ref, version, usv = _LAST_SVD[0]
+        if ref() is x and x._version == version and usv[0].dtype == mat.dtype:
+            return usv
+    usv = torch.linalg.svd(mat, full_matrices=False)
+    _LAST_SVD[:] = [(weakref.ref(x), x._version, usv)]
+    return usv
 
 
 def _randomized_to_energy(mat: torch.Tensor, cfg: SvdMethod, energy: float, total: float
