@@ -132,7 +132,7 @@ def run_export(args) -> int:
 
 # ----------------------------------------------------------------------------- bench
 BENCHES = {"lora": "bench_lora", "methods": "bench_methods", "merge": "bench_merge",
-           "merge-quality": "bench_merge_quality"}
+           "merge-quality": "bench_merge_quality", "llm": "bench_llm"}
 
 
 def add_bench(sub) -> None:
@@ -193,6 +193,9 @@ def add_train(sub) -> None:
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute activations in backward instead of storing them: less memory, same "
                         "gradients, a slower step (default off)")
+    p.add_argument("--compile", action="store_true",
+                   help="run the training forward through torch.compile (fit(compile=True)); the first steps "
+                        "compile, and a compiler failure stops with an error (default off)")
     p.add_argument("--dev", default=None, help="evaluation file (default: none, or dev.tsv of a directory)")
     p.add_argument("--method", default="lora", help="method name (see 'deltakit methods'; default lora)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -261,7 +264,7 @@ def run_train(args) -> int:
                  ckpt_dir=ckpt_dir, ckpt_every=args.ckpt_every or None, eval_every=args.eval_every,
                  early_stopping_patience=args.early_stop, params=params, callbacks=callbacks,
                  autocast={"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.autocast),
-                 gradient_checkpointing=args.gradient_checkpointing)
+                 gradient_checkpointing=args.gradient_checkpointing, compile=args.compile)
     _save_trained(args, adapter, result, record, data, ckpt_dir if owned else None)
     return 0
 
@@ -372,7 +375,7 @@ def _run_train_causal_lm(args) -> int:
                  ckpt_dir=ckpt_dir, ckpt_every=args.ckpt_every or None, eval_every=args.eval_every,
                  early_stopping_patience=args.early_stop, early_stopping_metric="loss", params=params,
                  callbacks=callbacks, autocast={"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.autocast),
-                 gradient_checkpointing=args.gradient_checkpointing)
+                 gradient_checkpointing=args.gradient_checkpointing, compile=args.compile)
     _save_trained(args, adapter, result, record, data, ckpt_dir if owned else None)
     return 0
 
