@@ -11,6 +11,9 @@ backward + step, all as ``deltakit.train.fit`` does one step):
 * ``deltakit_lora`` / ``peft_lora``: r=16, alpha=32, dropout 0 on every linear layer of every
   block (q, k, v, o, gate, up, down), adapter weights fp32 (both libraries' default);
 * ``full_ft``: every parameter trained;
+* ``frozen_floor``: only the first block's input norm trained, so backward runs through every
+  block (input gradients) with no weight gradient and no adapter: what any LoRA step costs at
+  least, whatever the library. ``floor/peft`` bounds how far below peft a LoRA step can go;
 * ``deltakit_lora_compiled``: ``deltakit_lora`` through ``deltakit.train.compile_model``, the
   helper behind ``fit(compile=True)`` / ``deltakit train --compile`` (``torch.compile``,
   inductor). Its first steps compile (their time is reported as ``compile_warmup_s``).
@@ -63,7 +66,7 @@ from _common import RESULTS, machine_info, reset_peak_rss, status_kb, write_json
 DEFAULT_OUT = RESULTS / "llm.json"
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 R, ALPHA = 16, 32
-TRAIN = ("deltakit_lora", "peft_lora", "full_ft", "deltakit_lora_compiled")
+TRAIN = ("deltakit_lora", "peft_lora", "full_ft", "frozen_floor", "deltakit_lora_compiled")
 MEMORY = ("deltakit_lora", "peft_lora", "full_ft")
 GEN = ("base", "unmerged", "merged", "single_of_8", "mixed_8")
 N_MIXED = 8
@@ -117,10 +120,11 @@ def _train_model(variant: str, base: torch.nn.Module) -> tuple[torch.nn.Module, 
                               task_type="CAUSAL_LM")
         model = peft.get_peft_model(model, cfg)
         return model, [p for p in model.parameters() if p.requires_grad]
-    if variant == "full_ft":
+    if variant in ("full_ft", "frozen_floor"):
+        first_norm = model.model.layers[0].input_layernorm.weight
         for p in model.parameters():
-            p.requires_grad_(True)
-        return model, list(model.parameters())
+            p.requires_grad_(variant == "full_ft" or p is first_norm)
+        return model, [p for p in model.parameters() if p.requires_grad]
     raise ValueError(f"expected a variant in {TRAIN}, found {variant!r}")
 
 
@@ -180,6 +184,8 @@ def _time_train(base, variants: tuple[str, ...], batch: int, seq: int, warmup: i
     pairs = {"deltakit/peft train step": ("deltakit_lora", "peft_lora"),
              "deltakit LoRA/full FT train step": ("deltakit_lora", "full_ft"),
              "peft LoRA/full FT train step": ("peft_lora", "full_ft"),
+             "frozen floor/peft train step": ("frozen_floor", "peft_lora"),
+             "frozen floor/deltakit train step": ("frozen_floor", "deltakit_lora"),
              "compiled/eager deltakit LoRA train step": ("deltakit_lora_compiled", "deltakit_lora")}
     pairs = {k: ab for k, ab in pairs.items() if all(x in fns for x in ab)}
     res["ratios"] = {k: _paired(res, a, b) for k, (a, b) in pairs.items()}
@@ -382,7 +388,7 @@ def _settings(a: argparse.Namespace) -> dict:
     return {"model": a.model or ("tiny" if q else "smollm2"), "quick": q, "threads": a.threads,
             "batch": a.batch or (2 if q else 8), "seq": a.seq or (32 if q else 256), "warmup": 1,
             "steps": a.steps or (2 if q else 5),
-            "mem_steps": 2 if q else 3, "gen_batch": N_MIXED, "prompt_len": 8 if q else 16,
+            "mem_steps": 2, "gen_batch": N_MIXED, "prompt_len": 8 if q else 16,
             "new_tokens": a.new_tokens or (4 if q else 32), "rounds": a.rounds or (1 if q else 3), "compile": a.compile or not (q or a.no_compile),
             "r": R, "alpha": ALPHA, "targets": list(LINEAR)}
 

@@ -20,7 +20,7 @@ def test_quick_run_writes_every_figure_and_the_traffic_bound(tmp_path, capsys):
     assert main(["bench", "llm", "--quick", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     tr, gen = res["train"], res["generation"]
-    assert set(tr["median_s"]) == {"deltakit_lora", "peft_lora", "full_ft"}     # compile is off in quick runs
+    assert set(tr["median_s"]) == {"deltakit_lora", "peft_lora", "full_ft", "frozen_floor"}  # no compile in quick runs
     assert all(len(v) == res["settings"]["steps"] for v in tr["times_s"].values())
     assert set(res["memory"]) == {"deltakit_lora", "peft_lora", "full_ft"}
     # the tiny Llama by hand: vocab 512 x 64 embedding (tied head) + 2 blocks of
