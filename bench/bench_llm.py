@@ -32,10 +32,10 @@ the training steps, reset just before them with ``/proc/self/clear_refs`` (else
 ``ru_maxrss``). ``peak - baseline`` is what training adds (activations, gradients, AdamW).
 
 Generation (greedy, ``deltakit.train.generate_ids``, 8 prompts of random tokens, no EOS so
-every row runs to ``max_new_tokens``): ``base`` (a model with no adapter), ``unmerged`` (one
-LoRA attached), ``merged`` (the same adapter merged), ``single_of_8`` (a model with 8 LoRAs,
-every row the active one: the plain path) and ``mixed_8`` (the same model, row i with
-adapter i: the batched mixed path). Each model is its own copy; rounds are interleaved.
+every row runs to ``max_new_tokens``): ``base`` (the model with no adapter), ``unmerged`` (a
+copy with 8 LoRAs attached, every row through the active one: the plain path), ``merged``
+(that adapter merged into the copy) and ``mixed_8`` (the copy, row i with adapter i: the
+batched mixed path; "single" in the ratios is ``unmerged``). Rounds are interleaved.
 Tokens/s is reported end to end (prefill included) and for the decode steps alone (the
 model's forward calls after the prefill, timed by forward hooks).
 
@@ -68,7 +68,7 @@ LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_
 R, ALPHA = 16, 32
 TRAIN = ("deltakit_lora", "peft_lora", "full_ft", "frozen_floor", "deltakit_lora_compiled")
 MEMORY = ("deltakit_lora", "peft_lora", "full_ft")
-GEN = ("base", "unmerged", "merged", "single_of_8", "mixed_8")
+GEN = ("base", "unmerged", "merged", "mixed_8")
 N_MIXED = 8
 TARGETS = {"deltakit/peft train step": ("<=", 0.9), "unmerged/merged tokens/s": (">=", 0.9),
            "mixed_8/single tokens/s over the bound": (">=", 0.9)}
@@ -239,19 +239,35 @@ class _ForwardTimer:
         model.register_forward_hook(lambda *_: self.calls.append(time.perf_counter() - self.t0))
 
 
-def _gen_models(base: torch.nn.Module) -> dict[str, tuple[torch.nn.Module, object]]:
-    """variant -> (its own model copy, the ``adapters`` argument of generate_ids)."""
+def _gen_models(base: torch.nn.Module) -> dict[str, tuple[torch.nn.Module, object, Callable]]:
+    """variant -> (model, the ``adapters`` argument of generate_ids, a context to run it in).
+
+    Two models in memory, not one per variant (a loaded shared machine killed a run holding
+    five SmolLM2 copies): the loaded base itself, and one copy carrying the 8 adapters with
+    ``a0`` active. ``merged`` merges ``a0`` into that copy for its turn and unmerges it after
+    (exact: the original weights are restored from the stash)."""
+    import contextlib
+
     import deltakit as dk
 
-    plain, one, merged, eight = (copy.deepcopy(base) for _ in range(4))
-    _deltakit_lora(one, "a0", seed=0)
-    _deltakit_lora(merged, "a0", seed=0).merge()
+    eight = copy.deepcopy(base)
     names = [f"a{i}" for i in range(N_MIXED)]
     for i, n in enumerate(names):
         _deltakit_lora(eight, n, seed=i)
     dk.set_active(eight, "a0")
-    return {"base": (plain, None), "unmerged": (one, None), "merged": (merged, None),
-            "single_of_8": (eight, "a0"), "mixed_8": (eight, names)}
+    a0 = dk.get_adapter(eight, "a0")
+
+    @contextlib.contextmanager
+    def merged():
+        a0.merge()
+        try:
+            yield
+        finally:
+            a0.unmerge()
+
+    plain = contextlib.nullcontext
+    return {"base": (base, None, plain), "unmerged": (eight, None, plain), "merged": (eight, None, merged),
+            "mixed_8": (eight, names, plain)}
 
 
 def _gen_once(model, timer: _ForwardTimer, adapters, prompts: list[list[int]], new: int) -> dict:
@@ -270,15 +286,16 @@ def _gen_once(model, timer: _ForwardTimer, adapters, prompts: list[list[int]], n
 
 def _time_generation(base, batch: int, prompt_len: int, new: int, rounds: int, log) -> dict:
     models = _gen_models(base)
-    timers = {id(m): _ForwardTimer(m) for m, _ in models.values()}
+    timers = {id(m): _ForwardTimer(m) for m, _, _ in models.values()}
     g = torch.Generator().manual_seed(2)
     prompts = torch.randint(10, base.config.vocab_size, (batch, prompt_len), generator=g).tolist()
     runs = {v: [] for v in models}
     loads = []
     for r in range(rounds + 1):  # round 0 warms up
         loads.append(os.getloadavg()[0])
-        for v, (m, adapters) in models.items():
-            res = _gen_once(m, timers[id(m)], adapters, prompts, new)
+        for v, (m, adapters, scope) in models.items():
+            with scope():
+                res = _gen_once(m, timers[id(m)], adapters, prompts, new)
             if r:
                 runs[v].append(res)
         log(f"generation round {r}{' (warm-up)' if r == 0 else ''} done")
@@ -286,8 +303,7 @@ def _time_generation(base, batch: int, prompt_len: int, new: int, rounds: int, l
     dps = {v: [x["decode_tokens"] / x["decode_s"] for x in rs] for v, rs in runs.items()}
     ratio = lambda d, a, b: statistics.median(x / y for x, y in zip(d[a], d[b]))  # noqa: E731
     pairs = {"unmerged/merged tokens/s": ("unmerged", "merged"), "unmerged/base tokens/s": ("unmerged", "base"),
-             "merged/base tokens/s": ("merged", "base"), "mixed_8/single tokens/s": ("mixed_8", "single_of_8"),
-             "single_of_8/unmerged tokens/s": ("single_of_8", "unmerged")}
+             "merged/base tokens/s": ("merged", "base"), "mixed_8/single tokens/s": ("mixed_8", "unmerged")}
     return {"runs": runs, "loadavg_1m": loads,
             "tokens_per_s": {v: statistics.median(x) for v, x in tps.items()},
             "decode_tokens_per_s": {v: statistics.median(x) for v, x in dps.items()},
@@ -325,38 +341,57 @@ def _mark(key: str, value: float) -> str:
 
 
 def markdown(res: dict) -> str:
-    s, tr, gen, mem = res["settings"], res["train"], res["generation"], res["memory"]
-    m = res["machine"]
+    """The report: header with machine and load, then a table per section that ran."""
+    s, m = res["settings"], res["machine"]
     lines = [f"# LLM bench: {s['model']}, {m['cpu']}, {s['threads']} threads, torch {m['torch']}, "
              f"peft {m.get('peft')}", "",
              f"Load average (1 min) at start {res['loadavg_start'][0]:.2f}, end {res['loadavg_end'][0]:.2f}; "
-             f"{'QUICK smoke run, figures meaningless' if s['quick'] else 'medians of interleaved rounds'}.", "",
-             f"## SFT step: batch {s['batch']} x {s['seq']}, bf16 autocast, AdamW, LoRA r={R} on {', '.join(LINEAR)}",
+             f"{'QUICK smoke run, figures meaningless' if s['quick'] else 'medians of interleaved rounds'}; "
+             f"sections: {', '.join(res.get('sections', SECTIONS))}.", ""]
+    if "train" in res:
+        lines += _train_table(res)
+    if "generation" in res:
+        lines += _generation_table(res)
+    lines += _ratio_table(res)
+    if res.get("compile_error"):
+        lines += ["", f"torch.compile failed: {res['compile_error']}"]
+    return "\n".join(lines)
+
+
+def _train_table(res: dict) -> list[str]:
+    s, tr, mem = res["settings"], res["train"], res.get("memory", {})
+    lines = [f"## SFT step: batch {s['batch']} x {s['seq']}, bf16 autocast, AdamW, LoRA r={R} on {', '.join(LINEAR)}",
              "", "| contender | step (s) | CPU (s) | trainable params | peak RSS delta (MB) | baseline RSS (MB) |",
              "|---|---:|---:|---:|---:|---:|"]
     for v, t in tr["median_s"].items():
         mm = mem.get(v, {})
         lines.append(f"| {v} | {t:.3f} | {tr['median_cpu_s'][v]:.3f} | {mm.get('trainable_params', '')} | "
                      f"{mm.get('peak_delta_mb', float('nan')):.0f} | {mm.get('baseline_rss_mb', float('nan')):.0f} |")
-    lines += ["", f"## Generation: greedy, batch {s['gen_batch']}, prompt {s['prompt_len']} + {s['new_tokens']} "
-              "new tokens", "", "| variant | tokens/s (end to end) | decode tokens/s |", "|---|---:|---:|"]
+    return lines + [""]
+
+
+def _generation_table(res: dict) -> list[str]:
+    s, gen = res["settings"], res["generation"]
+    lines = [f"## Generation: greedy, batch {s['gen_batch']}, prompt {s['prompt_len']} + {s['new_tokens']} "
+             "new tokens", "", "| variant | tokens/s (end to end) | decode tokens/s |", "|---|---:|---:|"]
     for v in gen["tokens_per_s"]:
         lines.append(f"| {v} | {gen['tokens_per_s'][v]:.1f} | {gen['decode_tokens_per_s'][v]:.1f} |")
     b = gen["bound"]
-    lines += ["", f"Mixed-{b['adapters']} traffic bound: base {b['base_bytes'] / 2**20:.1f} MiB, "
-              f"{b['adapters']} adapters' factors {b['adapters_bytes'] / 2**20:.1f} MiB -> bound {b['bound']:.3f}", "",
-              "## Ratios (median of paired rounds) and targets", "", "| ratio | wall | CPU / decode-only | target |",
-              "|---|---:|---:|---|"]
-    for k, v in tr["ratios"].items():
-        lines.append(f"| {k} | {v:.3f} | {tr['cpu_ratios'][k]:.3f} | {_mark(k, v) if k in TARGETS else ''} |")
-    for k, v in gen["ratios"].items():
-        lines.append(f"| {k} | {v:.3f} | {gen['decode_ratios'][k]:.3f} | {_mark(k, v) if k in TARGETS else ''} |")
-    over = res["mixed_over_bound"]
-    lines.append(f"| mixed_8/single tokens/s over the bound | {over['end_to_end']:.3f} | {over['decode']:.3f} | "
-                 f"{_mark('mixed_8/single tokens/s over the bound', over['end_to_end'])} |")
-    if res.get("compile_error"):
-        lines += ["", f"torch.compile failed: {res['compile_error']}"]
-    return "\n".join(lines)
+    return lines + ["", f"Mixed-{b['adapters']} traffic bound: base {b['base_bytes'] / 2**20:.1f} MiB, "
+                    f"{b['adapters']} adapters' factors {b['adapters_bytes'] / 2**20:.1f} MiB -> bound "
+                    f"{b['bound']:.3f}", ""]
+
+
+def _ratio_table(res: dict) -> list[str]:
+    lines = ["## Ratios (median of paired rounds) and targets", "", "| ratio | wall | CPU / decode-only | target |",
+             "|---|---:|---:|---|"]
+    for sec, other in (("train", "cpu_ratios"), ("generation", "decode_ratios")):
+        for k, v in res.get(sec, {}).get("ratios", {}).items():
+            lines.append(f"| {k} | {v:.3f} | {res[sec][other][k]:.3f} | {_mark(k, v) if k in TARGETS else ''} |")
+    if "mixed_over_bound" in res:
+        over, key = res["mixed_over_bound"], "mixed_8/single tokens/s over the bound"
+        lines.append(f"| {key} | {over['end_to_end']:.3f} | {over['decode']:.3f} | {_mark(key, over['end_to_end'])} |")
+    return lines
 
 
 def plot(res: dict, path: Path) -> None:
@@ -365,17 +400,17 @@ def plot(res: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tr, gen, mem = res["train"], res["generation"], res["memory"]
-    fig, ax = plt.subplots(1, 3, figsize=(14, 4))
-    names = list(tr["median_s"])
-    ax[0].barh(names, [tr["median_s"][v] for v in names])
-    ax[0].set_xlabel("train step (s, median)")
-    mnames = [v for v in names if v in mem]
-    ax[1].barh(mnames, [mem[v]["peak_delta_mb"] for v in mnames])
-    ax[1].set_xlabel("peak RSS added by training (MB)")
-    g = list(gen["tokens_per_s"])
-    ax[2].barh(g, [gen["decode_tokens_per_s"][v] for v in g])
-    ax[2].set_xlabel("decode tokens/s (median)")
+    panels = []
+    if "train" in res:
+        panels.append(("train step (s, median)", res["train"]["median_s"]))
+    if "memory" in res:
+        panels.append(("peak RSS added by training (MB)", {v: x["peak_delta_mb"] for v, x in res["memory"].items()}))
+    if "generation" in res:
+        panels.append(("decode tokens/s (median)", res["generation"]["decode_tokens_per_s"]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.7 * len(panels), 4), squeeze=False)
+    for ax, (label, values) in zip(axes[0], panels):
+        ax.barh(list(values), list(values.values()))
+        ax.set_xlabel(label)
     fig.suptitle(f"{res['settings']['model']}: load {res['loadavg_start'][0]:.1f} -> {res['loadavg_end'][0]:.1f}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -406,30 +441,42 @@ def _train_section(res: dict, base, s: dict, log) -> None:
         res["train"] = _time_train(base, TRAIN[:-1], s["batch"], s["seq"], s["warmup"], s["steps"], log)
 
 
-def run(a: argparse.Namespace) -> dict:
-    """Run everything, write ``<out>.json``, ``.md`` and ``.png``; return the results."""
-    from _common import Log
-
-    s = _settings(a)
-    torch.set_num_threads(s["threads"])
-    log = Log()
-    res = {"machine": machine_info("transformers", "peft"), "loadavg_start": os.getloadavg(), "settings": s,
-           "targets": {k: list(v) for k, v in TARGETS.items()}}
-    t0 = time.time()
-    base = _base(s["model"])
-    log(f"loaded {s['model']}")
-    _train_section(res, base, s, log)
-    res["memory"] = {v: _memory(v, s["model"], s["mem_steps"], s["batch"], s["seq"], s["threads"]) for v in MEMORY}
-    log("memory runs done")
+def _generation_section(res: dict, base, s: dict, log) -> None:
     base.eval()
     gen = res["generation"] = _time_generation(base, s["gen_batch"], s["prompt_len"], s["new_tokens"],
                                                s["rounds"], log)
     bound = gen["bound"]["bound"]
     res["mixed_over_bound"] = {"end_to_end": gen["ratios"]["mixed_8/single tokens/s"] / bound,
                                "decode": gen["decode_ratios"]["mixed_8/single tokens/s"] / bound}
-    res["loadavg_end"] = os.getloadavg()
-    res["wall_s"] = time.time() - t0
+
+
+def _memory_section(res: dict, base, s: dict, log) -> None:
+    res["memory"] = {v: _memory(v, s["model"], s["mem_steps"], s["batch"], s["seq"], s["threads"]) for v in MEMORY}
+
+
+SECTIONS = {"train": _train_section, "memory": _memory_section, "generation": _generation_section}
+
+
+def run(a: argparse.Namespace) -> dict:
+    """Run the sections, rewriting ``<out>.json`` after each (a late failure loses nothing),
+    then ``.md`` and ``.png``; return the results."""
+    from _common import Log
+
+    s = _settings(a)
+    torch.set_num_threads(s["threads"])
+    log = Log()
+    res = {"machine": machine_info("transformers", "peft"), "loadavg_start": os.getloadavg(), "settings": s,
+           "targets": {k: list(v) for k, v in TARGETS.items()}, "sections": list(a.sections), "complete": False}
+    t0 = time.time()
+    base = _base(s["model"])
+    log(f"loaded {s['model']}")
     out = Path(a.out)
+    for name in a.sections:
+        SECTIONS[name](res, base, s, log)
+        res["loadavg_end"], res["wall_s"] = os.getloadavg(), time.time() - t0
+        write_json(out, res)
+        log(f"{name} done")
+    res["complete"] = True
     write_json(out, res)
     text = markdown(res)
     write_text(out.with_suffix(".md"), text + "\n")
@@ -449,6 +496,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="timed train rounds (default 5, quick 2)")
     p.add_argument("--rounds", type=int, default=None, help="timed generation rounds (default 3, quick 1)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--sections", default=",".join(SECTIONS), type=lambda v: v.split(","),
+                   help=f"which parts to run, comma-separated (default {','.join(SECTIONS)})")
     p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile contender")
     p.add_argument("--compile", action="store_true", help="time the torch.compile contender with --quick too "
                                                            "(compiling takes minutes; off in quick runs)")
@@ -457,6 +506,9 @@ def main(argv=None) -> int:
     p.add_argument("--seq", type=int, default=None, help="train tokens per row (default 256, quick 32)")
     p.add_argument("--new-tokens", type=int, default=None, help="tokens generated per row (default 32, quick 4)")
     a = p.parse_args(argv)
+    unknown = [x for x in a.sections if x not in SECTIONS]
+    if unknown:
+        p.error(f"expected sections among {list(SECTIONS)}, found {unknown}")
     if a.memory_child:
         print(json.dumps(_memory_child(a.memory_child, a.model or "smollm2", a.steps or 3, a.batch or 8,
                                        a.seq or 256, a.threads)))

@@ -34,7 +34,7 @@ def test_quick_run_writes_every_figure_and_the_traffic_bound(tmp_path, capsys):
     b = gen["bound"]
     assert (b["base_bytes"], b["adapters_bytes"]) == (4 * 106816, 8 * 4 * lora)
     assert b["bound"] == pytest.approx(106816 / (106816 + 8 * lora))
-    assert set(gen["tokens_per_s"]) == {"base", "unmerged", "merged", "single_of_8", "mixed_8"}
+    assert set(gen["tokens_per_s"]) == {"base", "unmerged", "merged", "mixed_8"}
     # greedy to max_new_tokens (no EOS): every run produced batch x new tokens
     new, batch = res["settings"]["new_tokens"], res["settings"]["gen_batch"]
     assert all(r["tokens"] == batch * new for rs in gen["runs"].values() for r in rs)

@@ -51,6 +51,10 @@ How :func:`fit` behaves, and why:
   :func:`deltakit.train.instruct.make_instruction_loader` trains on the model's own loss:
   ``labels`` are ``-100`` outside assistant tokens, so the prompt costs nothing.
   ``gradient_checkpointing=True`` trades a second forward per block for activation memory.
+- *torch.compile.* ``compile=True`` trains through :func:`compile_model` (inductor). The
+  first steps compile (minutes for a 30-block LLM on a 2-core CPU) and the graph breaks where
+  deltakit reads its per-call routing, so it pays on long runs only; ``bench/bench_llm.py``
+  measures it. Evaluation and checkpoints use the model itself (the same parameters).
 - *Progress.* On a terminal, a tqdm bar with loss, learning rate, tokens/s
   (non-padding tokens, from ``attention_mask`` when the batch has one) and ETA;
   otherwise one line per log step with the same figures.
