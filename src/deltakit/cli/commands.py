@@ -190,12 +190,6 @@ def add_train(sub) -> None:
                         "(default: the directory's name)")
     p.add_argument("--packing", action="store_true",
                    help="causal-lm: concatenate examples into rows of --max-length tokens (default off)")
-    p.add_argument("--gradient-checkpointing", action="store_true",
-                   help="recompute activations in backward instead of storing them: less memory, same "
-                        "gradients, a slower step (default off)")
-    p.add_argument("--compile", action="store_true",
-                   help="run the training forward through torch.compile (fit(compile=True)); the first steps "
-                        "compile, and a compiler failure stops with an error (default off)")
     p.add_argument("--dev", default=None, help="evaluation file (default: none, or dev.tsv of a directory)")
     p.add_argument("--method", default="lora", help="method name (see 'deltakit methods'; default lora)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -222,12 +216,23 @@ def add_train(sub) -> None:
                    help="checkpoint every N steps (default 50; 0: none without --ckpt-dir) to --ckpt-dir, else to "
                         "OUT.ckpt beside -o OUT, which is removed after the adapter is saved; re-running the same "
                         "command resumes from the newest checkpoint")
-    p.add_argument("--autocast", default=None, choices=["bf16", "fp16"],
-                   help="mixed precision: forward under torch.autocast, fp32 master weights (default off)")
     p.add_argument("--ckpt-dir", default=None, help="checkpoint directory; training resumes from it")
     p.add_argument("-o", "--out", required=True, help="adapter " + OUT_HELP)
     add_overwrite(p, "adapter")
+    _add_speed_flags(p)
     p.set_defaults(func=run_train)
+
+
+def _add_speed_flags(p) -> None:
+    """How a training step runs (the same maths each way): precision, memory, compilation."""
+    p.add_argument("--autocast", default=None, choices=["bf16", "fp16"],
+                   help="mixed precision: forward under torch.autocast, fp32 master weights (default off)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in backward instead of storing them: less memory, same "
+                        "gradients, a slower step (default off)")
+    p.add_argument("--compile", action="store_true",
+                   help="run the training forward through torch.compile (fit(compile=True)); the first steps "
+                        "compile, and a compiler failure stops with an error (default off)")
 
 
 def run_train(args) -> int:
