@@ -44,7 +44,13 @@ adapter, mixing 8 can at best run at bytes(base) / (bytes(base) + bytes(8 adapte
 (every factor is read once per step), computed from the real tensors' byte counts (tied
 weights counted once).
 
-    python bench/bench_llm.py [--quick] [--steps N] [--rounds N] [--out bench/results/llm.json]
+Memory: the train section holds the base and one copy per contender in one process (about
+5 GB resident for SmolLM2 with full fine-tuning's gradients and AdamW state): on a machine
+shared with other jobs, run ``--sections train`` / ``memory`` / ``generation`` separately if
+need be (each rewrites the JSON it is given with what it ran).
+
+    python bench/bench_llm.py [--quick] [--steps N] [--rounds N] [--sections train,memory,generation]
+                              [--out bench/results/llm.json]
 """
 from __future__ import annotations
 
