@@ -48,6 +48,9 @@ class Call:
 
 
 _NO_CALL = Call()
+# call scopes open right now, in all threads: while 0, ModelState.call() skips the ContextVar
+_OPEN_SCOPES = 0
+_OPEN_LOCK = threading.Lock()
 _CALLS: contextvars.ContextVar[MappingProxyType] = contextvars.ContextVar(
     "deltakit_calls", default=MappingProxyType({}))
 
@@ -137,16 +140,25 @@ class ModelState:
         return [n for n in self.active if n in present and n not in self.merged]
 
     def call(self) -> Call:
+        # No call scope open in any thread: nothing to look up. A plain int read, which
+        # torch.compile traces (it cannot trace ContextVar.get: a graph break per layer).
+        if not _OPEN_SCOPES:
+            return _NO_CALL
         return _CALLS.get().get(id(self), _NO_CALL)
 
 
 @contextlib.contextmanager
 def call_scope(state: ModelState, **changes) -> Iterator[Call]:
     """Within the block (this thread / context only), ``state``'s call settings get ``changes``."""
+    global _OPEN_SCOPES
     calls = _CALLS.get()
     new = replace(calls.get(id(state), _NO_CALL), **changes)
+    with _OPEN_LOCK:  # counted before the context is set: a forward inside the block sees it
+        _OPEN_SCOPES += 1
     token = _CALLS.set(MappingProxyType({**calls, id(state): new}))
     try:
         yield new
     finally:
         _CALLS.reset(token)
+        with _OPEN_LOCK:
+            _OPEN_SCOPES -= 1
