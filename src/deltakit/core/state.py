@@ -148,6 +148,20 @@ class ModelState:
 
 
 @contextlib.contextmanager
+def scopes_open() -> Iterator[None]:
+    """Count as an open call scope for the block: for code that sets ``_CALLS`` another way
+    (gradient checkpointing replaying a forward's context variables in backward)."""
+    global _OPEN_SCOPES
+    with _OPEN_LOCK:
+        _OPEN_SCOPES += 1
+    try:
+        yield
+    finally:
+        with _OPEN_LOCK:
+            _OPEN_SCOPES -= 1
+
+
+@contextlib.contextmanager
 def call_scope(state: ModelState, **changes) -> Iterator[Call]:
     """Within the block (this thread / context only), ``state``'s call settings get ``changes``."""
     global _OPEN_SCOPES

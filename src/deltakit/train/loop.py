@@ -370,9 +370,12 @@ def _replay_context() -> tuple[contextlib.AbstractContextManager, contextlib.Abs
 
 @contextlib.contextmanager
 def _with_context_vars(saved: contextvars.Context) -> Iterator[None]:
+    from deltakit.core.state import scopes_open  # the replayed routing must be read, not skipped
+
     tokens = [(var, var.set(value)) for var, value in saved.items()]
     try:
-        yield
+        with scopes_open():
+            yield
     finally:
         for var, token in reversed(tokens):
             var.reset(token)
