@@ -16,7 +16,11 @@ What varies per call lives in a :class:`contextvars.ContextVar`, so that many th
 A context value maps a model state's id to its :class:`Call`; entering a block sets a
 new mapping and leaving it resets the token, so nesting restores the outer block's
 settings exactly, and a thread never sees another thread's settings (each thread runs in
-its own context; ``contextvars.copy_context().run`` shares one on purpose).
+its own context; ``contextvars.copy_context().run`` shares one on purpose). While no block
+is open in any thread (a process-wide count), a forward does not read the ContextVar at all:
+``torch.compile`` cannot trace ``ContextVar.get``, and that read made every adapted layer a
+graph break. Code that restores a saved context after its block closed (gradient
+checkpointing's recompute) holds :func:`scopes_open` meanwhile, or the routing is not read.
 
 Changes to the persistent state (attach, detach, merge, unmerge, set_active) wait for the
 model's forwards in flight to finish, and forwards wait for a change in progress: the
