@@ -129,7 +129,7 @@ def test_bench_passes_its_options_to_the_script(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("name,option", [("methods", "--budget-tasks"), ("merge-quality", "--report-from"),
-                                         ("lora", "--dtypes")])
+                                         ("lora", "--dtypes"), ("llm", "--sections")])
 def test_every_bench_script_loads_through_the_cli(capsys, name, option):
     """A script's frozen dataclasses (postponed annotations) need their module in sys.modules:
     `deltakit bench methods / merge-quality` failed at import before run_bench registered it."""

@@ -141,10 +141,34 @@ def test_activation_adapters_mixed_rows_equal_alone(method, kind, kw):
         assert mixed[i] == _alone(model, name)[i], (i, name)
 
 
-def test_prompt_tuning_with_base_rows_is_refused_with_the_cache():
-    model = _with_adapters("gpt2", "prompt_tuning", num_virtual_tokens=3)
-    with pytest.raises(DeltaStateError, match="one prompt length for every row"):
-        generate_ids(model, PROMPTS, adapters=ROWS, max_new_tokens=NEW)
+def _virtual_token_mix(kind: str, method: str):
+    """A LoRA "l" and two adapters of ``method`` with different lengths ("p": 3, "q": 5)."""
+    model = make_model(kind)
+    cfgs = {"l": dk.LoraConfig(r=4), "p": dk.get_method(method).config(num_virtual_tokens=3),
+            "q": dk.get_method(method).config(num_virtual_tokens=5)}
+    for i, (name, cfg) in enumerate(cfgs.items()):   # LoRA first: it targets layers inside the backbone
+        ad = dk.attach(model, cfg, name=name)
+        g = torch.Generator().manual_seed(100 + i)
+        with torch.no_grad():
+            for p in ad.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+    return model
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_virtual_tokens_mixed_with_other_rows_and_left_padding_equal_alone(kind, method):
+    # Prompts of different lengths (left padding) with the KV cache; virtual-token rows of two
+    # lengths share the batch with base and LoRA rows. Each row must equal that row decoded alone.
+    model = _virtual_token_mix(kind, method)
+    for rows in ([None, "p", None, None, None], [None, "p", "l", "q", None], ["q", "p", "p", "l", "q"]):
+        mixed = generate_ids(model, PROMPTS, adapters=rows, max_new_tokens=NEW)
+        for i, name in enumerate(rows):
+            alone = generate_ids(model, [PROMPTS[i]], adapters=[name], max_new_tokens=NEW)[0]
+            assert mixed[i] == alone, (rows, i, name)
+    # the rows really differ by adapter: otherwise equality above would prove nothing
+    outs = {n: generate_ids(model, PROMPTS, adapters=[n] * len(PROMPTS), max_new_tokens=NEW) for n in (None, "p", "q", "l")}
+    assert len({tuple(map(tuple, o)) for o in outs.values()}) == 4
 
 
 def test_bad_arguments_are_one_line_errors():

@@ -156,7 +156,7 @@ def _export_lora(adapter, model, out: Path, rank: int | None, energy: float | No
 
 # ----------------------------------------------------------------------------- bench
 BENCHES = {"lora": "bench_lora", "methods": "bench_methods", "merge": "bench_merge",
-           "merge-quality": "bench_merge_quality"}
+           "merge-quality": "bench_merge_quality", "llm": "bench_llm"}
 
 
 def add_bench(sub) -> None:
@@ -214,9 +214,6 @@ def add_train(sub) -> None:
                         "(default: the directory's name)")
     p.add_argument("--packing", action="store_true",
                    help="causal-lm: concatenate examples into rows of --max-length tokens (default off)")
-    p.add_argument("--gradient-checkpointing", action="store_true",
-                   help="recompute activations in backward instead of storing them: less memory, same "
-                        "gradients, a slower step (default off)")
     p.add_argument("--dev", default=None, help="evaluation file (default: none, or dev.tsv of a directory)")
     p.add_argument("--method", default="lora", help="method name (see 'deltakit methods'; default lora)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -243,12 +240,23 @@ def add_train(sub) -> None:
                    help="checkpoint every N steps (default 50; 0: none without --ckpt-dir) to --ckpt-dir, else to "
                         "OUT.ckpt beside -o OUT, which is removed after the adapter is saved; re-running the same "
                         "command resumes from the newest checkpoint")
-    p.add_argument("--autocast", default=None, choices=["bf16", "fp16"],
-                   help="mixed precision: forward under torch.autocast, fp32 master weights (default off)")
     p.add_argument("--ckpt-dir", default=None, help="checkpoint directory; training resumes from it")
     p.add_argument("-o", "--out", required=True, help="adapter " + OUT_HELP)
     add_overwrite(p, "adapter")
+    _add_speed_flags(p)
     p.set_defaults(func=run_train)
+
+
+def _add_speed_flags(p) -> None:
+    """How a training step runs (the same maths each way): precision, memory, compilation."""
+    p.add_argument("--autocast", default=None, choices=["bf16", "fp16"],
+                   help="mixed precision: forward under torch.autocast, fp32 master weights (default off)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in backward instead of storing them: less memory, same "
+                        "gradients, a slower step (default off)")
+    p.add_argument("--compile", action="store_true",
+                   help="run the training forward through torch.compile (fit(compile=True)); the first steps "
+                        "compile, and a compiler failure stops with an error (default off)")
 
 
 def run_train(args) -> int:
@@ -285,7 +293,7 @@ def run_train(args) -> int:
                  ckpt_dir=ckpt_dir, ckpt_every=args.ckpt_every or None, eval_every=args.eval_every,
                  early_stopping_patience=args.early_stop, params=params, callbacks=callbacks,
                  autocast={"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.autocast),
-                 gradient_checkpointing=args.gradient_checkpointing)
+                 gradient_checkpointing=args.gradient_checkpointing, compile=args.compile)
     _save_trained(args, adapter, result, record, data, ckpt_dir if owned else None)
     return 0
 
@@ -396,7 +404,7 @@ def _run_train_causal_lm(args) -> int:
                  ckpt_dir=ckpt_dir, ckpt_every=args.ckpt_every or None, eval_every=args.eval_every,
                  early_stopping_patience=args.early_stop, early_stopping_metric="loss", params=params,
                  callbacks=callbacks, autocast={"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.autocast),
-                 gradient_checkpointing=args.gradient_checkpointing)
+                 gradient_checkpointing=args.gradient_checkpointing, compile=args.compile)
     _save_trained(args, adapter, result, record, data, ckpt_dir if owned else None)
     return 0
 

@@ -16,7 +16,11 @@ What varies per call lives in a :class:`contextvars.ContextVar`, so that many th
 A context value maps a model state's id to its :class:`Call`; entering a block sets a
 new mapping and leaving it resets the token, so nesting restores the outer block's
 settings exactly, and a thread never sees another thread's settings (each thread runs in
-its own context; ``contextvars.copy_context().run`` shares one on purpose).
+its own context; ``contextvars.copy_context().run`` shares one on purpose). While no block
+is open in any thread (a process-wide count), a forward does not read the ContextVar at all:
+``torch.compile`` cannot trace ``ContextVar.get``, and that read made every adapted layer a
+graph break. Code that restores a saved context after its block closed (gradient
+checkpointing's recompute) holds :func:`scopes_open` meanwhile, or the routing is not read.
 
 Changes to the persistent state (attach, detach, merge, unmerge, set_active) wait for the
 model's forwards in flight to finish, and forwards wait for a change in progress: the
@@ -48,6 +52,9 @@ class Call:
 
 
 _NO_CALL = Call()
+# call scopes open right now, in all threads: while 0, ModelState.call() skips the ContextVar
+_OPEN_SCOPES = 0
+_OPEN_LOCK = threading.Lock()
 _CALLS: contextvars.ContextVar[MappingProxyType] = contextvars.ContextVar(
     "deltakit_calls", default=MappingProxyType({}))
 
@@ -137,16 +144,39 @@ class ModelState:
         return [n for n in self.active if n in present and n not in self.merged]
 
     def call(self) -> Call:
+        # No call scope open in any thread: nothing to look up. A plain int read, which
+        # torch.compile traces (it cannot trace ContextVar.get: a graph break per layer).
+        if not _OPEN_SCOPES:
+            return _NO_CALL
         return _CALLS.get().get(id(self), _NO_CALL)
+
+
+@contextlib.contextmanager
+def scopes_open() -> Iterator[None]:
+    """Count as an open call scope for the block: for code that sets ``_CALLS`` another way
+    (gradient checkpointing replaying a forward's context variables in backward)."""
+    global _OPEN_SCOPES
+    with _OPEN_LOCK:
+        _OPEN_SCOPES += 1
+    try:
+        yield
+    finally:
+        with _OPEN_LOCK:
+            _OPEN_SCOPES -= 1
 
 
 @contextlib.contextmanager
 def call_scope(state: ModelState, **changes) -> Iterator[Call]:
     """Within the block (this thread / context only), ``state``'s call settings get ``changes``."""
+    global _OPEN_SCOPES
     calls = _CALLS.get()
     new = replace(calls.get(id(state), _NO_CALL), **changes)
+    with _OPEN_LOCK:  # counted before the context is set: a forward inside the block sees it
+        _OPEN_SCOPES += 1
     token = _CALLS.set(MappingProxyType({**calls, id(state): new}))
     try:
         yield new
     finally:
         _CALLS.reset(token)
+        with _OPEN_LOCK:
+            _OPEN_SCOPES -= 1

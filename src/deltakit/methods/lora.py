@@ -132,10 +132,11 @@ class LoRA(WeightDelta):
         output: r/out of the elementwise work, forward and backward.
         """
         A, B = _compute_factors(self, x)
-        x = _cast(x, A)
         drop = self._modules["dropout"]
         if not isinstance(drop, nn.Identity):  # no module call per decode step when there is none
-            x = drop(x)
+            x = drop(_cast(x, A))
+        elif not _autocast_keeps(x):
+            x = _cast(x, A)
         h = _down(base, x, A) * self.scale  # (B, ..., r)
         return _up(base, h, B)
 
@@ -175,6 +176,19 @@ def _compute_factors(d, x: Tensor) -> tuple[Tensor, Tensor]:
 
 def _cast(x: Tensor, like: Tensor) -> Tensor:
     return x if not x.is_floating_point() or x.dtype == like.dtype else x.to(like.dtype)
+
+
+def _autocast_keeps(x: Tensor) -> bool:
+    """True when autocast would run the branch's matmul / conv in ``x``'s own dtype anyway.
+
+    Then casting ``x`` up to fp32 factors first is an exact round trip (bf16 -> fp32 -> bf16)
+    that costs a pass over the activations forward and another backward, on every LoRA layer
+    whose input is already low precision (Llama's o_proj and down_proj under bf16 autocast);
+    skipping it changes no number of the output or of any gradient (tested). peft does the
+    round trip. Not with dropout: its random mask is drawn in the cast dtype.
+    """
+    dev = x.device.type
+    return x.is_floating_point() and torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == x.dtype
 
 
 def _down(base: nn.Module, x: Tensor, A: Tensor) -> Tensor:

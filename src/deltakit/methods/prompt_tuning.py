@@ -24,7 +24,12 @@ Mixed batches: a row of adapter k is ``[P_k, E(x), pad]`` and a base row is
 it computes alone, in one pass.
 
 Generation with a KV cache: the prompt enters the cache on the first step; later
-steps (cache not empty) only widen the attention mask.
+steps (cache not empty) rebuild the prefill's layout in the attention mask (per row its
+prompt columns, its input, then the padding that evened out shorter prompts) and shift
+positions by the row's prompt length, so left-padded prompts of different lengths, base
+rows and rows of other prompt lengths decode in one batch as each would alone. The prefill
+width is remembered per cache object (weakly), as the mask alone cannot tell it apart from
+the number of steps since.
 
 Initialisation: ``vocab`` copies the embeddings of ``n`` token ids sampled (seeded)
 from the first ``vocab_sample`` ids (the paper samples from the 5,000 most common
@@ -45,6 +50,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -150,7 +156,7 @@ def _prompted(base: nn.Module, inner, deltas: Sequence[PromptedBackbone], row: T
     input_ids = call.pop(first, None)
     past = call.get(cache_key(base, call))
     if past is not None and hasattr(past, "get_seq_length") and past.get_seq_length() > 0:
-        return _cached_step(inner, deltas, row, input_ids, call)
+        return _cached_step(inner, deltas, row, input_ids, call, past)
     embeds = call.pop("inputs_embeds", None)
     if embeds is None:
         embeds = base.get_input_embeddings()(input_ids)                         # (B, T, d)
@@ -159,22 +165,54 @@ def _prompted(base: nn.Module, inner, deltas: Sequence[PromptedBackbone], row: T
     call["inputs_embeds"] = rows.widen(_add_updates(embeds, deltas, row, T), rows.prompts, 0.0)
     _widen_inputs(call, rows, embeds)
     out = inner(None, **call)
+    _remember_layout(out, rows.lens, T)
     index = (rows.lens.view(-1, 1) + torch.arange(T, device=embeds.device)).long()  # (B, T) real positions
     return _strip(out, index, rows.n_max, T)
 
 
-def _cached_step(inner, deltas: Sequence[PromptedBackbone], row: Tensor, input_ids, call: dict):
-    """Later generation steps: the prompt is already in the cache; widen the mask only."""
-    ns = {d.n for d in deltas}
-    if len(ns) != 1 or (row < 0).any():
-        raise DeltaStateError("generation with a KV cache needs one prompt length for every row")
-    n = ns.pop()
-    if call.get("attention_mask") is not None:
-        m = call["attention_mask"]
-        call["attention_mask"] = torch.cat([m.new_ones(m.shape[0], n), m], dim=1)
+# cache object -> (prompt length per row (B,), prefill width T): what a later step needs to
+# rebuild the prefill's layout. Weak keys: an entry lives as long as its cache.
+_LAYOUTS: "weakref.WeakKeyDictionary[Any, tuple[Tensor, int]]" = weakref.WeakKeyDictionary()
+
+
+def _remember_layout(out, lens: Tensor, T: int) -> None:
+    cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+    if cache is not None and hasattr(cache, "get_seq_length"):
+        _LAYOUTS[cache] = (lens, T)
+
+
+def _cached_step(inner, deltas: Sequence[PromptedBackbone], row: Tensor, input_ids, call: dict, past):
+    """Later generation steps: the prompts are already in the cache as the prefill laid them
+    out, ``[P_b ; x_b ; n_max - n_b pads]`` per row; rebuild that layout in the mask (the
+    caller's mask covers only the real columns) and shift positions by each row's n_b."""
+    lens = torch.tensor([d.n for d in deltas] + [0], device=row.device)[row]              # (B,)
+    m = call.get("attention_mask")
+    if m is None:  # every column real: the caller's implicit mask, past prefill columns + this step's
+        q = (input_ids if input_ids is not None else call["inputs_embeds"]).shape[1]
+        width = int(past.get_seq_length()) - int(lens.max()) + q
+        m = torch.ones(lens.shape[0], width, dtype=torch.long, device=lens.device)
+    if int(lens.min()) == int(lens.max()):   # one prompt length, no padding after the input
+        call["attention_mask"] = torch.cat([m.new_ones(m.shape[0], int(lens[0])), m], dim=1)
+    else:
+        layout = _LAYOUTS.get(past)
+        if layout is None or not torch.equal(layout[0].to(lens.device), lens):
+            raise DeltaStateError("prompt tuning with a KV cache: expected the cache of a prefill with the same "
+                                  "rows and adapters, found " + ("an unknown cache" if layout is None else "other rows"))
+        call["attention_mask"] = _prefill_layout(m, lens, layout[1])
     if call.get("position_ids") is not None:
-        call["position_ids"] = call["position_ids"] + n
+        call["position_ids"] = call["position_ids"] + lens.view(-1, 1).to(call["position_ids"].dtype)
     return inner(input_ids, **call)
+
+
+def _prefill_layout(mask: Tensor, lens: Tensor, T: int) -> Tensor:
+    """(B, T + s) mask of the real columns -> (B, n_max + T + s): per row ``n_b`` ones (its
+    prompt), the first T columns, ``n_max - n_b`` zeros (the prefill's padding), the rest."""
+    n_max = int(lens.max())
+    j = torch.arange(n_max + T, device=mask.device)[None, :]                    # prefill columns
+    n = lens.view(-1, 1).to(mask.device)
+    real = mask[:, :T].gather(1, (j - n).clamp(0, T - 1))
+    head = torch.where(j < n, torch.ones_like(real), torch.where(j < n + T, real, torch.zeros_like(real)))
+    return torch.cat([head, mask[:, T:]], dim=1)
 
 
 def _add_updates(embeds: Tensor, deltas: Sequence[PromptedBackbone], row: Tensor, T: int) -> Tensor:

@@ -16,13 +16,14 @@ from deltakit.train.data import (DataFormatError, TextClassificationDataset, che
                                  rows_from_dataset, write_tsv)
 from deltakit.train.distributed import is_main_process, setup_distributed
 from deltakit.train.early_stop import EarlyStopping
-from deltakit.train.loop import (StatefulCallback, TrainingDivergedError, TrainResult, compute_loss, evaluate, fit,
-                                 make_optimizer, make_scheduler, trainable_parameters)
+from deltakit.train.loop import (StatefulCallback, TrainingDivergedError, TrainResult, compile_model, compute_loss,
+                                 evaluate, fit, make_optimizer, make_scheduler, trainable_parameters)
 from deltakit.train.metrics import accuracy, f1, f1_macro, mcc
 from deltakit.train.synthetic import make_task, task_num_labels, write_task
 
 __all__ = [
     "fit", "TrainResult", "TrainingDivergedError", "StatefulCallback", "EarlyStopping", "evaluate", "compute_loss",
+    "compile_model",
     "trainable_parameters", "make_optimizer", "make_scheduler", "save_checkpoint", "load_checkpoint",
     "latest_checkpoint",
     "setup_distributed", "is_main_process", "accuracy", "f1", "f1_macro", "mcc",

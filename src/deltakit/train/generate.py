@@ -24,10 +24,6 @@ with left padding and the cache, checked in tests/train/test_generate.py):
 What it does not offer: beam search, repetition penalties, stop strings. For those, call
 ``model.generate`` inside ``with dk.mixed_batch(model, rows):`` yourself.
 
-Limitation (of prompt tuning, not of this loop): with a KV cache, prompt tuning needs every
-row of a batch to carry a soft prompt of one length; a batch mixing prompt-tuning rows with
-base rows or with another prompt length raises ``DeltaStateError`` at the first cached step.
-
 >>> import deltakit as dk
 >>> from transformers import GPT2Config, GPT2LMHeadModel
 >>> m = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=8, n_layer=1, n_head=2, n_positions=32)).eval()

@@ -51,6 +51,10 @@ How :func:`fit` behaves, and why:
   :func:`deltakit.train.instruct.make_instruction_loader` trains on the model's own loss:
   ``labels`` are ``-100`` outside assistant tokens, so the prompt costs nothing.
   ``gradient_checkpointing=True`` trades a second forward per block for activation memory.
+- *torch.compile.* ``compile=True`` trains through :func:`compile_model` (inductor). The
+  first steps compile (minutes on a 2-core CPU), so it can pay on long runs only;
+  ``bench/bench_llm.py`` measures it. Evaluation and checkpoints use the model itself (the
+  same parameters).
 - *Progress.* On a terminal, a tqdm bar with loss, learning rate, tokens/s
   (non-padding tokens, from ``attention_mask`` when the batch has one) and ETA;
   otherwise one line per log step with the same figures.
@@ -97,7 +101,7 @@ from deltakit.train.early_stop import EarlyStopping
 from deltakit.train.metrics import METRICS
 
 __all__ = ["fit", "TrainResult", "TrainingDivergedError", "StatefulCallback", "evaluate", "trainable_parameters",
-           "make_optimizer", "make_scheduler", "compute_loss", "to_device", "Schedule"]
+           "make_optimizer", "make_scheduler", "compute_loss", "compile_model", "to_device", "Schedule"]
 
 Schedule = Literal["constant", "linear", "cosine"]
 Batch = Mapping[str, Any]
@@ -275,7 +279,7 @@ def fit(
     seed: int = 0, progress: bool = True, loss_fn: Callable[[torch.nn.Module, Batch], torch.Tensor] | None = None,
     params: Mapping[str, torch.nn.Parameter] | None = None, callbacks: Sequence[Any] = (),
     autocast: torch.dtype | None = None, early_stopping_patience: int | None = None,
-    early_stopping_metric: str | None = None, gradient_checkpointing: bool = False,
+    early_stopping_metric: str | None = None, gradient_checkpointing: bool = False, compile: bool = False,
 ) -> TrainResult:
     """Train the ``requires_grad`` parameters of ``model`` (or ``params``) on ``train_loader``.
 
@@ -292,6 +296,8 @@ def fit(
     ``autocast=torch.bfloat16`` runs forwards in bf16 with fp32 master weights.
     ``gradient_checkpointing=True`` recomputes a transformers model's block activations in
     backward (non-reentrant) instead of storing them; it is switched off again afterwards.
+    ``compile=True`` runs the training forward and loss through :func:`compile_model`
+    (``torch.compile``; evaluation stays eager); a compiler failure is an error, not a fallback.
     ``early_stopping_patience=P`` stops after P evaluations without improving
     ``early_stopping_metric`` (default: the first of ``metric``) and leaves the best
     evaluated parameters in the model. A non-finite loss, gradient, parameter or
@@ -306,6 +312,8 @@ def fit(
     run = _setup(model, train_loader, params, lr=lr, weight_decay=weight_decay, schedule=schedule,
                  warmup_steps=warmup_steps, max_steps=max_steps, epochs=epochs, grad_accum=grad_accum, seed=seed)
     run.ckpt_dir, run.progress = (Path(ckpt_dir) if ckpt_dir is not None else None), progress
+    if compile:
+        run.forward = compile_model(model)
     if early_stopping_patience is not None:
         name = early_stopping_metric or (metric if isinstance(metric, str) else metric[0])
         run.stopper = EarlyStopping(name if name.startswith("eval_") else f"eval_{name}", early_stopping_patience)
@@ -362,9 +370,12 @@ def _replay_context() -> tuple[contextlib.AbstractContextManager, contextlib.Abs
 
 @contextlib.contextmanager
 def _with_context_vars(saved: contextvars.Context) -> Iterator[None]:
+    from deltakit.core.state import scopes_open  # the replayed routing must be read, not skipped
+
     tokens = [(var, var.set(value)) for var, value in saved.items()]
     try:
-        yield
+        with scopes_open():
+            yield
     finally:
         for var, token in reversed(tokens):
             var.reset(token)
@@ -402,6 +413,7 @@ class _Run:
     start: int = 0
     steps_done: int = 0
     stopped_at: int | None = None  # the step early stopping ended the run at
+    forward: Any = None  # what the training forward calls (compile_model(model)); None: the model
     window: list[float] = field(default_factory=list)  # losses since the last log line, kept across a resume
     history: list[dict[str, float]] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
@@ -574,7 +586,7 @@ def _train_step(run: _Run, stream: Iterator[Batch], step: int, loss_fn, autocast
         batch = to_device(batch, run.device)
         cast = torch.autocast(run.device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
         with cast:
-            loss = compute_loss(run.model, batch, loss_fn).float() / run.grad_accum
+            loss = _forward_loss(run, batch, loss_fn).float() / run.grad_accum
         loss.backward()
         loss_step += loss.item()
     loss_step = _mean_over_ranks(loss_step, run.device)  # so every rank sees the same divergence
@@ -590,6 +602,38 @@ def _train_step(run: _Run, stream: Iterator[Batch], step: int, loss_fn, autocast
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     return loss_step, tokens
+
+
+def _forward_loss(run: _Run, batch: Batch, loss_fn) -> torch.Tensor:
+    if run.forward is None:
+        return compute_loss(run.model, batch, loss_fn)
+    try:
+        return compute_loss(run.forward, batch, loss_fn)
+    except Exception as e:  # the compiler's errors are many and long: one line, the cause chained
+        if not _is_compile_error(e):
+            raise
+        first = next((line for line in str(e).splitlines() if line.strip()), "")
+        raise RuntimeError(f"fit(compile=True): torch.compile failed ({type(e).__name__}: {first[:300]}); "
+                           "train without compile") from e
+
+
+def _is_compile_error(e: BaseException) -> bool:
+    mod = type(e).__module__ or ""
+    return mod.startswith(("torch._dynamo", "torch._inductor")) or "BackendCompilerFailed" in type(e).__name__
+
+
+def compile_model(model: torch.nn.Module, **options) -> torch.nn.Module:
+    """``torch.compile(model, **options)``: what ``fit(compile=True)`` trains through.
+
+    The returned module shares the model's parameters (the optimiser and checkpoints see
+    the same tensors). Compilation happens at the first call. A model with adapters traces
+    as one graph (a 2-block LoRA Llama: 1 graph, 0 breaks); inside ``disabled`` /
+    ``mixed_batch`` the per-call routing is read from a ``ContextVar``, which dynamo cannot
+    trace, so those calls recompile with a graph break per adapted layer (still correct).
+    """
+    if not hasattr(torch, "compile"):
+        raise RuntimeError(f"compile=True needs torch.compile (torch >= 2.0), found torch {torch.__version__}")
+    return torch.compile(model, **options)
 
 
 def _check_parameters(run: _Run, step: int) -> None:
