@@ -51,12 +51,10 @@ def _finetunes(cfg: Config, cache: Path, log: Log):
 
 
 def _budget():
-    """The size-budget allocator as the sweep calls it, or None while the library has none."""
-    try:
-        from compress.budgeted import budgeted
-    except ImportError:
-        return None
-    return budgeted
+    """The size-budget allocator as the sweep calls it: ``budget(tv)(ratio, out)``."""
+    from compress.budgeted import budget_for
+
+    return budget_for
 
 
 def run(quick: bool = False, llm: bool = True, **overrides) -> dict:

@@ -67,10 +67,13 @@ class Scorer:
 
 
 def compress_delta(tv: Mapping[str, torch.Tensor], codec: str, knobs: dict, out: Path) -> dict:
-    """Compress every tensor of ``tv`` with ``codec`` (``knobs``), save to ``out`` (a task-vector
-    directory); returns bytes (parts and on disk), timings and the decoded delta."""
+    """Compress every tensor of ``tv`` with ``codec`` (``knobs``), write the compressed file
+    (``deltakit.compress`` container) to ``out``, load it back and decode; returns bytes (parts
+    and on disk), encode / decode speeds (in memory, fp32 GB/s) and the decoded delta."""
     from deltakit.compress import build_compressor_config, compress_tensor
-    from deltakit.taskvec import TaskVector, as_dense
+    from deltakit.compress.budget import stored_bytes
+    from deltakit.compress.container import Source, load_compressed, write_compressed
+    from deltakit.taskvec import as_dense
 
     cfg = build_compressor_config(codec, knobs)
     values, enc_s = {}, 0.0
@@ -80,17 +83,17 @@ def compress_delta(tv: Mapping[str, torch.Tensor], codec: str, knobs: dict, out:
         enc_s += elapsed()
     if out.exists():
         shutil.rmtree(out)
-    TaskVector.from_mapping(values).save(out)
-    loaded = TaskVector.load(out)
+    write_compressed(out, {n: Source(v, codec, knobs) for n, v in values.items()})
+    loaded = load_compressed(out)
     decoded, dec_s = {}, 0.0
-    for n in loaded.keys():
+    for n in tv:
         v = loaded.get(n)
         elapsed = timer(None)
         decoded[n] = as_dense(v, torch.float32)
         dec_s += elapsed()
     fp32 = sum(t.numel() * 4 for t in tv.values())
-    parts = sum(getattr(v, "nbytes", None) or v.numel() * v.element_size() for v in values.values())
-    return {"decoded": decoded, "bytes_parts": parts, "bytes_file": dir_bytes(out), "fp32_bytes": fp32,
+    return {"decoded": decoded, "bytes_parts": sum(stored_bytes(v) for v in values.values()),
+            "bytes_file": dir_bytes(out), "fp32_bytes": fp32,
             "encode_gbps": round(fp32 / max(enc_s, 1e-9) / 1e9, 3),
             "decode_gbps": round(fp32 / max(dec_s, 1e-9) / 1e9, 3),
             "rel_error": round(_rel_error(tv, decoded), 6)}

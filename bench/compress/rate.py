@@ -13,17 +13,20 @@ from collections.abc import Sequence
 
 __all__ = ["RATE_KNOBS", "settings_for", "planned_ratio"]
 
-# codec -> ("continuous", knob, low, high, log, integer) | ("discrete", [settings...]); codecs not
-# listed are run once at their defaults (their ratio is what it is, e.g. BitDelta's ~1 bit)
+# codec -> ("continuous", low, high, log, integer, knobs(v)) with the size growing in v, or
+# ("discrete", [settings...]); codecs not listed run once at their defaults (BitDelta: ~1 bit)
 RATE_KNOBS: dict[str, tuple] = {
-    "topk": ("continuous", "density", 1e-4, 1.0, True, False),
-    "dare": ("continuous", "density", 1e-4, 1.0, True, False),
-    "compeft": ("continuous", "density", 1e-4, 1.0, True, False),
-    "svd": ("continuous", "bits", 0.05, 16.0, True, False),
-    "svd_quant": ("continuous", "bits", 0.05, 8.0, True, False),
-    "deltacome": ("continuous", "bits", 0.05, 8.0, True, False),
+    "topk": ("continuous", 1e-4, 1.0, True, False, lambda v: {"density": v}),
+    "dare": ("continuous", 1e-4, 1.0, True, False, lambda v: {"p": 1.0 - v}),
+    "compeft": ("continuous", 1e-4, 1.0, True, False, lambda v: {"density": v}),
+    "svd": ("continuous", 0.01, 32.0, True, False, lambda v: {"bits": v}),
+    "svd_quant": ("continuous", 0.01, 16.0, True, False, lambda v: {"bits": v}),
+    "deltacome": ("continuous", 0.01, 8.0, True, False, lambda v: {"bits": v}),
     "quant": ("discrete", [{"bits": b, "group_size": g} for b in (8, 4, 3, 2) for g in (32, 64, 128, 256)]),
 }
+
+
+_SLACK = 1.3  # a setting more than 30% off the target ratio is another ratio's row, not this one's
 
 
 def planned_ratio(name: str, knobs: dict, shapes: Sequence[tuple[int, ...]]) -> float | None:
@@ -39,19 +42,21 @@ def planned_ratio(name: str, knobs: dict, shapes: Sequence[tuple[int, ...]]) -> 
     return 32.0 * total / planned if planned > 0 else math.inf
 
 
-def _bisect(name: str, knob: str, lo: float, hi: float, log: bool, integer: bool, ratio: float,
+def _bisect(name: str, knobs, lo: float, hi: float, log: bool, integer: bool, ratio: float,
             shapes) -> dict | None:
-    """Knob value whose planned ratio is closest to ``ratio`` from above (ratio falls as the knob grows)."""
-    f = (lambda v: planned_ratio(name, {knob: (round(v) if integer else v)}, shapes))
-    if f(hi) is None or f(lo) < ratio or f(hi) > ratio * 1.02:
-        return None if f(hi) is None or f(lo) < ratio else {knob: hi}
+    """Knobs whose planned ratio is closest to ``ratio`` from above (the ratio falls as v grows)."""
+    val = (lambda v: knobs(round(v) if integer else float(f"{v:.6g}")))
+    f = (lambda v: planned_ratio(name, val(v), shapes))
+    if f(hi) is None or f(lo) < ratio or f(hi) > ratio * _SLACK:
+        return None  # cannot get that small, or cannot spend that many bytes
+    if f(hi) > ratio:
+        return val(hi)
     a, b = (math.log(lo), math.log(hi)) if log else (lo, hi)
     for _ in range(40):
         m = (a + b) / 2
         v = math.exp(m) if log else m
         a, b = (m, b) if f(v) > ratio else (a, m)
-    v = math.exp(a) if log else a
-    return {knob: round(v) if integer else float(f"{v:.6g}")}
+    return val(math.exp(a) if log else a)
 
 
 def settings_for(name: str, ratio: float, shapes: Sequence[tuple[int, ...]]) -> dict | None:
@@ -61,7 +66,7 @@ def settings_for(name: str, ratio: float, shapes: Sequence[tuple[int, ...]]) -> 
         return {}
     if spec[0] == "discrete":
         scored = [(abs(math.log(r / ratio)), s) for s in spec[1]
-                  if (r := planned_ratio(name, s, shapes)) is not None]
+                  if (r := planned_ratio(name, s, shapes)) is not None and 1 / _SLACK <= r / ratio <= _SLACK]
         return min(scored, key=lambda x: x[0])[1] if scored else None
-    _, knob, lo, hi, log, integer = spec
-    return _bisect(name, knob, lo, hi, log, integer, ratio, shapes)
+    _, lo, hi, log, integer, knobs = spec
+    return _bisect(name, knobs, lo, hi, log, integer, ratio, shapes)

@@ -63,9 +63,10 @@ def _ratios(cfg: Config, codec: str) -> list[float | None]:
 
 def _budget_rows(cfg: Config, t: str, td, tv, head, scorer: Scorer, ref: float, budget: Callable, tmp: Path,
                  log: Log) -> list[dict]:
-    rows = []
+    """``budget(tv)`` measures the task's candidates once; each ratio then only allocates."""
+    rows, run = [], budget(tv)
     for ratio in cfg.ratios:
-        res = budget(tv, ratio, tmp / "b")
+        res = run(ratio, tmp / "b")
         rows.append(_row(t, "budget", ratio, res.pop("choices"), res, scorer.score(td, res.pop("decoded"), head),
                          ref))
         log(f"  {t} budget x{ratio} -> x{rows[-1]['ratio_file']}: {rows[-1]['score']} "
