@@ -220,6 +220,9 @@ def _notes(rows: list[dict]) -> str:
         elif lora <= maj + 0.02:
             out.append(f"- {r['task']}: LoRA beats zero-shot but stays within 2 points of the majority class "
                        f"({_pct(maj)}): at this budget it learnt little beyond the label prior.")
+        if r.get("truncated"):
+            out.append(f"- {r['task']}: {r['truncated']} of {r['train_examples']} training examples were cut at "
+                       f"max_length tokens ({r['answer_lost']} of them lost the answer, so taught nothing).")
     return ("Notes:\n" + "\n".join(out) + "\n") if out else ""
 
 
