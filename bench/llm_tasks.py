@@ -50,20 +50,21 @@ DEFAULT_OUT = HERE.parent / "runs" / "llm_tasks"
 class Settings:
     """What decides an adapter and its scores (recorded in every adapter and in the index).
 
-    Sized for all 8 tasks in ~30 min on 2 idle CPU cores (two workers of one thread): a step of
-    8 rows (65-105 tokens each with the chat template) takes 2-3.5 s on 2 idle cores, greedy
-    scoring of 32 dev rows ~5 s; under a load of 15 one thread took 13.6 s a step."""
+    Sized so all 8 tasks finish on a 2-core machine shared with other jobs (load 15-22 when it was
+    run; 30 steps and 100 dev rows per task needed ~2 h there): on 2 idle cores a step of 8 rows
+    (65-105 tokens each with the chat template) takes 2-3.5 s and greedy scoring of 32 dev rows
+    ~5 s, so an idle run takes ~10 min. More steps help: raise ``steps`` on an idle machine."""
 
     model: str = "smollm2"
-    steps: int = 30
+    steps: int = 16
     batch_size: int = 8
     lr: float = 2e-3
-    warmup_steps: int = 3
+    warmup_steps: int = 2
     r: int = 16
     alpha: float = 32.0
     targets: tuple[str, ...] = LLAMA_LINEAR
     max_length: int = 256
-    n_dev: int = 100
+    n_dev: int = 50
     max_new_tokens: int = 8
     autocast: str = "bf16"
     seed: int = 0
