@@ -201,7 +201,7 @@ def markdown(res: dict) -> str:
             f"{s['batch_size']} rows (one pass over a seeded train subsample), lr {s['lr']}, linear decay, "
             f"{s['warmup_steps']} warm-up steps, {s['autocast']} autocast, loss on answer tokens only, "
             f"seed {s['seed']}. Majority: the most frequent label of the whole train file.\n\n"
-            + head + "\n".join(lines) + "\n\n" + res.get("notes", "") +
+            + head + "\n".join(lines) + "\n\n" + res.get("notes", "") + res.get("context", "") +
             f"\nMachine: {m['cpu']}, {m['logical_cpus']} logical CPUs, torch {m['torch']}, transformers "
             f"{m.get('transformers')}; {s.get('workers', 1)} worker process(es) x {s.get('threads')} torch "
             "thread(s), tasks split between them; load average "
