@@ -19,7 +19,12 @@ def test_demo_pipeline_on_tiny_model(tiny_model_dir, tmp_path, capsys):
         assert man["training"]["steps"] == 6
         assert round(man["training"]["metrics"]["eval_accuracy"], 4) == r["lora_acc"]
         assert [d["rows"] for d in man["training"]["data"]] == [96, 48]
+        # the compressed adapter, scored attached from its file (smaller than the adapter on MiniLM,
+        # 4.7x; on this tiny model the fp16 group scales and the manifest outweigh 4-bit codes)
+        files = [f for f in (tmp_path / "demo" / "compressed" / r["task"]).rglob("*") if f.is_file()]
+        assert r["compressed_bytes"] == sum(f.stat().st_size for f in files) > 0
+        assert 0.0 <= r["compressed_acc"] <= 1.0
     saved = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert saved["mixed_batch"]["max_abs_diff"] < 1e-5
     out = capsys.readouterr().out
-    assert "ties_acc" in out and "mixed - per-adapter" in out
+    assert "ties_acc" in out and "mixed - per-adapter" in out and "compressed_acc" in out
