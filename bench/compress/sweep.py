@@ -98,7 +98,7 @@ def merge_compressed(cfg: Config, tasks, tvs, heads, scorer: Scorer, log: Log) -
                                                                                    {"lam": cfg.merge_lam}))
                 dw = {n: merged.dense(n, torch.float32) for n in merged.keys()}
                 scores = {t: scorer.score(td, dw, heads[t]) for t, td in tasks.items()}
-                rows.append({"codec": codec, "ratio": None if codec == "none" else cfg.merge_ratio,
+                rows.append({"codec": codec, "ratio": cfg.merge_ratio if _ratios(cfg, codec)[0] else None,
                              "scores": scores, "mean": round(sum(scores.values()) / len(scores), 5),
                              "load": load_avg()[0]})
                 log(f"  merge {codec}: {scores}")
