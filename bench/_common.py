@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -23,7 +24,8 @@ DEFAULT_DATA = os.environ.get("DELTAKIT_GLUE_DIR", "/work/shared/data/text")
 # GLUE-style tasks and the metric each is scored by
 TASK_METRIC = {"sst2": "accuracy", "rte": "accuracy", "mrpc": "f1", "cola": "mcc", "qnli": "accuracy"}
 
-__all__ = ["HERE", "RESULTS", "DEFAULT_DATA", "TASK_METRIC", "load_avg", "cpu_model", "machine_info", "timer",
+__all__ = ["HERE", "RESULTS", "DEFAULT_DATA", "TASK_METRIC", "load_avg", "cpu_model", "interleaved", "paired_ratio",
+           "machine_info", "timer",
            "Log", "write_json", "write_text", "read_json", "TensorCache", "status_kb", "reset_peak_rss"]
 
 
@@ -148,3 +150,29 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def interleaved(fns: dict[str, Callable[[], tuple[float, float]]], steps: int, warmup: int = 0) -> dict:
+    """Run every fn (returning its wall and CPU seconds) once per round: ``warmup`` untimed
+    rounds, then ``steps`` timed ones, so load drift hits every contender alike. Per-fn wall /
+    CPU lists, the 1-min load per round, and medians."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
+    loads = []
+    for _ in range(steps):
+        loads.append(os.getloadavg()[0])
+        for k, fn in fns.items():
+            wall, c = fn()
+            times[k].append(wall)
+            cpu[k].append(c)
+    return {"times_s": times, "cpu_s": cpu, "loadavg_1m": loads,
+            "median_s": {k: statistics.median(v) for k, v in times.items()},
+            "median_cpu_s": {k: statistics.median(v) for k, v in cpu.items()}}
+
+
+def paired_ratio(res: dict, a: str, b: str, key: str = "times_s") -> float:
+    """Median over rounds of ``a / b`` (an :func:`interleaved` result): robust to load drift."""
+    return statistics.median(x / y for x, y in zip(res[key][a], res[key][b]))

@@ -67,7 +67,8 @@ from pathlib import Path
 
 import torch
 
-from _common import RESULTS, machine_info, reset_peak_rss, status_kb, write_json, write_text
+from _common import (RESULTS, interleaved, machine_info, paired_ratio, reset_peak_rss, status_kb, write_json,
+                     write_text)
 
 DEFAULT_OUT = RESULTS / "llm.json"
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -152,26 +153,6 @@ def _train_step(model, opt, batch) -> tuple[float, float]:
 
 
 # ----------------------------------------------------------------------------- timing
-def _interleaved(fns: dict[str, Callable[[], tuple[float, float]]], steps: int) -> dict:
-    """``steps`` rounds, each running every fn once; per-fn wall / CPU lists and medians."""
-    times = {k: [] for k in fns}
-    cpu = {k: [] for k in fns}
-    loads = []
-    for _ in range(steps):
-        loads.append(os.getloadavg()[0])
-        for k, fn in fns.items():
-            wall, c = fn()
-            times[k].append(wall)
-            cpu[k].append(c)
-    return {"times_s": times, "cpu_s": cpu, "loadavg_1m": loads,
-            "median_s": {k: statistics.median(v) for k, v in times.items()},
-            "median_cpu_s": {k: statistics.median(v) for k, v in cpu.items()}}
-
-
-def _paired(res: dict, a: str, b: str, key: str = "times_s") -> float:
-    return statistics.median(x / y for x, y in zip(res[key][a], res[key][b]))
-
-
 def _time_train(base, variants: tuple[str, ...], batch: int, seq: int, warmup: int, steps: int, log) -> dict:
     data = _batch(base.config.vocab_size, batch, seq)
     fns, warm, failed = {}, {}, {}
@@ -193,7 +174,7 @@ def _time_train(base, variants: tuple[str, ...], batch: int, seq: int, warmup: i
             continue
         warm[v] = time.perf_counter() - t0
         log(f"train {v}: built and warmed up in {warm[v]:.1f}s")
-    res = _interleaved(fns, steps)
+    res = interleaved(fns, steps)
     res["warmup_s"], res["failed"] = warm, failed
     pairs = {"deltakit/peft train step": ("deltakit_lora", "peft_lora"),
              "deltakit LoRA/full FT train step": ("deltakit_lora", "full_ft"),
@@ -202,8 +183,8 @@ def _time_train(base, variants: tuple[str, ...], batch: int, seq: int, warmup: i
              "frozen floor/deltakit train step": ("frozen_floor", "deltakit_lora"),
              "compiled/eager deltakit LoRA train step": ("deltakit_lora_compiled", "deltakit_lora")}
     pairs = {k: ab for k, ab in pairs.items() if all(x in fns for x in ab)}
-    res["ratios"] = {k: _paired(res, a, b) for k, (a, b) in pairs.items()}
-    res["cpu_ratios"] = {k: _paired(res, a, b, "cpu_s") for k, (a, b) in pairs.items()}
+    res["ratios"] = {k: paired_ratio(res, a, b) for k, (a, b) in pairs.items()}
+    res["cpu_ratios"] = {k: paired_ratio(res, a, b, "cpu_s") for k, (a, b) in pairs.items()}
     return res
 
 

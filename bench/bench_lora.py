@@ -45,7 +45,6 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -53,7 +52,7 @@ from pathlib import Path
 
 import torch
 
-from _common import RESULTS, machine_info, reset_peak_rss, status_kb, write_json
+from _common import RESULTS, interleaved, machine_info, paired_ratio, reset_peak_rss, status_kb, write_json
 
 DEFAULT_OUT = RESULTS / "lora.json"
 TRAIN_VARIANTS = ("deltakit_lora", "peft_lora", "full_ft")
@@ -134,33 +133,10 @@ def _forward(model, batch) -> float:
 
 
 # ----------------------------------------------------------------------------- timing
-def _interleaved(fns: dict, warmup: int, steps: int) -> dict:
-    """Run every fn once per round, ``warmup`` untimed rounds then ``steps`` timed ones."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times = {k: [] for k in fns}
-    cpu = {k: [] for k in fns}
-    loads = []
-    for _ in range(steps):
-        loads.append(os.getloadavg()[0])
-        for k, fn in fns.items():
-            wall, c = fn()
-            times[k].append(wall)
-            cpu[k].append(c)
-    return {"times_s": times, "cpu_s": cpu, "loadavg_1m": loads,
-            "median_s": {k: statistics.median(v) for k, v in times.items()},
-            "median_cpu_s": {k: statistics.median(v) for k, v in cpu.items()}}
-
-
-def _paired_ratio(res: dict, a: str, b: str, key: str = "times_s") -> float:
-    return statistics.median(x / y for x, y in zip(res[key][a], res[key][b]))
-
-
 def _ratios(res: dict, pairs: dict) -> None:
     """Wall-time and CPU-time ratios (CPU time is less disturbed by other users' load)."""
-    res["ratios"] = {k: _paired_ratio(res, a, b) for k, (a, b) in pairs.items()}
-    res["cpu_ratios"] = {k: _paired_ratio(res, a, b, "cpu_s") for k, (a, b) in pairs.items()}
+    res["ratios"] = {k: paired_ratio(res, a, b) for k, (a, b) in pairs.items()}
+    res["cpu_ratios"] = {k: paired_ratio(res, a, b, "cpu_s") for k, (a, b) in pairs.items()}
 
 
 def _train_variants(dtype: torch.dtype) -> tuple[str, ...]:
@@ -176,7 +152,7 @@ def _attention_probe(dtype: torch.dtype, batch: int, seq: int, steps: int) -> di
         opt = torch.optim.AdamW(params, lr=1e-4)
         data = _batch(model, batch, seq)
         fns[attn] = (lambda m=model, o=opt, d=data: _train_step(m, o, d))
-    res = _interleaved(fns, 1, steps)
+    res = interleaved(fns, steps, warmup=1)
     res["faster"] = min(res["median_s"], key=res["median_s"].get)
     return res
 
@@ -192,7 +168,7 @@ def _time_train(dtype: torch.dtype, batch: int, seq: int, warmup: int, steps: in
         opt = torch.optim.AdamW(params, lr=1e-4)
         data = _batch(base, batch, seq)
         fns[v] = (lambda m=model, o=opt, d=data: _train_step(m, o, d))
-    res = _interleaved(fns, warmup, steps)
+    res = interleaved(fns, steps, warmup=warmup)
     pairs = {"deltakit/peft train step": ("deltakit_lora", "peft_lora"),
              "deltakit LoRA/full FT train step": ("deltakit_lora", "full_ft"),
              "peft LoRA/full FT train step": ("peft_lora", "full_ft")}
@@ -213,7 +189,7 @@ def _time_forward(dtype: torch.dtype, batch: int, seq: int, warmup: int, steps: 
         model.eval()
         data = _batch(base, batch, seq)
         fns[v] = (lambda m=model, d=data: _forward(m, d))
-    res = _interleaved(fns, warmup, steps)
+    res = interleaved(fns, steps, warmup=warmup)
     _ratios(res, {"unmerged/base forward": ("deltakit_unmerged", "base"),
                   "merged/base forward": ("deltakit_merged", "base"),
                   "peft unmerged/base forward": ("peft_unmerged", "base")})

@@ -35,6 +35,7 @@ __all__ = [
     "DeltakitFileError",
     "OutputRefusedError",
     "OUTPUT_MARKER",
+    "pid_alive",
     "atomic_write",
     "atomic_dir",
     "guard_output",
@@ -118,7 +119,8 @@ def _tmp_prefix(path: Path) -> str:
     return f".{path.name}.{os.getpid()}."
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` may still be writing (this process, an unknown one, or a live one)."""
     if pid == os.getpid() or os.name != "posix":  # (Windows' os.kill would terminate it: keep all)
         return True  # another thread of this process may be writing
     try:
@@ -189,7 +191,7 @@ def clean_debris(path: str | os.PathLike) -> list[Path]:
             with contextlib.suppress(FileNotFoundError):
                 if time.time() - p.lstat().st_mtime < _LEGACY_DEBRIS_AGE:
                     continue
-        elif _pid_alive(pid):
+        elif pid_alive(pid):
             continue
         if kind == "old" and not os.path.lexists(path):
             continue
@@ -207,7 +209,7 @@ def recover(path: str | os.PathLike) -> bool:
     path = Path(path)
     if os.path.lexists(path):
         return False
-    olds = [p for p, kind, pid in _debris(path) if kind == "old" and pid is not None and not _pid_alive(pid)]
+    olds = [p for p, kind, pid in _debris(path) if kind == "old" and pid is not None and not pid_alive(pid)]
     for old in sorted(olds, key=lambda p: p.lstat().st_mtime, reverse=True):
         try:
             _rename_noreplace(old, path)

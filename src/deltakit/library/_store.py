@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..io.files import sha256_file
+from ..io.files import pid_alive, sha256_file
 
 __all__ = ["Layout", "writer_lock", "staging", "fsync_tree", "publish", "Scan", "scan"]
 
@@ -123,20 +123,6 @@ def _pid_of(name: str) -> int | None:
     return int(head) if head.isdigit() else None
 
 
-def _alive(pid: int | None) -> bool:
-    if pid is None:
-        return False
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 @dataclass
 class Scan:
     """What is on disk: object and routing hashes by their names, and dead adds' staging dirs."""
@@ -154,7 +140,7 @@ def scan(layout: Layout) -> Scan:
     for p in layout.routing.iterdir() if layout.routing.is_dir() else ():
         name = p.name.removesuffix(".safetensors")
         (routing.add(name) if p.is_file() and len(name) == 64 and name != p.name else stray.append(p))
-    stale = [p for p in (layout.tmp.iterdir() if layout.tmp.is_dir() else ()) if not _alive(_pid_of(p.name))]
+    stale = [p for p in (layout.tmp.iterdir() if layout.tmp.is_dir() else ()) if (pid := _pid_of(p.name)) is None or not pid_alive(pid)]
     return Scan(objects, routing, stale, stray)
 
 
