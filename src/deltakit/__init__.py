@@ -9,7 +9,7 @@
 from ._version import __version__
 
 from .core.adapter import (Adapter, active, adapters, attach, detach, disabled,
-                           get_adapter, merge_and_detach, mixed_batch, param_counts, set_active)
+                           get_adapter, merge_and_detach, mixed_batch, param_counts, routed, set_active)
 from .core.fingerprint import model_fingerprint
 from .core.load import attach_state
 from .core.delta import ActivationDelta, BuildContext, Delta, WeightDelta
@@ -28,7 +28,7 @@ from .train.generate import generate
 __all__ = [
     "__version__",
     "Adapter", "attach", "detach", "adapters", "get_adapter", "set_active", "active", "disabled",
-    "mixed_batch", "param_counts", "merge_and_detach", "model_fingerprint", "attach_state",
+    "mixed_batch", "routed", "param_counts", "merge_and_detach", "model_fingerprint", "attach_state",
     "Delta", "WeightDelta", "ActivationDelta", "BuildContext", "DeltaLayer", "DeltaStateError",
     "DeltaConfig", "ConfigError", "register_method", "get_method", "list_methods",
     "TargetError", "select_targets",

@@ -19,12 +19,12 @@ from .delta import BuildContext, Delta, WeightDelta
 from .full import FullConfig, FullDelta
 from .layer import DeltaLayer, DeltaStateError
 from .registry import DeltaConfig, MethodSpec, get_method
-from .state import ModelState, call_scope
+from .state import ModelState, Routing, call_scope
 from .targets import TargetError, default_targets, layer_index, select_targets
 
 __all__ = [
     "Adapter", "attach", "detach", "adapters", "get_adapter", "set_active", "active",
-    "disabled", "mixed_batch", "param_counts", "merge_and_detach", "model_state",
+    "disabled", "mixed_batch", "routed", "param_counts", "merge_and_detach", "model_state",
 ]
 
 _STATE_ATTR = "_deltakit_state"
@@ -401,6 +401,37 @@ def mixed_batch(model: nn.Module, rows: Sequence[str | None]) -> Iterator[None]:
         yield
         return
     with call_scope(state, rows=(names, idx)):
+        yield
+
+
+@contextlib.contextmanager
+def routed(model: nn.Module, names: Sequence[str], weights, *, heads: int = 1) -> Iterator[None]:
+    """Within the block, every row (or token) mixes adapters ``names`` with soft weights.
+
+    ``weights``: ``(B, K)`` per row, ``(B, T, K)`` per token (K = len(names); a trailing
+    ``heads`` axis for multi-head routing), or a callable ``fn(layer, x)`` returning such a
+    tensor from a layer's input (per-layer routers: Arrow). Layer output:
+    ``base(x) + sum_k w_k * delta_k(x)``; a layer that adapter k does not target contributes
+    zero for it. LoRA-family adapters of any mix of ranks run in one batched pass per layer.
+    Gradients flow into the weights (learned routers). Per call, like :func:`mixed_batch`.
+    """
+    names = tuple(names)
+    known = adapters(model)
+    missing = [n for n in names if n not in known]
+    if missing or not names:
+        raise KeyError(f"routing needs attached adapters; unknown: {missing or 'no names given'}, attached: {sorted(known)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"routing names an adapter twice: {list(names)}")
+    if heads < 1:
+        raise ValueError(f"heads must be >= 1, got {heads}")
+    if isinstance(weights, torch.Tensor):
+        axis = -1 if heads == 1 else -2
+        if weights.dim() < 1 - axis or weights.shape[axis] != len(names) or (heads > 1 and weights.shape[-1] != heads):
+            raise ValueError(f"routing weights must be (B[, T], {len(names)}{'' if heads == 1 else f', {heads}'}); "
+                             f"got {tuple(weights.shape)}")
+    elif not callable(weights):
+        raise TypeError(f"routing weights must be a tensor or a callable(layer, x); got {type(weights).__name__}")
+    with call_scope(_require_state(model), routing=Routing(names, weights, heads)):
         yield
 
 

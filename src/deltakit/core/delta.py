@@ -94,6 +94,12 @@ class WeightDelta(Delta):
     # (classmethod ``mixed_residual(base, deltas, row_index, x)``).
     mixed_residual: ClassVar[Callable[..., Tensor] | None] = None
 
+    # Optional batched path for soft routing over adapters of this method (classmethod
+    # ``routed_residual(base, deltas, weights, x, heads)``, weights ``(..., K[, heads])``
+    # broadcast over ``x``'s leading dims); without it a routed layer sums each adapter's
+    # output change, weighted.
+    routed_residual: ClassVar[Callable[..., Tensor] | None] = None
+
 
 class ActivationDelta(Delta):
     kind: ClassVar[Literal["activation"]] = "activation"

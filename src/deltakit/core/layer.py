@@ -21,7 +21,7 @@ from torch.func import functional_call
 
 from .delta import ActivationDelta, Delta, WeightDelta
 from .packed import PackedLinear
-from .state import ModelState
+from .state import ModelState, Routing
 
 __all__ = ["DeltaLayer", "DeltaStateError"]
 
@@ -143,6 +143,8 @@ class DeltaLayer(nn.Module):
         call = self.__dict__["state"].call()
         if call.rows is not None:
             return self._mixed_forward(call.rows, x, *args, **kwargs)
+        if call.routing is not None:
+            return self._routed_forward(call.routing, x, *args, **kwargs)
         if call.disabled:
             if self.merged:
                 raise DeltaStateError(
@@ -244,6 +246,41 @@ class DeltaLayer(nn.Module):
         return out
 
 
+    def _routed_forward(self, routing: Routing, x, *args, **kwargs):
+        """Soft weights over adapters: ``base(x) + sum_k w_k * (change adapter k makes)``.
+
+        An adapter this layer lacks contributes zero. The LoRA family runs in one batched pass
+        (any mix of ranks); other methods run once per adapter and their output changes are
+        summed with the weights, which for a weight delta is exactly the weighted sum of dW.
+        """
+        if self.merged:
+            raise DeltaStateError(f"routing needs unmerged adapters; {self.merged} are merged")
+        deltas = self._modules["deltas"]
+        cols = [i for i, n in enumerate(routing.names) if n in deltas]
+        if not cols:
+            return self.base(x, *args, **kwargs)
+        w = routing.weights(self, x) if callable(routing.weights) else routing.weights
+        w = _layer_weights(w, cols, routing, x)
+        names = [routing.names[i] for i in cols]
+        present = [deltas[n] for n in names]
+        classes = {type(d) for d in present}
+        cls = next(iter(classes))
+        if len(classes) == 1 and cls.routed_residual is not None and not (self.training and _has_dropout(self, names)):
+            out = self.base(x, *args, **kwargs)
+            return out + cls.routed_residual(self.base, present, w, x, routing.heads).to(out.dtype)
+        if routing.heads != 1:
+            raise DeltaStateError(f"multi-head routing needs LoRA-family adapters; this layer has {sorted(c.__name__ for c in classes)}")
+        y0 = self._forward_with([], x, *args, **kwargs)
+        out = y0
+        for j, n in enumerate(names):
+            yj = self._forward_with([n], x, *args, **kwargs)
+            if yj.shape != y0.shape:
+                raise DeltaStateError(f"adapter {n!r} changes this layer's output shape; it cannot be routed softly")
+            wj = w[..., j].to(y0.dtype)
+            out = out + (yj - y0) * wj.reshape(*wj.shape, *([1] * (y0.dim() - wj.dim())))
+        return out
+
+
 def _first_param(module: nn.Module) -> str | None:
     """Name of the first parameter of ``module.forward`` (its main input)."""
     return _first_param_of(type(module))
@@ -274,6 +311,22 @@ def _fold_is_cheaper(base: nn.Module, x) -> bool:
         return False
     tokens = x.numel() // max(x.shape[-1], 1)
     return tokens * (w.shape[0] + w.shape[1]) > w.numel()
+
+
+def _layer_weights(w, cols: list[int], routing: Routing, x) -> Tensor:
+    """This layer's columns of the routing weights, checked against ``x``'s leading dims."""
+    k_axis = -1 if routing.heads == 1 else -2
+    if not isinstance(w, Tensor) or w.dim() < 1 - k_axis or w.shape[k_axis] != len(routing.names):
+        found = tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__
+        raise DeltaStateError(f"routing weights must be (B[, T], {len(routing.names)}"
+                              f"{'' if routing.heads == 1 else f', {routing.heads}'}); got {found}")
+    lead = w.shape[:k_axis] if routing.heads == 1 else w.shape[:-2]
+    xs = tuple(x.shape) if isinstance(x, Tensor) else ()
+    if len(lead) > len(xs) or any(a != b and a != 1 for a, b in zip(lead, xs)):
+        raise DeltaStateError(f"routing weights lead with {tuple(lead)}, the layer's input is {xs}")
+    if len(cols) < len(routing.names):
+        w = w.index_select(w.dim() + k_axis, torch.tensor(cols, device=w.device))
+    return w.to(x.device) if isinstance(x, Tensor) else w
 
 
 def _wrap(delta: ActivationDelta, inner):

@@ -11,7 +11,9 @@ What varies per call lives in a :class:`contextvars.ContextVar`, so that many th
 (a server) run one model at once, each with its own routing:
 
 * ``disabled(model)``: no unmerged delta applies;
-* ``mixed_batch(model, rows)``: batch row ``i`` uses adapter ``rows[i]``.
+* ``mixed_batch(model, rows)``: batch row ``i`` uses adapter ``rows[i]``;
+* ``routed(model, names, weights)``: each row or token mixes adapters ``names`` with soft
+  weights, fixed or computed per layer from the layer's input (Arrow).
 
 A context value maps a model state's id to its :class:`Call`; entering a block sets a
 new mapping and leaving it resets the token, so nesting restores the outer block's
@@ -40,15 +42,33 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["ModelState", "Call", "call_scope", "ForwardGuard"]
+__all__ = ["ModelState", "Call", "Routing", "call_scope", "ForwardGuard"]
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Soft weights over adapters ``names`` (K of them) for one call.
+
+    ``weights``: a tensor ``(B, K)`` (per row) or ``(B, T, K)`` (per token), with a trailing
+    ``heads`` axis when ``heads > 1`` (multi-head routing: each adapter's rank splits into
+    ``heads`` equal blocks, each weighted on its own); or a callable ``fn(layer, x)`` that a
+    layer calls with its input and that returns such a tensor over all K names, for routers
+    that decide per layer from the hidden state (Arrow). The weights are not normalised here.
+    """
+
+    names: tuple[str, ...]
+    weights: Any
+    heads: int = 1
 
 
 @dataclass(frozen=True)
 class Call:
-    """Per-call settings of one model. ``rows``: ``(names, index (B,))``, -1 = the base."""
+    """Per-call settings of one model. ``rows``: ``(names, index (B,))``, -1 = the base;
+    ``routing``: soft weights over adapters (:class:`Routing`)."""
 
     disabled: bool = False
     rows: tuple[tuple[str, ...], Tensor] | None = None
+    routing: Routing | None = None
 
 
 _NO_CALL = Call()

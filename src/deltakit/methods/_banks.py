@@ -104,9 +104,18 @@ class FactoredDelta(WeightDelta):
 
     @classmethod
     def mixed_residual(cls, base: nn.Module, deltas: Sequence["FactoredDelta"], row: Tensor, x: Tensor) -> Tensor:
-        # LoRA's batched path only reads lora_A, lora_B, r and scale: hand it the composed factors.
-        views = []
-        for d in deltas:
-            A, B = d.low_rank()
-            views.append(SimpleNamespace(lora_A=A, lora_B=B, r=A.shape[0], scale=d.scale))
-        return LoRA.mixed_residual(base, views, row, x)
+        return LoRA.mixed_residual(base, _views(deltas), row, x)
+
+    @classmethod
+    def routed_residual(cls, base: nn.Module, deltas: Sequence["FactoredDelta"], weights: Tensor, x: Tensor,
+                        heads: int = 1) -> Tensor:
+        return LoRA.routed_residual(base, _views(deltas), weights, x, heads)
+
+
+def _views(deltas: Sequence["FactoredDelta"]) -> list[SimpleNamespace]:
+    """LoRA's batched paths only read lora_A, lora_B, r and scale: hand them the composed factors."""
+    views = []
+    for d in deltas:
+        A, B = d.low_rank()
+        views.append(SimpleNamespace(lora_A=A, lora_B=B, r=A.shape[0], scale=d.scale))
+    return views

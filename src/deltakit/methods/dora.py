@@ -72,6 +72,7 @@ class DoRA(LoRA):
     # dW needs ||W + s B A||, i.e. the dense weight: no residual / batched fast path.
     residual = None
     mixed_residual = None
+    routed_residual = None
 
     def factors(self) -> None:
         """dW = m (W + sBA) / ||W + sBA|| - W is full rank: task vectors get it dense."""

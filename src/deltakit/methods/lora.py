@@ -142,27 +142,51 @@ class LoRA(WeightDelta):
 
     @classmethod
     def mixed_residual(cls, base: nn.Module, deltas: Sequence["LoRA"], row: Tensor, x: Tensor) -> Tensor:
-        """Rows with different adapters in one pass: concatenate every adapter's factors,
-        run ``x`` through the stacked A once, zero the blocks that are not the row's own
-        adapter (and fold in its scale), then one stacked B.
+        """Rows with different adapters in one pass: routing with one-hot weights per row
+        (row: (B,) index into ``deltas`` or -1, the base: an all-zero row)."""
+        onehot = (row[:, None] == torch.arange(len(deltas), device=row.device)[None, :]).float()
+        return cls.routed_residual(base, deltas, onehot, x)
 
-        x: (B, ...), row: (B,) index into ``deltas`` or -1; cost is one LoRA of rank
-        sum(r_k) instead of a Python loop over sub-batches.
+    @classmethod
+    def routed_residual(cls, base: nn.Module, deltas: Sequence["LoRA"], weights: Tensor, x: Tensor,
+                        heads: int = 1) -> Tensor:
+        """``sum_k w_k * s_k B_k A_k x`` in one pass, for any mix of ranks: concatenate every
+        adapter's factors, run ``x`` through the stacked A once, scale each rank column by its
+        adapter's weight (and scale), then one stacked B. Cost: one LoRA of rank sum(r_k).
+
+        weights: ``(B, K)`` per row or ``(B, T, K)`` per token (``x`` (B, T, in)); with
+        ``heads > 1`` a trailing head axis, adapter k's rank split into ``heads`` equal blocks
+        (Multi-Head Routing, Caccia et al. 2023), block j weighted by ``weights[..., k, j]``.
+        Conv2d takes per-row weights only.
         """
         pairs = [_compute_factors(d, x) for d in deltas]
         A = torch.cat([a for a, _ in pairs], dim=0)                 # (R, in[, kh, kw])
         dt = A.dtype
         B = torch.cat([b.to(dt) for _, b in pairs], dim=1)          # (out, R[, 1, 1])
-        ranks = torch.tensor([d.r for d in deltas], device=x.device)
-        owner = torch.repeat_interleave(torch.arange(len(deltas), device=x.device), ranks)  # (R,)
-        scales = torch.tensor([d.scale for d in deltas], device=x.device, dtype=dt)[owner]
-        mask = (row[:, None] == owner[None, :]).to(dt) * scales     # (B, R)
+        m = _rank_weights(deltas, weights.to(device=x.device, dtype=dt), heads)  # (..., R)
         h = _down(base, _cast(x, A), A)                             # (B, ..., R) or (B, R, H, W)
         if isinstance(base, nn.Conv2d):
-            h = h * mask[:, :, None, None]
+            if m.dim() != 2:
+                raise ValueError(f"a routed Conv2d takes per-row weights (B, K); got {tuple(weights.shape)}")
+            h = h * m[:, :, None, None]
         else:
-            h = h * mask.view(mask.shape[0], *([1] * (h.dim() - 2)), mask.shape[1])
+            h = h * m.reshape(*m.shape[:-1], *([1] * (h.dim() - m.dim())), m.shape[-1])
         return _up(base, h, B)
+
+
+def _rank_weights(deltas: Sequence, weights: Tensor, heads: int) -> Tensor:
+    """Per-rank-column multipliers ``(..., R)``: each column's adapter weight times its scale."""
+    ranks = [int(d.r) for d in deltas]
+    dev = weights.device
+    owner = torch.repeat_interleave(torch.arange(len(deltas), device=dev), torch.tensor(ranks, device=dev))
+    scales = torch.tensor([d.scale for d in deltas], device=dev, dtype=weights.dtype)[owner]
+    if heads == 1:
+        return weights[..., owner] * scales
+    bad = [r for r in ranks if r % heads]
+    if bad:
+        raise ValueError(f"multi-head routing with {heads} heads needs ranks divisible by it; got ranks {ranks}")
+    head = torch.cat([torch.arange(r, device=dev) // (r // heads) for r in ranks])
+    return weights[..., owner, head] * scales
 
 
 def _compute_factors(d, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -99,6 +99,7 @@ class PiSSA(LoRA):
     weight_dependent = True
     # LoRA's batched path would ignore the offset; rows fall back to per-adapter sub-batches.
     mixed_residual = None
+    routed_residual = None
 
     def __init__(self, base: nn.Module, config: PissaConfig, ctx: BuildContext | None = None):
         super().__init__(base, config, ctx)
