@@ -34,7 +34,7 @@ import dataclasses
 import json
 import sys
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -298,13 +298,18 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per worker (default 1: on a shared 2-core machine at load 15, one "
                         "worker of 2 OpenMP threads was over 10x slower than one of 1 thread)")
+    p.add_argument("--steps", type=int, default=None, help=f"training steps of 8 rows (default {Settings.steps})")
+    p.add_argument("--n-dev", type=int, default=None, help=f"dev rows scored per task (default {Settings.n_dev})")
+    p.add_argument("--results", default=None, help="where llm_tasks.{json,md} go (default bench/results)")
     a = p.parse_args(argv)
     tasks = tuple(t for t in a.tasks.split(",") if t)
     if unknown := sorted(set(tasks) - set(TASK_NAMES)):
         p.error(f"--tasks: expected names among {list(TASK_NAMES)}, found {unknown}")
     out = Path(a.out) if a.out else DEFAULT_OUT.with_name("llm_tasks_quick" if a.quick else "llm_tasks")
-    run(tasks, QUICK if a.quick else Settings(), Path(a.data_dir), out, out if a.quick else RESULTS,
-        a.workers, a.threads, a.report_only)
+    s = QUICK if a.quick else Settings()
+    s = replace(s, **{k: v for k, v in (("steps", a.steps), ("n_dev", a.n_dev)) if v is not None})
+    results = Path(a.results) if a.results else (out if a.quick else RESULTS)
+    run(tasks, s, Path(a.data_dir), out, results, a.workers, a.threads, a.report_only)
     return 0
 
 

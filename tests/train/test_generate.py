@@ -272,3 +272,19 @@ def test_evaluate_generation_scores_what_generate_says(tok):  # noqa: F811
     assert res["accuracy"] == sum(w == y for w, y in zip(want, [0, 1])) / 2
     assert res["unmapped"] == sum(w is None for w in want)
     assert res["exact_match"] == sum(o.strip().casefold() == r for o, r in zip(outs, ["seven", "six"])) / 2
+
+
+def test_per_prompt_routing_weights_stay_aligned_through_length_sorting():
+    """One-hot routing rows give each prompt its adapter (prompts are sorted by length inside,
+    so misaligned weights would show); a 50/50 row equals routing that prompt on its own."""
+    model = _with_adapters("llama")
+    w = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 0], [0, 0, 1.0], [1.0, 0, 0]])
+    routed = generate_ids(model, PROMPTS, routing=(NAMES, w), max_new_tokens=NEW, batch_size=2)
+    assert routed == generate_ids(model, PROMPTS, adapters=ROWS, max_new_tokens=NEW)
+    half = torch.tensor([[0.5, 0.5, 0.0]] * 5)
+    both = generate_ids(model, PROMPTS, routing=(NAMES, half), max_new_tokens=NEW, batch_size=5)
+    with dk.routed(model, NAMES, half[:1]):
+        assert both[2] == generate_ids(model, [PROMPTS[2]], max_new_tokens=NEW)[0]
+    assert both != routed
+    with pytest.raises(ValueError, match="expected weights for each of 5 prompts"):
+        generate_ids(model, PROMPTS, routing=(NAMES, w[:4]), max_new_tokens=2)

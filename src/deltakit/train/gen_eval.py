@@ -112,12 +112,13 @@ def answer_loss(model: nn.Module, loader: Iterable[Mapping[str, torch.Tensor]]) 
 
 def evaluate_generation(model: nn.Module, tokenizer: Any, examples: Sequence[Mapping[str, Any]], *,
                         task: str | TaskPrompt | None = None, adapters: str | Sequence[str | None] | None = None,
-                        max_new_tokens: int = 8, batch_size: int = 8) -> dict[str, Any]:
+                        max_new_tokens: int = 8, batch_size: int = 8, routing=None) -> dict[str, Any]:
     """Greedy answers to instruction examples, scored against their last assistant turn.
 
     Returns ``{"exact_match", "outputs"}`` plus, when ``task`` is given and the examples carry
     ``label`` (as :func:`~deltakit.train.instruct.task_examples` makes them), ``accuracy`` and
-    ``unmapped`` (see :func:`label_accuracy`).
+    ``unmapped`` (see :func:`label_accuracy`). ``adapters`` / ``routing``: as in
+    :func:`~deltakit.train.generate.generate`.
     """
     prompts, refs = [], []
     for i, ex in enumerate(examples):
@@ -126,7 +127,7 @@ def evaluate_generation(model: nn.Module, tokenizer: Any, examples: Sequence[Map
         prompts.append(msgs[:last])
         refs.append(msgs[last]["content"])
     outs = generate(model, tokenizer, prompts, adapters=adapters, max_new_tokens=max_new_tokens,
-                    batch_size=batch_size)
+                    batch_size=batch_size, routing=routing)
     result: dict[str, Any] = {"exact_match": exact_match(outs, refs), "outputs": outs}
     if task is not None:
         spec = TASKS[task] if isinstance(task, str) else task

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.adapter import adapters as attached
-from ..core.adapter import disabled, mixed_batch, model_state
+from ..core.adapter import disabled, mixed_batch, model_state, routed
 from ..core.seeding import generator
 from .instruct import _render, to_messages
 
@@ -80,7 +80,8 @@ class Decoding:
 def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[Prompt] | str, *,
              adapters: str | Sequence[str | None] | None = None, max_new_tokens: int = 64,
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
-             chat: bool = True, batch_size: int = 8) -> list[str]:
+             chat: bool = True, batch_size: int = 8,
+             routing: tuple[Sequence[str], Tensor] | None = None) -> list[str]:
     """The text each prompt continues with (new tokens only, up to the first end-of-sequence).
 
     ``prompts``: strings, or (with ``chat``) conversations as lists of ``{"role", "content"}``.
@@ -88,13 +89,15 @@ def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[Prompt] | str, 
     the generation prompt, exactly as :mod:`deltakit.train.instruct` renders training prompts.
     ``adapters``: None runs the model as it is (its active / merged adapters); one name runs
     every row with that adapter; a list names each row's adapter (None = the base).
+    ``routing``: ``(names, weights (N, K))``, soft weights over adapters ``names`` per prompt
+    (:func:`deltakit.core.adapter.routed`), kept aligned with the prompts through the batching.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     ids = encode_prompts(tokenizer, prompts, chat=chat)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     settings = Decoding(max_new_tokens, do_sample, temperature, top_p, seed, int(pad or 0),
                         eos_ids(model, tokenizer))
-    out = generate_ids(model, ids, adapters=adapters, batch_size=batch_size, decoding=settings)
+    out = generate_ids(model, ids, adapters=adapters, batch_size=batch_size, decoding=settings, routing=routing)
     return [tokenizer.decode(o, skip_special_tokens=True) for o in out]
 
 
@@ -129,18 +132,23 @@ def eos_ids(model: nn.Module, tokenizer: Any = None) -> tuple[int, ...]:
 
 def generate_ids(model: nn.Module, prompts: Sequence[Sequence[int]], *,
                  adapters: str | Sequence[str | None] | None = None, batch_size: int = 8,
-                 decoding: Decoding | None = None, **settings) -> list[list[int]]:
+                 decoding: Decoding | None = None, routing: tuple[Sequence[str], Tensor] | None = None,
+                 **settings) -> list[list[int]]:
     """New token ids per prompt (up to, not including, the first EOS), in prompt order.
 
     Prompts are decoded in batches of ``batch_size`` after sorting by length (less padding), so
-    give per-row adapters through ``adapters``, not an enclosing ``mixed_batch`` (whose rows
-    would no longer line up). The model runs in eval mode (adapter dropout off) and its mode
+    give per-row adapters through ``adapters`` (or per-row soft weights through ``routing``:
+    ``(names, (N, K) weights)``), not an enclosing ``mixed_batch`` or per-row ``routed`` (whose
+    rows would no longer line up). The model runs in eval mode (adapter dropout off) and its mode
     is restored afterwards. ``settings`` are :class:`Decoding` fields when ``decoding`` is not given.
     """
     d = decoding or Decoding(**settings)
     if batch_size < 1:
         raise ValueError(f"expected batch_size >= 1, found {batch_size}")
     rows = _row_adapters(model, adapters, len(prompts))
+    if routing is not None and (rows is not None or len(routing[1]) != len(prompts)):
+        raise ValueError(f"routing: expected weights for each of {len(prompts)} prompts and no adapters=, found "
+                         f"{len(routing[1])} rows{' and adapters=' if rows is not None else ''}")
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[list[int]] = [[] for _ in prompts]
     was_training = model.training
@@ -148,7 +156,9 @@ def generate_ids(model: nn.Module, prompts: Sequence[Sequence[int]], *,
     try:
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
-            with _adapter_scope(model, None if rows is None else [rows[i] for i in chunk]):
+            scope = (routed(model, routing[0], routing[1][chunk]) if routing is not None
+                     else _adapter_scope(model, None if rows is None else [rows[i] for i in chunk]))
+            with scope:
                 new = _decode(model, [list(prompts[i]) for i in chunk], chunk, d)
             for i, toks in zip(chunk, new):
                 out[i] = toks
