@@ -1,0 +1,102 @@
+"""Routing among a library of adapters: SmolLM2 with its per-task LoRAs (bench/llm_tasks.py).
+
+Every system scores every task's dev subsample: the base zero-shot, each task with its own
+adapter (the oracle), a uniform merge and a TIES merge of all adapters (the merge engine), Arrow
+at top-1 and top-2 (prototypes from the library index), MBC clusters (one merged adapter per
+cluster, Arrow among them), retrieval routing (AdapterSwap), LoraHub with 5 and 20 examples;
+then leave-one-task-out (the task's own adapter removed from the library) for the systems that
+can route to other tasks' adapters. Plus routing overhead in tokens/s against one adapter.
+Writes ``bench/results/routing.{json,md}`` (``--quick``: under runs/routing).
+
+    python bench/bench_routing.py [--quick] [--systems base oracle arrow_top1 ...]
+    deltakit bench routing [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from _common import HERE, RESULTS, Log, load_avg, machine_info, read_json, timer, write_json, write_text
+from routing.config import QUICK, SYSTEMS, Config
+from routing.report import markdown, summary
+from routing.setup import build
+from routing.systems import SYSTEM_FNS, pool_for
+
+
+def _run_system(w, cfg: Config, system: str, log: Log) -> dict:
+    fn = SYSTEM_FNS[system.removeprefix("loo_")]
+    out = {}
+    for t in cfg.tasks:
+        elapsed = timer()
+        r = fn(w, cfg, t, pool_for(w, t, system.startswith("loo_")))
+        out[t] = {**r, "seconds": elapsed(), "load": load_avg()[0]}
+        log(f"{system} {t}: {r['accuracy']:.3f} ({out[t]['seconds']:.0f} s)"
+            + (f" usage {r['usage']}" if "usage" in r else ""))
+    return out
+
+
+def _order(system: str) -> int:
+    return SYSTEMS.index(system) if system in SYSTEMS else len(SYSTEMS)
+
+
+def _kept(cfg: Config, path: Path, log: Log) -> dict:
+    """Scores of an earlier run with the same settings (systems aside), to resume it."""
+    if not path.is_file():
+        return {}
+    old = read_json(path)
+    same = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("systems", "threads")}
+    if {k: v for k, v in old["config"].items() if k not in ("systems", "threads")} != json.loads(json.dumps(same)):
+        raise SystemExit(f"--resume: {path} was made with other settings; move it away or drop --resume")
+    log(f"resuming: keeping {sorted(old['scores'])} from {path}")
+    return old["scores"]
+
+
+def run(cfg: Config, out_dir: Path, log: Log, notes: list[str] | None = None, resume: bool = False,
+        timing: bool = True) -> dict:
+    torch.set_num_threads(cfg.threads)
+    elapsed = timer()
+    res = {"config": dataclasses.asdict(cfg), "machine": machine_info("transformers"), "load_start": load_avg(),
+           "scores": _kept(cfg, out_dir / "routing.json", log) if resume else {}}
+    w = build(cfg, log)
+    for s in [s for s in cfg.systems if s not in res["scores"]]:
+        if s.removeprefix("loo_") not in SYSTEM_FNS:
+            raise SystemExit(f"--systems: {s!r} is not implemented; expected among {sorted(SYSTEM_FNS)} (or loo_ ones)")
+        res["scores"][s] = _run_system(w, cfg, s, log)
+        res["scores"] = {k: res["scores"][k] for k in sorted(res["scores"], key=_order)}
+        res["summary"] = summary(res)
+        write_json(out_dir / "routing.json", res)   # after every system: a stopped run keeps what it did
+    from routing.systems import overhead_settings
+    from routing.overhead import overhead
+    if timing:
+        res["overhead"] = overhead(w, cfg, overhead_settings(w, cfg), log)
+    res.update(load_end=load_avg(), wall_min=round(elapsed() / 60, 1), summary=summary(res))
+    write_json(out_dir / "routing.json", res)
+    write_text(out_dir / "routing.md", markdown(res, notes))
+    log(f"wrote {out_dir / 'routing.json'} and .md\n" + markdown(res, notes))
+    return res
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="smoke run: 3 tasks, 8 dev rows, results under runs/routing")
+    p.add_argument("--systems", nargs="+", default=None, help=f"which systems (default all: {' '.join(SYSTEMS)})")
+    p.add_argument("--n-dev", type=int, default=None, help="dev rows per task (default 50)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default 2)")
+    p.add_argument("--resume", action="store_true", help="keep the systems an earlier run with the same settings scored")
+    p.add_argument("--no-overhead", action="store_true", help="skip the tokens/s measurement")
+    a = p.parse_args(argv)
+    over = {k: v for k, v in (("systems", tuple(a.systems) if a.systems else None), ("n_dev", a.n_dev),
+                              ("threads", a.threads)) if v is not None}
+    cfg = Config(**{**(QUICK if a.quick else {}), **over})
+    out = HERE.parent / "runs" / "routing" if a.quick else RESULTS
+    run(cfg, out, Log(), resume=a.resume, timing=not a.no_overhead)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

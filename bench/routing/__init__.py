@@ -1,0 +1,1 @@
+"""The routing benchmark's parts (``bench/bench_routing.py`` runs them)."""

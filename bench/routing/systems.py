@@ -1,0 +1,84 @@
+"""The systems compared: each scores one task's dev rows with a pool of library adapters
+(all of them, or all but the task's own for leave-one-task-out)."""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+from .config import Config
+from .setup import World, merged_into_base
+
+__all__ = ["SYSTEM_FNS", "score", "pool_for"]
+
+
+def score(w: World, cfg: Config, task: str, **kw) -> float:
+    from deltakit.train.gen_eval import evaluate_generation
+    r = evaluate_generation(w.model, w.tok, w.dev[task], task=task, max_new_tokens=cfg.max_new_tokens,
+                            batch_size=cfg.batch_size, **kw)
+    return round(r["accuracy"], 4)
+
+
+def pool_for(w: World, task: str, loo: bool) -> tuple[str, ...]:
+    return tuple(n for n in w.names if not (loo and n == task))
+
+
+def base(w: World, cfg: Config, task: str, pool) -> dict:
+    import deltakit as dk
+    with dk.disabled(w.model):
+        return {"accuracy": score(w, cfg, task)}
+
+
+def oracle(w: World, cfg: Config, task: str, pool) -> dict:
+    return {"accuracy": score(w, cfg, task, adapters=task)}
+
+
+def _merged(method: str) -> Callable:
+    def run(w: World, cfg: Config, task: str, pool) -> dict:
+        from deltakit.merge import build_config, merge_task_vectors
+        from deltakit.taskvec import TaskVector
+        from deltakit.core.adapter import get_adapter
+
+        tvs = [TaskVector.from_adapter(get_adapter(w.model, n)) for n in pool]
+        merged = merge_task_vectors(method, tvs, build_config(method, {}))  # linear: the mean (normalised weights)
+        with merged_into_base(w.model, merged):
+            return {"accuracy": score(w, cfg, task)}
+    return run
+
+
+def _routed(make: Callable) -> Callable:
+    """A router whose scope decides per layer from the hidden states (Arrow, MBC): it encloses
+    the whole evaluation, so the generation's length sorting does not matter."""
+    def run(w: World, cfg: Config, task: str, pool) -> dict:
+        router, info = make(w, cfg, task, pool)
+        with router.scope(w.model, {}):
+            acc = score(w, cfg, task)
+        return {"accuracy": acc, **info, **_usage(router)}
+    return run
+
+
+def _usage(router) -> dict:
+    """Mean routing weight per adapter over the scored rows, when the router recorded it."""
+    decisions = getattr(router, "decisions", None) or []
+    if not decisions:
+        return {}
+    total: dict[str, float] = {}
+    for d in decisions:
+        for n, v in d.weights.items():
+            total[n] = total.get(n, 0.0) + v / len(decisions)
+    return {"usage": {n: round(v, 3) for n, v in sorted(total.items(), key=lambda kv: -kv[1])}}
+
+
+SYSTEM_FNS: dict[str, Callable] = {"base": base, "oracle": oracle, "uniform": _merged("linear"),
+                                   "ties": _merged("ties")}
+
+
+def overhead_settings(w: World, cfg: Config) -> dict:
+    """Label -> (scope factory, generate_ids keywords); the first is the reference."""
+    import torch
+
+    k = len(w.names)
+    n = cfg.overhead_prompts
+    settings = {"one adapter (unmerged)": (contextlib.nullcontext, {"adapters": w.names[0]}),
+                f"all {k} adapters, fixed weights": (contextlib.nullcontext,
+                                                     {"routing": (w.names, torch.full((n, k), 1.0 / k))})}
+    return settings
