@@ -245,3 +245,46 @@ def test_from_library_refuses_duplicate_names(tmp_path, lib):
 def test_describe():
     r = Arrow(names=("a", "b", "c"), prototypes=HAND, top_k=2, temperature=0.5)
     assert r.describe() == "arrow: 3 adapters (a, b, c), 1 layers, top_k=2, temperature=0.5"
+
+
+def _peft_lora_dir(out, seed: int):
+    """A peft LoRA (r=2, q_proj/v_proj) of seeded random factors, saved with save_pretrained."""
+    import peft
+    model = peft.get_peft_model(make_model("llama"), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in sorted(model.named_parameters()):
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    model.save_pretrained(out)
+    return out
+
+
+def test_parity_with_peft_arrow(tmp_path, lib):
+    """peft's Arrow (create_arrow_model) on the same three peft LoRAs: its power-iteration
+    prototypes agree with the library's SVD ones up to sign, and with the library's prototypes
+    put in its place, its logits equal ours (same scores, top-k, softmax, scaling)."""
+    peft = pytest.importorskip("peft")
+    dirs = [_peft_lora_dir(tmp_path / f"p{i}", seed=10 + i) for i in range(3)]
+    ours = make_model("llama")
+    refs = [lib.add(d, model=ours, name=f"t{i}").ref for i, d in enumerate(dirs)]
+    router = Arrow.from_library(lib, refs, ours, top_k=2, temperature=0.5)
+    x = make_input("llama")
+    with router.scope(ours, {}):
+        mine = run(ours, x)
+    assert (mine - run(make_model("llama"), x)).abs().max() > 1e-2  # the routed adapters matter
+    theirs = peft.create_arrow_model(make_model("llama"), [str(d) for d in dirs],
+                                     peft.ArrowConfig(top_k=2, router_temperature=0.5, rng_seed=0))
+    theirs.eval()
+    with torch.no_grad():
+        run(theirs, x)  # peft builds its prototypes lazily, on the first forward
+    layers = {p.removeprefix("base_model.model."): m for p, m in theirs.named_modules() if hasattr(m, "lora_arrow")}
+    assert sorted(layers) == sorted(router.prototypes)
+    for path, m in layers.items():
+        arrow = m.lora_arrow["arrow_router"]
+        mine_p = torch.stack([router.prototypes[path][f"t{i}"] for i in range(3)])
+        cos = (arrow.prototypes * mine_p).sum(-1).abs()
+        assert cos.min() > 0.99, (path, cos)  # peft stops its power iteration after 15 steps (0.9987 seen)
+        arrow.prototypes = mine_p.clone()
+    with torch.no_grad():
+        torch.testing.assert_close(run(theirs, x), mine.detach(), atol=1e-5, rtol=1e-5)
