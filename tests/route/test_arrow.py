@@ -229,7 +229,7 @@ def test_layers_must_match_the_prototypes():
     with pytest.raises(RoutingError, match="adapter 'a' has an Arrow prototype at 9 but is not attached there"):
         Arrow(names=("a",), prototypes={"0": {"a": HAND["0"]["a"]}, "9": {"a": HAND["0"]["a"]}}).weights_for(model, {})
     fn = Arrow(names=("a",), prototypes={"0": {"a": torch.ones(5)}}).weights_for(model, {})
-    with pytest.raises(RoutingError, match=r"Arrow at 0: expected a float input \(\.\.\., 5\)"):
+    with pytest.raises(RoutingError, match=r"Arrow at 0: prototypes of width 5 cannot score this layer.s input \(1, 3\)"):
         fn(model[0], torch.ones(1, 3))
 
 
@@ -288,3 +288,66 @@ def test_parity_with_peft_arrow(tmp_path, lib):
         arrow.prototypes = mine_p.clone()
     with torch.no_grad():
         torch.testing.assert_close(run(theirs, x), mine.detach(), atol=1e-5, rtol=1e-5)
+
+
+def _body_and_head(names) -> torch.nn.Module:
+    """Linear(3 -> 3) with a LoRA per name, then Linear(3 -> 2) that each adapter copies in full."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 2))
+    g = torch.Generator().manual_seed(1)
+    for name in names:
+        a = dk.attach(model, dk.LoraConfig(r=1, targets=["0"], modules_to_save=["1"]), name=name)
+        with torch.no_grad():
+            for _, p in sorted(a.named_parameters()):
+                p.copy_(torch.randn(p.shape, generator=g))
+    return model
+
+
+def test_a_head_copied_in_full_takes_the_rows_mean_weight():
+    """Layer 0 routes the two tokens of the hand-worked case to (e/(e+1), 1/(e+1), 0) and
+    (0, 1-s, s); the head (no prototype) takes their mean per row, masked tokens left out."""
+    model = _body_and_head(["a", "b", "c"])
+    x = torch.tensor([[[2.0, -1.0, 0.0], [0.5, 1.0, 0.0]]])
+    s = 1 / (1 + math.exp(-0.1))
+    t1, t2 = torch.tensor([E / (E + 1), 1 / (E + 1), 0.0]), torch.tensor([0.0, 1 - s, s])
+    router = Arrow(names=("a", "b", "c"), prototypes={"0": HAND["0"]}, top_k=2)
+    fn = router.weights_for(model, {})
+    with pytest.raises(RoutingError, match="Arrow reached 1 .copied in full, no prototype. before any routed layer"):
+        fn(model[1], x)
+    fn(model[0], x)
+    torch.testing.assert_close(fn(model[1], torch.zeros(1, 2, 3)), ((t1 + t2) / 2).reshape(1, 1, 3), atol=1e-6, rtol=0)
+    fn = router.weights_for(model, {"attention_mask": torch.tensor([[1, 0]])})
+    fn(model[0], x)
+    torch.testing.assert_close(fn(model[1], torch.zeros(1, 2, 3)), t1.reshape(1, 1, 3), atol=1e-6, rtol=0)
+    # end to end: the head mixes the three full copies by the row mean: y0 + sum_k w_k (y_k - y0)
+    with router.scope(model, {}):
+        out = model(x)
+    with dk.routed(model, router.names, torch.stack([t1, t2])[None]):
+        h = model[0](x)  # (1, 2, 3): layer 0 with the hand-worked per-token weights
+    y0 = model[1].base(h)
+    mean = (t1 + t2) / 2
+    expected = y0 + sum(mean[k] * (torch.nn.functional.linear(h, model[1].deltas[n].values["weight"],
+                                                               model[1].deltas[n].values["bias"]) - y0)
+                        for k, n in enumerate("abc"))
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
+    assert (out - model[1].base(h)).abs().max() > 1e-2
+
+
+def test_one_adapter_with_its_head_equals_that_adapter_alone(tmp_path, lib):
+    model = make_model("bert")
+    x = make_input("bert")
+    cfg = dk.LoraConfig(r=2, targets=["query", "value"], modules_to_save=["classifier"], alpha=4)
+    a = dk.attach(model, cfg, name="a")
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for _, p in sorted(a.named_parameters()):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    dk.save_adapter(a, tmp_path / "a")
+    dk.detach(model, "a")
+    base = run(model, x)
+    router = Arrow.from_library(lib, [lib.add(tmp_path / "a", model=model).ref], model, top_k=1)
+    with router.scope(model, {"input_ids": x}):
+        out = run(model, x)
+    dk.set_active(model, ["a"])
+    torch.testing.assert_close(out, run(model, x), atol=1e-6, rtol=0)
+    assert (out - base).abs().max() > 1e-2

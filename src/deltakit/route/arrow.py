@@ -11,7 +11,10 @@ vector's sign is arbitrary), keeps the ``top_k`` best and mixes them with
     w_l(x) = softmax_{top_k}(|x P_l^T| / temperature)          # P_l (K_l, in), w_l (..., K_l)
 
 Every adapted layer routes on its own input, so one token may use different adapters in
-different layers. Adapters absent from a layer (mixed targets) are not candidates there; any
+different layers. A layer the adapters replace in full (``modules_to_save``, e.g. each task's
+classification head) has no prototype; there each row mixes the adapters by its mean Arrow
+weight over the tokens and layers routed so far in the scope (an adapter with no copy of that
+layer leaves its share to the base layer, as in any routed forward). Adapters absent from a layer (mixed targets) are not candidates there; any
 mix of ranks is fine. peft's Arrow (``peft.tuners.lora.arrow``) computes the same weights but
 needs equal ranks and targets and re-derives the prototypes by power iteration in memory.
 
@@ -56,8 +59,8 @@ class _Layer:
     """One adapted layer's routing table: the prototypes of the adapters present there."""
 
     path: str
-    protos: Tensor  # (K_l, in) float32
-    cols: Tensor    # (K_l,) columns of these adapters among the router's K names
+    protos: Tensor | None  # (K_l, in) float32; None for a layer copied in full (a head)
+    cols: Tensor           # (K_l,) columns of these adapters among the router's K names
     cast: dict = field(default_factory=dict)  # device -> protos on that device
 
     def on(self, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -73,24 +76,55 @@ class _ArrowFn:
     into :class:`Decision` records afterwards; a forward pays one small copy per layer.
     """
 
-    def __init__(self, table: dict[int, _Layer], k: int, top_k: int, temperature: float) -> None:
+    def __init__(self, table: dict[int, _Layer], k: int, top_k: int, temperature: float,
+                 mask: Tensor | None = None) -> None:
         self.table, self.k, self.top_k, self.temperature = table, k, top_k, temperature
+        self.mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None  # (B, T) of the prompt
         self.seen: dict[int, list[Tensor]] = {}
+        self.rows: Tensor | None = None  # (B, K): sum over routed layer calls of each row's token mean
+        self.calls = 0
 
     def __call__(self, layer: nn.Module, x: Tensor) -> Tensor:
         entry = self.table.get(id(layer))
         if entry is None:
             raise RoutingError("Arrow was called by a layer it has no prototypes for; build the router's "
                                "weights from the same model that runs the forward")
+        if entry.protos is None:
+            return self._head(entry, x)
         if not isinstance(x, Tensor) or not x.is_floating_point() or x.shape[-1] != entry.protos.shape[1]:
             found = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
-            raise RoutingError(f"Arrow at {entry.path}: expected a float input (..., {entry.protos.shape[1]}) "
-                               f"matching its prototypes, found {found}")
+            raise RoutingError(f"Arrow at {entry.path}: prototypes of width {entry.protos.shape[1]} cannot score "
+                               f"this layer's input {found} (Arrow routes float inputs of the prototypes' width)")
         protos, cols = entry.on(x.device)
         w_l = arrow_weights((x.detach().float() @ protos.T).abs(), self.top_k, self.temperature)  # (..., K_l)
         w = w_l.new_zeros(*w_l.shape[:-1], self.k).index_copy_(-1, cols, w_l)  # (..., K)
-        self.seen.setdefault(id(layer), []).append(w if w.dim() > 2 else w.unsqueeze(-2))
+        w3 = w if w.dim() > 2 else w.unsqueeze(-2)  # (B, T, K)
+        self.seen.setdefault(id(layer), []).append(w3)
+        self._add_rows(w3)
         return w
+
+    def _add_rows(self, w3: Tensor) -> None:
+        """Accumulate each row's mean weight over its real tokens (for heads copied in full)."""
+        m = self.mask
+        if m is not None and tuple(m.shape) == tuple(w3.shape[:2]):
+            m = m.to(w3.device, w3.dtype).unsqueeze(-1)  # (B, T, 1)
+            row = (w3 * m).sum(1) / m.sum(1).clamp(min=1)
+        else:
+            row = w3.reshape(w3.shape[0], -1, self.k).mean(1)
+        if self.rows is None or self.rows.shape != row.shape:
+            self.rows, self.calls = row, 1
+        else:
+            self.rows, self.calls = self.rows + row, self.calls + 1
+
+    def _head(self, entry: _Layer, x) -> Tensor:
+        """A layer copied in full: each row's mean weight so far, ``(B, 1, ..., K)`` to broadcast."""
+        if self.rows is None:
+            raise RoutingError(f"Arrow reached {entry.path} (copied in full, no prototype) before any routed layer")
+        lead = tuple(x.shape[:-1]) if isinstance(x, Tensor) and x.dim() > 1 else (self.rows.shape[0],)
+        if lead[0] != self.rows.shape[0]:
+            raise RoutingError(f"Arrow at {entry.path}: {lead[0]} rows, the routed layers saw {self.rows.shape[0]}")
+        w = (self.rows / self.calls).reshape(lead[0], *([1] * (len(lead) - 1)), self.k)
+        return w.to(x.device) if isinstance(x, Tensor) else w
 
     def decisions(self, names: Sequence[str], mask: Tensor | None) -> list[Decision]:
         """Per row: the mean weight per adapter over tokens and layers; per token, the adapter
@@ -193,6 +227,7 @@ class Arrow(Router):
         """A callable ``fn(layer, x) -> (..., K)`` for :func:`deltakit.routed`, keyed by the
         DeltaLayers of ``model``; the adapters each layer holds must match the prototypes."""
         table: dict[int, _Layer] = {}
+        attached = adapters(model)
         unmatched = {(p, n) for p, by in self.prototypes.items() for n in by}
         for path, layer in model.named_modules():
             if not isinstance(layer, DeltaLayer):
@@ -201,18 +236,22 @@ class Arrow(Router):
             if not present:
                 continue
             by = self.prototypes.get(path, {})
+            cols = torch.tensor([self.names.index(n) for n in present])
+            if not by and all(attached[n].targets.get(path) == "full" for n in present):
+                table[id(layer)] = _Layer(path, None, cols)  # a head copied in full: see _ArrowFn._head
+                continue
             lacking = [n for n in present if n not in by]
             if lacking:
                 raise RoutingError(f"adapters {lacking} are attached at {path} but have no Arrow prototype there "
                                    "(not the library entries the router was built from?)")
             unmatched -= {(path, n) for n in present}
-            cols = [self.names.index(n) for n in present]
-            table[id(layer)] = _Layer(path, torch.stack([by[n].float() for n in present]), torch.tensor(cols))
+            table[id(layer)] = _Layer(path, torch.stack([by[n].float() for n in present]), cols)
         if unmatched:
             path, name = sorted(unmatched)[0]
             raise RoutingError(f"adapter {name!r} has an Arrow prototype at {path} but is not attached there "
                                f"({len(unmatched)} such layers)")
-        return _ArrowFn(table, len(self.names), self.top_k, float(self.temperature))
+        mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+        return _ArrowFn(table, len(self.names), self.top_k, float(self.temperature), mask)
 
     @contextlib.contextmanager
     def scope(self, model: nn.Module, batch: Mapping[str, Any] | None = None) -> Iterator[None]:
@@ -221,5 +260,4 @@ class Arrow(Router):
         fn = self.weights_for(model, batch)
         with routed(model, self.names, fn):
             yield
-        mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
-        self.decisions = fn.decisions(self.names, mask)
+        self.decisions = fn.decisions(self.names, fn.mask)
