@@ -351,3 +351,21 @@ def test_one_adapter_with_its_head_equals_that_adapter_alone(tmp_path, lib):
     dk.set_active(model, ["a"])
     torch.testing.assert_close(out, run(model, x), atol=1e-6, rtol=0)
     assert (out - base).abs().max() > 1e-2
+
+
+def test_decisions_follow_generation(tmp_path, lib):
+    """Within one scope, generate feeds the prompt (6 tokens) then 3 generated ones: each row's
+    decision covers its 9 positions minus its padding."""
+    model = make_model("llama")
+    refs = [lib.add(lora_dir(tmp_path / n, model, r=2, targets=["q_proj", "v_proj"], seed=i, alpha=0.2),
+                    model=model).ref for i, n in enumerate("ab")]
+    router = Arrow.from_library(lib, refs, model, top_k=1)
+    x = make_input("llama", batch=2)
+    mask = torch.ones_like(x)
+    mask[1, :2] = 0
+    with router.scope(model, {"input_ids": x, "attention_mask": mask}):
+        out = model.generate(input_ids=x, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=2)
+    assert out.shape == (2, 10)
+    assert [len(d.tokens) for d in router.decisions] == [9, 7]
+    for d in router.decisions:
+        assert sum(d.weights.values()) == pytest.approx(1.0, abs=1e-3)

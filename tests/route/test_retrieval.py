@@ -222,6 +222,10 @@ def test_bad_construction_is_one_line(kwargs, match):
 def test_bad_calls_are_one_line():
     r = router(["firm"])
     for call, match in ((lambda: r.weights_for(None, {"input_ids": 1}), "the batch needs 'texts'"),
+                        (lambda: r.weights_for(None, {"input_ids": torch.ones(2, 3), "texts": ["q1"]}),
+                         r"retrieval: 1 texts for a batch of 2 rows"),
+                        (lambda: base_embedder(torch.nn.Linear(2, 2), word_chat_tokenizer(["a"]))(["a"]),
+                         "the default embedder needs a model that returns hidden_states"),
                         (lambda: r.route_texts("q1"), "expected a non-empty list of strings"),
                         (lambda: r.route_texts([]), "expected a non-empty list of strings"),
                         (lambda: Retrieval(names=("a",), keys=[torch.ones(1, 3)], access=[[]], groups=[])

@@ -65,11 +65,27 @@ def base_embedder(model: nn.Module, tokenizer, *, max_length: int = 256, batch_s
                             max_length=max_length)
             ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
             with disabled(model):
-                h = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+                h = _last_hidden(_call(model, ids, mask))
             m = mask.unsqueeze(-1).to(h.dtype)  # (n, T, 1)
             out.append(((h * m).sum(1) / m.sum(1).clamp(min=1)).float())
         return torch.cat(out)
     return embed
+
+
+def _call(model: nn.Module, ids: Tensor, mask: Tensor) -> Any:
+    try:
+        return model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    except TypeError as e:  # not a transformers model: it takes no such keywords
+        raise RoutingError(f"the default embedder needs a model that returns hidden_states (a transformers "
+                           f"model); calling {type(model).__name__} failed ({e}): give embed= instead") from None
+
+
+def _last_hidden(out: Any) -> Tensor:
+    states = getattr(out, "hidden_states", None)
+    if not states:
+        raise RoutingError(f"the default embedder needs a model that returns hidden_states (a transformers model); "
+                           f"found {type(out).__name__}: give embed= instead")
+    return states[-1]
 
 
 def _unit(x: Tensor) -> Tensor:
@@ -209,7 +225,11 @@ class Retrieval(Router):
         """``route_texts(batch["texts"])``."""
         if not isinstance(batch, Mapping) or "texts" not in batch:
             raise RoutingError("retrieval routes by text: the batch needs 'texts' (one string per row)")
-        return self.route_texts(batch["texts"])
+        ids = batch.get("input_ids")
+        texts = batch["texts"]
+        if isinstance(ids, Tensor) and ids.dim() > 0 and isinstance(texts, Sequence) and len(texts) != ids.shape[0]:
+            raise RoutingError(f"retrieval: {len(texts)} texts for a batch of {ids.shape[0]} rows (one text per row)")
+        return self.route_texts(texts)
 
     @contextlib.contextmanager
     def scope(self, model: nn.Module, batch: Mapping[str, Any]) -> Iterator[None]:
