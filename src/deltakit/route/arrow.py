@@ -72,8 +72,10 @@ class _Layer:
 class _ArrowFn:
     """The callable a DeltaLayer calls inside the routing scope: ``fn(layer, x) -> (..., K)``.
 
-    It also keeps every layer's weights (detached, float32) so that the scope can turn them
-    into :class:`Decision` records afterwards; a forward pays one small copy per layer.
+    It also keeps a reference to every layer's weights (float32, no autograd history) so that
+    the scope turns them into :class:`Decision` records once, afterwards; the forward pays
+    nothing more for the record. One instance per scope: concurrent scopes do not share state
+    (the router's :attr:`decisions` holds the last scope's).
     """
 
     def __init__(self, table: dict[int, _Layer], k: int, top_k: int, temperature: float,
@@ -83,6 +85,7 @@ class _ArrowFn:
         self.seen: dict[int, list[Tensor]] = {}
         self.rows: Tensor | None = None  # (B, K): sum over routed layer calls of each row's token mean
         self.calls = 0
+        self.heads = any(e.protos is None for e in table.values())  # only heads need the row sums
 
     def __call__(self, layer: nn.Module, x: Tensor) -> Tensor:
         entry = self.table.get(id(layer))
@@ -100,7 +103,8 @@ class _ArrowFn:
         w = w_l.new_zeros(*w_l.shape[:-1], self.k).index_copy_(-1, cols, w_l)  # (..., K)
         w3 = w if w.dim() > 2 else w.unsqueeze(-2)  # (B, T, K)
         self.seen.setdefault(id(layer), []).append(w3)
-        self._add_rows(w3)
+        if self.heads:
+            self._add_rows(w3)
         return w
 
     def _add_rows(self, w3: Tensor) -> None:
