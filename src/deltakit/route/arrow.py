@@ -14,9 +14,10 @@ Every adapted layer routes on its own input, so one token may use different adap
 different layers. A layer the adapters replace in full (``modules_to_save``, e.g. each task's
 classification head) has no prototype; there each row mixes the adapters by its mean Arrow
 weight over the tokens and layers routed so far in the scope (an adapter with no copy of that
-layer leaves its share to the base layer, as in any routed forward). Adapters absent from a layer (mixed targets) are not candidates there; any
-mix of ranks is fine. peft's Arrow (``peft.tuners.lora.arrow``) computes the same weights but
-needs equal ranks and targets and re-derives the prototypes by power iteration in memory.
+layer leaves its share to the base layer, as in any routed forward). Adapters absent from a
+layer (mixed targets) are not candidates there; any mix of ranks is fine. peft's Arrow
+(``peft.tuners.lora.arrow``) computes the same weights but needs equal ranks and targets,
+routes no heads, and re-derives the prototypes by a 15-step power iteration in memory.
 
 >>> router = Arrow.from_library(lib, ["sst2", "ag_news"], model, top_k=1)   # doctest: +SKIP
 >>> with router.scope(model, batch):                                      # doctest: +SKIP
@@ -190,10 +191,12 @@ class Arrow(Router):
         for path, by in self.prototypes.items():
             for name, v in by.items():
                 if name not in self.names:
-                    raise RoutingError(f"prototype for {name!r} at {path}: not one of the router's adapters {list(self.names)}")
+                    raise RoutingError(f"prototype for {name!r} at {path}: not one of the router's adapters "
+                                       f"{list(self.names)}")
                 if not isinstance(v, Tensor) or v.dim() != 1 or not v.is_floating_point():
                     found = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
-                    raise RoutingError(f"prototype for {name!r} at {path}: expected a float vector (in,), found {found}")
+                    raise RoutingError(f"prototype for {name!r} at {path}: expected a float vector (in,), "
+                                       f"found {found}")
                 covered.add(name)
         missing = [n for n in self.names if n not in covered]
         if missing:

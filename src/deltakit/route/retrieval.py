@@ -128,7 +128,8 @@ class Retrieval(Router):
             raise RoutingError(f"retrieval needs distinct adapter names, found {list(self.names)}")
         self.groups = _group_set(self.groups, "groups (the caller's access groups)")
         if len(self.access) != len(self.names):
-            raise RoutingError(f"access: expected one group list per adapter ({len(self.names)}), found {len(self.access)}")
+            raise RoutingError(f"access: expected one group list per adapter ({len(self.names)}), "
+                               f"found {len(self.access)}")
         self.access = tuple(_group_set(a, f"access groups of {n!r}") for n, a in zip(self.names, self.access))
         self._check_keys()
         self._check_options()
@@ -136,7 +137,8 @@ class Retrieval(Router):
 
     def _check_keys(self) -> None:
         if len(self.keys) != len(self.names):
-            raise RoutingError(f"keys: expected one (n, d) tensor per adapter ({len(self.names)}), found {len(self.keys)}")
+            raise RoutingError(f"keys: expected one (n, d) tensor per adapter ({len(self.names)}), "
+                               f"found {len(self.keys)}")
         dims = set()
         for n, k in zip(self.names, self.keys):
             if not isinstance(k, Tensor) or k.dim() != 2 or k.shape[0] < 1 or not k.is_floating_point():
@@ -200,7 +202,8 @@ class Retrieval(Router):
                 not all(isinstance(t, str) for t in texts):
             raise RoutingError(f"retrieval routes by text: expected a non-empty list of strings, found {texts!r:.80}")
         if self.embed is None:
-            raise RoutingError("retrieval has no embed function: build it with embed= (or from_library(model=, tokenizer=))")
+            raise RoutingError("retrieval has no embed function: build it with embed= "
+                               "(or from_library(model=, tokenizer=))")
         q = _unit(_check_embedding(self.embed(list(texts)), len(texts), self.keys[0].shape[1]))  # (B, d)
         out = q.new_full((len(texts), len(self.names)), -math.inf)
         for i in self.candidates:
@@ -218,7 +221,10 @@ class Retrieval(Router):
         if not self.candidates:
             return torch.zeros_like(s)
         top, idx = s.topk(min(self.top_k, len(self.candidates)), dim=-1)
-        mix = torch.full_like(top, 1 / top.shape[-1]) if self.temperature is None else torch.softmax(top / self.temperature, -1)
+        if self.temperature is None:
+            mix = torch.full_like(top, 1 / top.shape[-1])
+        else:
+            mix = torch.softmax(top / self.temperature, dim=-1)
         return torch.zeros_like(s).scatter(-1, idx, mix)
 
     def weights_for(self, model: nn.Module, batch: Mapping[str, Any]) -> Tensor:
@@ -251,7 +257,8 @@ class Retrieval(Router):
 def _check_embedding(e: Any, n: int, d: int | None = None) -> Tensor:
     if not isinstance(e, Tensor) or e.dim() != 2 or e.shape[0] != n or (d is not None and e.shape[1] != d):
         found = tuple(e.shape) if isinstance(e, Tensor) else type(e).__name__
-        raise RoutingError(f"embed: expected a tensor ({n}, {d if d is not None else 'd'}) for {n} texts, found {found}")
+        width = d if d is not None else "d"
+        raise RoutingError(f"embed: expected a tensor ({n}, {width}) for {n} texts, found {found}")
     return e.float()
 
 
