@@ -369,3 +369,18 @@ def test_decisions_follow_generation(tmp_path, lib):
     assert [len(d.tokens) for d in router.decisions] == [9, 7]
     for d in router.decisions:
         assert sum(d.weights.values()) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_decisions_over_several_batches_in_one_scope():
+    """Batches of 2 and then 3 rows, the second followed by a one-token decoding step: five
+    decisions, the step's token appended to the second batch's rows."""
+    model = _linear_with({"a": 1, "b": 1, "c": 1})
+    router = Arrow(names=("a", "b", "c"), prototypes=HAND, top_k=1)
+    ta, tc, tb = [2.0, -1.0, 0.0], [0.5, 1.0, 0.0], [0.0, -3.0, 0.0]  # routed to a, c, b
+    with router.scope(model, {}):
+        model(torch.tensor([[ta, tc, tb], [tb, tb, ta]]))
+        model(torch.tensor([[ta, ta], [tc, tc], [tb, tc]]))
+        model(torch.tensor([[tb], [ta], [tc]]))
+    assert [d.tokens for d in router.decisions] == [["a", "c", "b"], ["b", "b", "a"], ["a", "a", "b"],
+                                                    ["c", "c", "a"], ["b", "c", "c"]]
+    assert router.decisions[1].weights == {"b": 0.6667, "a": 0.3333}

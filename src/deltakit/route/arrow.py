@@ -83,7 +83,8 @@ class _ArrowFn:
                  mask: Tensor | None = None) -> None:
         self.table, self.k, self.top_k, self.temperature = table, k, top_k, temperature
         self.mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None  # (B, T) of the prompt
-        self.seen: dict[int, list[Tensor]] = {}
+        self.first: int | None = None  # the first layer routed: each time it runs, a forward starts
+        self.forwards: list[dict[int, list[Tensor]]] = []  # per forward: layer -> its (B, T, K) weights
         self.rows: Tensor | None = None  # (B, K): sum over routed layer calls of each row's token mean
         self.calls = 0
         self.heads = any(e.protos is None for e in table.values())  # only heads need the row sums
@@ -103,7 +104,11 @@ class _ArrowFn:
         w_l = arrow_weights((x.detach().float() @ protos.T).abs(), self.top_k, self.temperature)  # (..., K_l)
         w = w_l.new_zeros(*w_l.shape[:-1], self.k).index_copy_(-1, cols, w_l)  # (..., K)
         w3 = w if w.dim() > 2 else w.unsqueeze(-2)  # (B, T, K)
-        self.seen.setdefault(id(layer), []).append(w3)
+        if self.first is None:
+            self.first = id(layer)
+        if id(layer) == self.first or not self.forwards:
+            self.forwards.append({})
+        self.forwards[-1].setdefault(id(layer), []).append(w3)
         if self.heads:
             self._add_rows(w3)
         return w
@@ -132,23 +137,42 @@ class _ArrowFn:
         return w.to(x.device) if isinstance(x, Tensor) else w
 
     def decisions(self, names: Sequence[str], mask: Tensor | None) -> list[Decision]:
-        """Per row: the mean weight per adapter over tokens and layers; per token, the adapter
-        with the largest weight summed over layers. Padding (``mask == 0``) is left out."""
-        if not self.seen:
-            return []
-        per_layer = [torch.cat(chunks, dim=-2) for chunks in self.seen.values()]  # each (B, T_l, K)
-        if len({w.shape for w in per_layer}) != 1:  # layers saw different sequences: row means only
-            rows = torch.stack([w.mean(-2) for w in per_layer]).mean(0)
-            return [_decision(names, r) for r in rows]
-        w = torch.stack(per_layer).mean(0)  # (B, T, K)
-        keep = _token_mask(mask, w.shape[0], w.shape[1])
+        """One :class:`Decision` per row of every sequence of forwards (see :meth:`_sequences`),
+        in the order they ran: the mean weight per adapter over the row's tokens and the routed
+        layers and, per token, the adapter with the largest mean weight over layers. Tokens that
+        ``mask`` (the scope's batch's attention mask) marks as padding are left out."""
         out = []
-        for b in range(w.shape[0]):
-            wb = w[b][keep[b]] if keep is not None else w[b]
-            d = _decision(names, wb.mean(0) if len(wb) else wb.new_zeros(w.shape[-1]))
-            d.tokens = [names[i] for i in wb.argmax(-1).tolist()]
-            out.append(d)
+        for parts, per_token in self._sequences():
+            w = torch.cat(parts, dim=1)  # (B, T, K)
+            keep = _token_mask(mask, w.shape[0], w.shape[1]) if tuple(parts[0].shape[:2]) == _shape(mask) else None
+            for b in range(w.shape[0]):
+                wb = w[b][keep[b]] if keep is not None else w[b]
+                d = _decision(names, wb.mean(0) if len(wb) else wb.new_zeros(w.shape[-1]))
+                d.tokens = [names[i] for i in wb.argmax(-1).tolist()] if per_token else None
+                out.append(d)
         return out
+
+    def _sequences(self) -> list[tuple[list[Tensor], bool]]:
+        """The forwards grouped by rows: a forward of the same rows and one new token (a decoding
+        step with a KV cache) continues the previous group, any other starts new rows (a new
+        batch; decoding without a cache, which re-feeds every token, counts each step anew).
+        Each forward is the mean over layers ``(B, T, K)``; where its layers saw different
+        lengths (encoder-decoder), their token means ``(B, 1, K)`` and no per-token record."""
+        groups: list[tuple[list[Tensor], bool]] = []
+        for f in self.forwards:
+            per_layer = [torch.cat(chunks, dim=-2) for chunks in f.values()]  # each (B, T_l, K)
+            per_token = len({w.shape for w in per_layer}) == 1
+            w = torch.stack(per_layer if per_token else [p.mean(-2, keepdim=True) for p in per_layer]).mean(0)
+            prev = groups[-1][0] if groups else None
+            if prev is not None and per_token and groups[-1][1] and w.shape[1] == 1 and w.shape[0] == prev[0].shape[0]:
+                prev.append(w)
+            else:
+                groups.append(([w], per_token))
+        return groups
+
+
+def _shape(mask: Tensor | None) -> tuple[int, ...] | None:
+    return tuple(mask.shape) if isinstance(mask, Tensor) else None
 
 
 def _token_mask(mask: Tensor | None, batch: int, tokens: int) -> Tensor | None:
