@@ -240,3 +240,16 @@ def test_bad_calls_are_one_line():
 def test_describe():
     assert router(["firm"], top_k=2, temperature=0.5).describe() == (
         "retrieval: 2 of 3 adapters accessible to groups ['firm'], pool=max, top_k=2, softmax temperature 0.5")
+
+
+def test_route_gives_the_adapters_used_for_generate():
+    r = router(["hospital", "firm"])
+    names, w = r.route(["q1", "q2", "q1"])
+    assert names == ("med", "law") and w.tolist() == [[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]
+    assert [d.top for d in r.decisions] == ["med", "law", "med"]
+    names, w = router(["firm"], top_k=2).route(["q1"])  # med, the closest, is not there
+    assert names == ("law", "fin") and w.tolist() == [[0.5, 0.5]]  # top-2, equal weights
+    keys = [embed(["about medicine"])]
+    base = Retrieval(names=("med",), keys=keys, access=[["hospital"]], groups=[], embed=embed, no_access="base")
+    names, w = base.route(["q1", "q2"])
+    assert names == () and w.shape == (2, 0)

@@ -22,9 +22,11 @@ routed forward, and :meth:`Retrieval.from_library` does not even attach it. With
 adapter at all the router raises :class:`RoutingError`, unless built with ``no_access="base"``
 (then those requests run on the base model, adapters disabled).
 
-Interface: :meth:`Retrieval.route_texts` ``(texts) -> (B, K)`` weights; :meth:`weights_for` /
-:meth:`scope` read the texts from ``batch["texts"]`` (one string per row, same order as the
-rows). Removing an adapter from the library and rebuilding the router drops it.
+Interface: :meth:`Retrieval.route_texts` ``(texts) -> (B, K)`` weights over all K names;
+:meth:`Retrieval.route` ``(texts) -> (names, (B, K'))`` over the adapters used, for
+``deltakit.routed`` or ``generate(routing=...)``; :meth:`weights_for` / :meth:`scope` read the
+texts from ``batch["texts"]`` (one string per row, same order as the rows). Removing an adapter
+from the library and rebuilding the router drops it.
 
 >>> r = Retrieval.from_library(lib, None, model, groups=["clinic"], tokenizer=tok)   # doctest: +SKIP
 >>> with r.scope(model, {"texts": prompts}):                                       # doctest: +SKIP
@@ -242,16 +244,26 @@ class Retrieval(Router):
         """Within the block, row b of ``model``'s forwards mixes its retrieved adapters; only
         accessible adapters that some row uses are named in the routed forward (the others need
         not be attached, and never run)."""
-        w = self.weights_for(model, batch)
-        self.record(w)
-        if not self.candidates:  # no_access="base", asked for explicitly
+        names, w = self._used(self.weights_for(model, batch))
+        if not names:  # no_access="base", asked for explicitly
             with disabled(model):
                 yield
             return
+        with routed(model, names, w):
+            yield
+
+    def route(self, texts: Sequence[str]) -> tuple[tuple[str, ...], Tensor]:
+        """``(names, weights (B, K'))`` for :func:`deltakit.routed` or ``generate(routing=...)``:
+        only the accessible adapters some row uses (all others contribute nothing), and the
+        choice recorded in :attr:`decisions`. ``names == ()`` (only with ``no_access="base"``)
+        means: run these rows on the base model (``deltakit.disabled``)."""
+        return self._used(self.route_texts(texts))
+
+    def _used(self, w: Tensor) -> tuple[tuple[str, ...], Tensor]:
+        self.record(w)
         # adapters no row uses are left out of the forward (they would add exact zeros at a cost)
         cols = [i for i in self.candidates if bool(w[:, i].any())]
-        with routed(model, [self.names[i] for i in cols], w[:, cols]):
-            yield
+        return tuple(self.names[i] for i in cols), w[:, cols]
 
 
 def _check_embedding(e: Any, n: int, d: int | None = None) -> Tensor:
