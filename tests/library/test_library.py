@@ -335,3 +335,21 @@ def test_concurrent_adds_from_four_processes_all_land(tmp_path, lib):
     assert {e.sha256 for e in lib.list()} == shas and set(_files(lib)[0]) == shas
     report = lib.verify()
     assert report.ok and report.checked == 8
+
+
+def test_conv1d_prototypes_live_in_the_input_space_and_embeddings_get_none(tmp_path):
+    """GPT-2's Conv1D stores W as (in, out): the prototype is the top right-singular vector of the
+    (out, in) map, i.e. width n_embd for c_attn (16), not its output width (48)."""
+    gpt2 = make_model("gpt2")
+    lib = AdapterLibrary(tmp_path / "lib")
+    src = lora_dir(tmp_path / "g", gpt2, r=2, targets=["c_attn", "wpe"], seed=5)
+    routing = lib.routing(lib.add(src, model=gpt2).ref)
+    ad = dk.load_adapter(gpt2, src, name="g")
+    for path, layer in gpt2.named_modules():
+        if isinstance(layer, DeltaLayer) and path.endswith("c_attn"):
+            dw = layer.weight_delta(["g"])["weight"].double().T      # (out 48, in 16)
+            p = routing[f"prototype.{path}"]
+            assert p.shape == (16,)
+            _, _, Vh = torch.linalg.svd(dw)
+            assert abs(float(p.double() @ Vh[0])) == pytest.approx(1.0, abs=1e-6)
+    assert not any(k.endswith(".wpe") for k in routing) and ad is not None

@@ -80,16 +80,28 @@ def layer_sketch(param: str, value: LowRank | Tensor) -> Tensor:
     return (P @ dw @ Q.T).reshape(-1)
 
 
-def routing_data(values: Iterable[tuple[str, LowRank | Tensor]]) -> dict[str, Tensor]:
+def _transposed(value: LowRank | Tensor) -> LowRank | Tensor:
+    if isinstance(value, LowRank):
+        return LowRank(value.A.T, value.B.T, scale=value.scale)
+    return value.reshape(value.shape[0], -1).T
+
+
+def routing_data(values: Iterable[tuple[str, LowRank | Tensor]], layouts: dict[str, str] | None = None) -> dict[str, Tensor]:
     """The tensors of a library entry's routing file, from ``(parameter name, delta value)``:
     ``prototype.<module path>`` (in,) for every weight of two or more dimensions, and
-    ``embedding`` (64,), float32."""
+    ``embedding`` (64,), float32.
+
+    ``layouts`` (module path -> ``"in_out"`` or ``"ids"``) marks weights stored as (in, out)
+    (transformers' Conv1D, GPT-2): their input space is the rows, so the prototype is the top
+    left-singular vector; and embeddings, whose input is token ids: no prototype.
+    """
     out: dict[str, Tensor] = {}
     emb = torch.zeros(EMBEDDING_DIM, dtype=torch.float64)
     for param, value in values:
         emb += layer_sketch(param, value)
-        if isinstance(value, LowRank) or value.dim() >= 2:
-            module = param[: -len(".weight")] if param.endswith(".weight") else param
-            out[f"prototype.{module}"] = prototype(value).contiguous()
+        module = param[: -len(".weight")] if param.endswith(".weight") else param
+        layout = (layouts or {}).get(module)
+        if layout != "ids" and (isinstance(value, LowRank) or value.dim() >= 2):
+            out[f"prototype.{module}"] = prototype(_transposed(value) if layout == "in_out" else value).contiguous()
     out["embedding"] = emb.float()
     return out

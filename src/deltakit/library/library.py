@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from ..core.adapter import Adapter, detach
 from ..core.fingerprint import fingerprint_matches, model_fingerprint
+from ..core.layer import DeltaLayer
 from ..io.adapter_files import MANIFEST, load_adapter, read_manifest, save_adapter
 from ..io.files import sha256_file, write_json
 from ..io.peft import CONFIG as PEFT_CONFIG
@@ -310,12 +311,24 @@ def _import_peft(model: nn.Module, source: Path, out: Path) -> None:
     write_json(out / MANIFEST, man)
 
 
+def _layouts(model: nn.Module) -> dict[str, str]:
+    """Module path -> how its weight meets the input, where it is not (out, in): see routing_data."""
+    out = {}
+    for path, m in model.named_modules():
+        base = getattr(m, "base", m) if isinstance(m, DeltaLayer) else m
+        if type(base).__name__ == "Conv1D":
+            out[path] = "in_out"
+        elif isinstance(base, nn.Embedding):
+            out[path] = "ids"
+    return out
+
+
 def _measure(model: nn.Module, obj: Path) -> dict[str, Tensor]:
     """Attach the staged adapter (checking it was trained on ``model``), read its deltas as a task
     vector (LoRA family stays factored) and compute its routing data; detach again."""
     adapter = load_adapter(model, obj, name=_TMP_NAME, strict_base=True, activate=False, trainable=False)
     try:
         tv = TaskVector.from_adapter(adapter, include_full=False)
-        return routing_data((n, tv.get(n)) for n in sorted(tv.keys()))
+        return routing_data(((n, tv.get(n)) for n in sorted(tv.keys())), _layouts(model))
     finally:
         detach(model, _TMP_NAME)
