@@ -221,3 +221,18 @@ def test_generation_with_a_per_layer_router_on_a_tiny_llama():
     with dk.routed(m, ["a", "b"], fn):
         got = m.generate(ids, max_new_tokens=4, do_sample=False)
     assert torch.equal(got, want) and shapes == {5, 1}
+
+
+def test_the_stacked_factor_cache_sees_in_place_updates():
+    """Without autograd the concatenated factors are cached; an in-place change of a factor
+    (an optimiser step between two evaluations) must not be served from the cache."""
+    m = _two_loras()
+    x = torch.randn(2, 6, dtype=torch.float64)
+    w = torch.tensor([[0.5, 0.5]] * 2, dtype=torch.float64)
+    with torch.no_grad(), dk.routed(m, ["a", "b"], w):
+        first = m(x)
+        assert torch.equal(m(x), first)                       # a cache hit gives the same numbers
+        dk.get_adapter(m, "b").parameters().__next__().mul_(2.0)
+        changed = m(x)
+    assert not torch.allclose(changed, first)
+    torch.testing.assert_close(changed, _merged_reference(m, {"a": 0.5, "b": 0.5})(x), rtol=1e-6, atol=1e-6)

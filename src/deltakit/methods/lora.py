@@ -159,10 +159,8 @@ class LoRA(WeightDelta):
         (Multi-Head Routing, Caccia et al. 2023), block j weighted by ``weights[..., k, j]``.
         Conv2d takes per-row weights only.
         """
-        pairs = [_compute_factors(d, x) for d in deltas]
-        A = torch.cat([a for a, _ in pairs], dim=0)                 # (R, in[, kh, kw])
+        A, B = _stacked(base, deltas, x)
         dt = A.dtype
-        B = torch.cat([b.to(dt) for _, b in pairs], dim=1)          # (out, R[, 1, 1])
         m = _rank_weights(deltas, weights.to(device=x.device, dtype=dt), heads)  # (..., R)
         h = _down(base, _cast(x, A), A)                             # (B, ..., R) or (B, R, H, W)
         if isinstance(base, nn.Conv2d):
@@ -172,6 +170,33 @@ class LoRA(WeightDelta):
         else:
             h = h * m.reshape(*m.shape[:-1], *([1] * (h.dim() - m.dim())), m.shape[-1])
         return _up(base, h, B)
+
+
+def _stacked(base: nn.Module, deltas: Sequence, x: Tensor) -> tuple[Tensor, Tensor]:
+    """Every adapter's factors concatenated along the rank: ``A`` (R, in[, kh, kw]), ``B`` (out, R[, 1, 1]).
+
+    Without autograd the pair is cached on the base module, keyed by the factor tensors' identity
+    and version counters (an in-place update, e.g. an optimiser step, misses the cache): decoding
+    would otherwise concatenate every adapter's factors again at every layer for every token.
+    """
+    key = None
+    if not torch.is_grad_enabled():
+        # the factor tensors themselves are held in the key, so their ids cannot be reused meanwhile
+        key = (x.dtype, [(d.lora_A, d.lora_A._version, d.lora_B, d.lora_B._version) for d in deltas])
+        hit = base.__dict__.get("_dk_stacked")
+        if hit is not None and _same_key(hit[0], key):
+            return hit[1]
+    pairs = [_compute_factors(d, x) for d in deltas]
+    A = torch.cat([a for a, _ in pairs], dim=0)
+    B = torch.cat([b.to(A.dtype) for _, b in pairs], dim=1)
+    if key is not None:
+        base.__dict__["_dk_stacked"] = (key, (A, B))
+    return A, B
+
+
+def _same_key(a, b) -> bool:
+    return a[0] == b[0] and len(a[1]) == len(b[1]) and all(
+        p[0] is q[0] and p[1] == q[1] and p[2] is q[2] and p[3] == q[3] for p, q in zip(a[1], b[1]))
 
 
 def _rank_weights(deltas: Sequence, weights: Tensor, heads: int) -> Tensor:
