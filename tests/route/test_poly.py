@@ -14,9 +14,9 @@ from deltakit.route import RoutingError, get_router
 from deltakit.route.poly import MHR, Poly, PolyModel, poly_weights
 
 
-def _mlp(seed: int = 0) -> nn.Module:
+def _mlp(seed: int = 0, out: int = 3) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3))
+    return nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, out))
 
 
 def _skills(model: nn.Module, names=("a", "b"), r: int = 2, targets=("0", "2")) -> None:
@@ -317,3 +317,118 @@ def test_one_line_errors():
     mhr = MHR.for_model(model, ("a", "b"), n_tasks=1, heads=4)  # rank 2 is not divisible by 4
     with pytest.raises(ValueError, match="needs ranks divisible by it"), mhr.scope(model, {"task_ids": [0]}):
         model(torch.randn(1, 6))
+
+
+# ---------------------------------------------------------------- parameter mixing, and peft
+def _peft_twin(model: nn.Module, heads: int, n_tasks: int = 3):
+    """peft's Poly on a copy of ``model``'s base, with our skills' factors and our logits."""
+    import copy
+
+    from peft import PolyConfig, get_peft_model
+    base = copy.deepcopy(nn.Sequential(model[0].base, model[1], model[2].base))
+    twin = get_peft_model(base, PolyConfig(r=2, target_modules=["0", "2"], n_tasks=n_tasks, n_skills=2,
+                                           n_splits=heads))
+    return twin
+
+
+def _copy_into_peft(twin, model: nn.Module, router: Poly, heads: int) -> None:
+    """Our A_s (r, in), B_s (out, r) and logits (L, T, S, h) in peft's layout: A (h, S, in/h, r),
+    B (h, S, r, out/h), module_logits (T, h*S) viewed (T, h, S)."""
+    with torch.no_grad():
+        for li, path in enumerate(("0", "2")):
+            layer = twin.base_model.model.get_submodule(path)
+            for s, n in enumerate(("a", "b")):
+                d = dict(dk.get_adapter(model, n).deltas())[path]
+                r, d_in = d.lora_A.shape
+                d_out = d.lora_B.shape[0]
+                for q in range(heads):
+                    layer.poly_lora_A["default"][q, s] = d.lora_A.view(r, heads, d_in // heads)[:, q].T
+                    layer.poly_lora_B["default"][q, s] = d.lora_B.view(heads, d_out // heads, r)[q].T
+            z = router.routing.logits[li]  # (T, S, h)
+            layer.poly_router["default"].module_logits.copy_(z.permute(0, 2, 1).reshape(z.shape[0], -1))
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_parameter_mixing_equals_peft_poly(heads):
+    model = _mlp(out=4)  # peft floors out / n_splits: sizes divisible by the heads
+    for k in ("a", "b"):  # alpha 1: scale 1/r, peft's Poly scale
+        ad = dk.attach(model, dk.LoraConfig(r=2, alpha=1.0, targets=["0", "2"]), name=k)
+        for _, d in ad.deltas():
+            nn.init.normal_(d.lora_B, std=1.0)
+    cls, options = (Poly, {}) if heads == 1 else (MHR, {"heads": heads})
+    router = cls.for_model(model, ("a", "b"), n_tasks=3, mixing="parameter", **options)
+    with torch.no_grad():
+        router.routing.logits.normal_(0.0, 2.0)
+    twin = _peft_twin(model, heads)
+    _copy_into_peft(twin, model, router, heads)
+    twin.eval()
+    x, tasks = torch.randn(4, 5, 6), torch.tensor([2, 0, 1, 2])
+    with router.scope(model, {"task_ids": tasks}):
+        ours = model(x)
+    theirs = twin.base_model(x, task_ids=tasks)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    # output mixing is a different function for a mixture (no cross terms B_i A_j) ...
+    router.mixing = "output"
+    if heads == 1:
+        with router.scope(model, {"task_ids": tasks}):
+            assert not torch.allclose(model(x), theirs, atol=1e-3)
+
+
+def test_parameter_mixing_by_hand_and_one_hot_equals_output_mixing():
+    model = nn.Sequential(nn.Linear(6, 6))
+    _skills(model, targets=("0",))
+    router = Poly.for_model(model, ("a", "b"), n_tasks=2, mixing="parameter")
+    with torch.no_grad():
+        router.routing.logits.copy_(torch.tensor([[[[0.0], [0.0]], [[30.0], [-30.0]]]]))
+    da, db = (dict(dk.get_adapter(model, n).deltas())["0"] for n in ("a", "b"))
+    x = torch.randn(2, 6)
+    with router.scope(model, {"task_ids": torch.tensor([0, 1])}):
+        got = model(x)
+    # task 0: weights 1/2 each -> (B_a s + B_b s)/2 @ (A_a + A_b)/2, cross terms included
+    dw0 = ((da.lora_B * da.scale + db.lora_B * db.scale) / 2) @ ((da.lora_A + db.lora_A) / 2)
+    base = model[0].base
+    assert torch.allclose(got[0], x[0] @ (base.weight + dw0).T + base.bias, atol=1e-5)
+    # task 1: one-hot on a (sigmoid(30)/(sigmoid(30)+sigmoid(-30)) = 1 - 9e-14): exactly skill a
+    with dk.mixed_batch(model, ["a", "a"]):
+        alone = model(x)
+    assert torch.allclose(got[1], alone[1], atol=1e-6)
+    assert dk.active(model) == ["b"]  # the scope changed no state
+
+
+def test_parameter_mixing_gradients_and_refusals():
+    model = _mlp()
+    _skills(model)
+    data = _two_task_data(model)
+    router = Poly.fit_routing(model, ("a", "b"), data, steps=60, lr=0.1, loss_fn=_mse, mixing="parameter")
+    w = router.weights(["ta", "tb"])
+    assert w[:, 0, 0].mean() > 0.75 and w[:, 1, 1].mean() > 0.75, w
+    mixed = _mlp()
+    dk.attach(mixed, dk.LoraConfig(r=2, targets=["0", "2"]), name="a")
+    dk.attach(mixed, dk.LoraConfig(r=4, targets=["0", "2"]), name="b")
+    bad = Poly.for_model(mixed, ("a", "b"), n_tasks=1, mixing="parameter")
+    with pytest.raises(RoutingError, match=r"layer '0': parameter mixing needs skills of one rank, found ranks \[2, 4\]"):
+        bad.scope(mixed, {"task_ids": [0]}).__enter__()
+    dora = _mlp()
+    dk.attach(dora, dk.get_method("dora").config(r=2, targets=["0"]), name="a")
+    with pytest.raises(RoutingError, match=r"needs LoRA skills on Linear / Conv1D layers, found \['DoRA'\]"):
+        Poly.for_model(dora, ("a",), n_tasks=1, mixing="parameter").scope(dora, {"task_ids": [0]}).__enter__()
+    with pytest.raises(RoutingError, match=r"expected mixing in \['output', 'parameter'\], found 'both'"):
+        Poly(("a",), n_tasks=1, mixing="both")
+
+
+def test_parameter_mixing_hook_is_installed_once_and_inert_outside():
+    import copy
+    model = _mlp()
+    _skills(model)
+    router = Poly.for_model(model, ("a", "b"), n_tasks=1, mixing="parameter")
+    x = torch.randn(3, 6)
+    for _ in range(2):
+        with router.scope(model, {"task_ids": [0, 0, 0]}):
+            first = model(x)
+    assert len(model[0]._forward_hooks) == 1
+    with dk.disabled(model):
+        assert torch.allclose(model(x), nn.Sequential(model[0].base, model[1], model[2].base)(x))
+    twin = copy.deepcopy(model)  # the copy keeps one hook, not two, after routing again
+    with router.scope(twin, {"task_ids": [0, 0, 0]}):
+        assert torch.allclose(twin(x), first, atol=1e-6)
+    assert len(twin[0]._forward_hooks) == 1

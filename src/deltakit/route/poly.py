@@ -12,11 +12,11 @@ Multi-Head Routing (MHR; Caccia et al. 2023, "Multi-Head Adapter Routing for Cro
 Generalization", https://arxiv.org/abs/2211.03831) routes h blocks of every skill separately:
 logits ``Z[t]`` of shape ``(S, h)``, normalised over skills per head. MHR with h = 1 is Poly.
 
-**Where we deliberately differ: output mixing.** The papers (and ``peft.tuners.poly``) mix
-the skills' *parameters*, ``A_t = sum_s w_s A_s``, ``B_t = sum_s w_s B_s``, so a layer adds
-``B_t A_t x = sum_{i,j} w_i w_j B_i A_j x``, cross terms included. We mix the skills' *outputs*,
-``sum_s w_s * scale_s * B_s A_s x``, through the core's routed forward
-(:func:`deltakit.core.adapter.routed`), because
+**Output mixing by default; parameter mixing on request.** The papers (and
+``peft.tuners.poly``) mix the skills' *parameters*, ``A_t = sum_s w_s A_s``,
+``B_t = sum_s w_s B_s``, so a layer adds ``B_t A_t x = sum_{i,j} w_i w_j B_i A_j x``, cross
+terms included. By default we mix the skills' *outputs*, ``sum_s w_s * scale_s * B_s A_s x``,
+through the core's routed forward (:func:`deltakit.core.adapter.routed`), because
 
 * the inventory here is usually a library of independently trained LoRAs. A LoRA's factors are
   defined only up to an invertible r x r matrix (``B M``, ``M^-1 A`` give the same dW), so the
@@ -27,15 +27,19 @@ the skills' *parameters*, ``A_t = sum_s w_s A_s``, ``B_t = sum_s w_s B_s``, so a
   any method the core can route, and runs in the core's one batched pass per layer;
 * with one-hot weights both agree; they differ only for mixtures.
 
-Jointly trained skills from scratch (the paper's multi-task pre-training) can use either:
-:meth:`Poly.fresh_skills` attaches S fresh LoRAs that train together with the routing.
+``mixing="parameter"`` computes the papers' form exactly (checked against peft's Poly to
+float precision): plain LoRA skills of one rank on Linear / Conv1D layers, scale folded into B
+(``B_t = sum_s w_s scale_s B_s``), no dropout on the skill branch (as peft). It suits skills
+trained jointly with the routing from scratch (:meth:`Poly.fresh_skills`), as in the paper.
+Its forward hook (installed once per layer, inert outside a parameter-mixing scope) adds
+``B_t A_t x`` to the base output per row, one batched matmul pair per layer.
 
-**MHR heads split the rank.** The core's multi-head weights split each skill's rank r into h
-equal blocks (block j: rows ``j r/h .. (j+1) r/h`` of A, the matching columns of B) and weight
-block j of skill s by ``w[s, j]``. peft's ``n_splits`` (after the paper) splits the input
-dimension of A and the output dimension of B instead; under output mixing a rank block is the
-natural unit (each block is itself a LoRA), and the count of routing parameters, S*h per task
-and layer, is the same.
+**MHR heads.** Under output mixing the core splits each skill's rank r into h equal blocks
+(block j: rows ``j r/h .. (j+1) r/h`` of A, the matching columns of B) and weights block j of
+skill s by ``w[s, j]``: a rank block is itself a LoRA, so it is the natural unit when outputs
+mix. Under parameter mixing heads follow peft's ``n_splits`` (after the paper): A's input
+dimension and B's output dimension split in h blocks, each mixed with its own weights. Either
+way a task has S*h logits per layer.
 
 **Per layer or shared.** As in the paper and peft, each adapted layer has its own logits by
 default (``layers``: the module paths, see :meth:`Poly.for_model`); ``layers=()`` shares one
@@ -65,22 +69,25 @@ import functools
 import json
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, default_collate
 
-from ..core.adapter import adapters, attach, routed
+from ..core.adapter import adapters, attach, disabled, routed
 from ..core.layer import DeltaLayer
 from ..core.seeding import generator as seeded_generator
 from ..io.tensors import load_tensors, read_header, save_tensors
-from ..methods.lora import LoraConfig
+from ..methods.lora import LoRA, LoraConfig
 from ..train import TrainResult, fit
 from ._base import Router, RoutingError, get_router, register_router
 
-__all__ = ["Poly", "MHR", "PolyRouting", "PolyModel", "poly_weights"]
+__all__ = ["Poly", "MHR", "PolyRouting", "PolyModel", "Mixing", "poly_weights", "param_mixed_residual"]
+
+Mixing = Literal["output", "parameter"]
 
 EPS = 1e-12  # as peft and mttl: the normaliser of an all-zero draw stays finite
 FORMAT = "deltakit.route.poly/1"
@@ -132,6 +139,10 @@ class Poly(Router):
     name); or only ``n_tasks``. ``layers``: module paths with their own routing (in the
     order of ``routing.logits``' first axis), ``()`` for one routing shared by all layers.
     ``temperature``: of the relaxed Bernoulli in training. ``seed``: of the logits' init.
+    ``mixing``: ``"output"`` (default: the core's routed forward, any ranks / targets) or
+    ``"parameter"`` (the papers' and peft's ``A_t = sum w A``, ``B_t = sum w B``; LoRA skills of
+    equal rank on Linear / Conv1D layers; MHR heads then split A's input and B's output
+    dimensions as peft's ``n_splits``); see the module docstring.
     """
 
     n_tasks: int = 0
@@ -139,6 +150,7 @@ class Poly(Router):
     layers: tuple[str, ...] = ()
     temperature: float = 1.0
     seed: int = 0
+    mixing: Mixing = "output"
     routing: PolyRouting = field(init=False, repr=False)
     fit_result: TrainResult | None = field(default=None, init=False, repr=False)
 
@@ -156,6 +168,8 @@ class Poly(Router):
             raise RoutingError(f"{self.router_name}: task names must be distinct, found {list(self.tasks)}")
         if not self.temperature > 0:
             raise RoutingError(f"{self.router_name}: expected temperature > 0, found {self.temperature}")
+        if self.mixing not in get_args(Mixing):
+            raise RoutingError(f"{self.router_name}: expected mixing in {list(get_args(Mixing))}, found {self.mixing!r}")
         self.routing = PolyRouting(max(1, len(self.layers)), self.n_tasks, len(self.names), self.n_heads, self.seed)
         self.routing.eval()
 
@@ -244,8 +258,32 @@ class Poly(Router):
         ``decisions`` records, per row, each skill's weight averaged over layers and heads."""
         w = self._batch_weights(batch)  # (L, B, S, h): drawn once, so a recompute sees the same noise
         self.record(w.mean(dim=(0, -1)))
+        if self.mixing == "parameter":
+            with _parameter_mixing(self._mixing_plan(model, w)), disabled(model):
+                yield
+            return
         with routed(model, self.names, self._layer_weights(model, w), heads=self.n_heads):
             yield
+
+    def _mixing_plan(self, model: nn.Module, w: Tensor) -> dict[int, tuple[list[LoRA | None], Tensor, int]]:
+        """``id(layer) -> (skill deltas or None, weights (B, S, h), heads)`` for parameter mixing,
+        every layer checked first, so a bad one fails before any forward runs."""
+        index = self._layer_index(model) if self.layers else {}
+        plan = {}
+        for path, layer in model.named_modules():
+            if not isinstance(layer, DeltaLayer):
+                continue
+            present = [layer.deltas[n] if n in layer.deltas else None for n in self.names]
+            if all(d is None for d in present):
+                continue
+            i = index.get(id(layer)) if self.layers else 0
+            if i is None:
+                raise RoutingError(f"{self.router_name}: layer {path!r} holds skills but has no routing; "
+                                   "build the router after attaching every skill")
+            _check_mixable(f"{self.router_name}: layer {path!r}", present, self.n_heads)
+            _hook(layer)
+            plan[id(layer)] = (present, w[i], self.n_heads)
+        return plan
 
     # ------------------------------------------------------------ files
     def save(self, path: str | os.PathLike) -> None:
@@ -253,7 +291,7 @@ class Poly(Router):
         safetensors file, atomically."""
         meta = {"format": FORMAT, "router": self.router_name, "names": json.dumps(list(self.names)),
                 "tasks": json.dumps(list(self.tasks)), "layers": json.dumps(list(self.layers)),
-                "heads": str(self.n_heads), "temperature": repr(float(self.temperature))}
+                "heads": str(self.n_heads), "temperature": repr(float(self.temperature)), "mixing": self.mixing}
         save_tensors(path, {"logits": self.routing.logits.detach().float().cpu()}, metadata=meta)
 
     def load_routing(self, path: str | os.PathLike) -> None:
@@ -280,7 +318,7 @@ class Poly(Router):
             raise RoutingError(f"{path}: holds a {meta['router']!r} router, expected {cls.router_name!r}")
         options = {"heads": meta["heads"]} if meta["heads"] != 1 or kind is not Poly else {}
         router = kind(tuple(meta["names"]), tasks=tuple(meta["tasks"]), layers=tuple(meta["layers"]),
-                      temperature=meta["temperature"], **options)
+                      temperature=meta["temperature"], mixing=meta["mixing"], **options)
         router.load_routing(path)
         return router
 
@@ -414,5 +452,75 @@ def _read_routing(path: str | os.PathLike) -> tuple[dict[str, Any], Tensor]:
         raise RoutingError(f"{path}: expected one 4-d tensor 'logits' (L, T, S, h), "
                            f"found {sorted((k, tuple(v.shape)) for k, v in tensors.items())}")
     out = {k: json.loads(meta[k]) for k in ("names", "tasks", "layers")}
-    return {**out, "router": meta["router"], "heads": int(meta["heads"]),
-            "temperature": float(meta["temperature"])}, logits
+    return {**out, "router": meta["router"], "heads": int(meta["heads"]), "temperature": float(meta["temperature"]),
+            "mixing": meta.get("mixing", "output")}, logits
+
+
+# -------------------------------------------------------------------- parameter mixing
+# Which layers mix parameters in this call, and with what: per call, as the core's routing, so
+# threads routing one model at once each see their own plan. The hook it drives is installed
+# once per layer and does nothing outside a parameter-mixing scope.
+_PLAN: ContextVar[dict[int, tuple[list[LoRA | None], Tensor, int]] | None] = ContextVar(
+    "deltakit_poly_parameter_mixing", default=None)
+
+
+def param_mixed_residual(deltas: Sequence[LoRA | None], w: Tensor, x: Tensor, heads: int = 1) -> Tensor:
+    """Poly's parameter mixing at one layer: row b adds ``B_b A_b x`` with
+    ``A_b = sum_s w[b, s] A_s`` and ``B_b = sum_s w[b, s] scale_s B_s`` (an absent skill, None,
+    has zero factors). With ``heads`` h (MHR, as peft's ``n_splits``), A's input dimension and
+    B's output dimension split in h equal blocks, block q mixed with ``w[b, :, q]``.
+
+    w: ``(B, S, h)``; x: ``(B, ..., in)``; returns ``(B, ..., out)``. Skills: LoRA of one rank.
+    """
+    cols = [s for s, d in enumerate(deltas) if d is not None]
+    A = torch.stack([deltas[s].lora_A for s in cols])                              # (S, r, in)
+    B = torch.stack([deltas[s].lora_B * deltas[s].scale for s in cols]).to(A.dtype)  # (S, out, r)
+    n, r, d_in = A.shape
+    d_out = B.shape[1]
+    w = w[:, cols].to(device=A.device, dtype=A.dtype)                               # (B, S, h)
+    A_b = torch.einsum("bsq,srqi->brqi", w, A.reshape(n, r, heads, d_in // heads)).reshape(-1, r, d_in)
+    B_b = torch.einsum("bsq,sqor->bqor", w, B.reshape(n, heads, d_out // heads, r)).reshape(-1, d_out, r)
+    xb = x.to(A.dtype).reshape(x.shape[0], -1, d_in)                               # (B, T, in)
+    y = (xb @ A_b.transpose(1, 2)) @ B_b.transpose(1, 2)                           # (B, T, out)
+    return y.reshape(*x.shape[:-1], d_out)
+
+
+def _check_mixable(where: str, deltas: Sequence[LoRA | None], heads: int) -> None:
+    """Parameter mixing needs plain LoRA on Linear / Conv1D, one rank, dims divisible by heads."""
+    present = [d for d in deltas if d is not None]
+    bad = sorted({type(d).__name__ for d in present
+                  if not isinstance(d, LoRA) or type(d).residual is not LoRA.residual or d.layout not in ("linear", "conv1d")})
+    if bad:
+        raise RoutingError(f"{where}: parameter mixing needs LoRA skills on Linear / Conv1D layers, found {bad}")
+    ranks = sorted({int(d.r) for d in present})
+    if len(ranks) > 1:
+        raise RoutingError(f"{where}: parameter mixing needs skills of one rank, found ranks {ranks} (use mixing='output')")
+    d_out, d_in = present[0].lora_B.shape[0], present[0].lora_A.shape[1]
+    if d_in % heads or d_out % heads:
+        raise RoutingError(f"{where}: {heads} heads must divide the input and output sizes, found {d_in} and {d_out}")
+
+
+def _hook(layer: nn.Module) -> None:
+    # looked up in the layer's own hooks (not a registry here), so a deep copy keeps exactly one
+    if not any(h is _mixing_hook for h in layer._forward_hooks.values()):
+        layer.register_forward_hook(_mixing_hook)
+
+
+def _mixing_hook(layer: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+    plan = _PLAN.get()
+    entry = plan.get(id(layer)) if plan else None
+    if entry is None:
+        return None
+    if not args:
+        raise RoutingError("parameter mixing needs the layer's input passed positionally")
+    deltas, w, heads = entry
+    return output + param_mixed_residual(deltas, w, args[0], heads).to(output.dtype)
+
+
+@contextlib.contextmanager
+def _parameter_mixing(plan: dict[int, tuple[list[LoRA | None], Tensor, int]]) -> Iterator[None]:
+    token = _PLAN.set(plan)
+    try:
+        yield
+    finally:
+        _PLAN.reset(token)
