@@ -3,6 +3,7 @@ forward against dense sums, MHR(h=1) == Poly, learning the right skill per task 
 what trains, save / load, and parity with peft's PolyRouter."""
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -199,9 +200,12 @@ def test_learns_the_right_skill_per_task(cls, options):
     data = _two_task_data(model)
     router = cls.fit_routing(model, ("a", "b"), data, steps=60, lr=0.1, loss_fn=_mse, seed=0, **options)
     assert router.tasks == ("ta", "tb") and not router.routing.training
-    w = router.weights(["ta", "tb"])  # (L, B, S, h): every layer and head picks the task's own skill
+    w = router.weights(["ta", "tb"]).detach()  # (L, B, S, h): every layer and head picks the task's own skill
     assert (w[:, 0, 0] > 0.6).all() and (w[:, 1, 1] > 0.6).all(), w
     assert w[:, 0, 0].mean() > 0.75 and w[:, 1, 1].mean() > 0.75, w
+    tw = router.task_weights()  # averaged over layers and heads, largest first
+    assert list(tw) == ["ta", "tb"] and list(tw["ta"]) == ["a", "b"] and list(tw["tb"]) == ["b", "a"]
+    assert tw["ta"]["a"] == pytest.approx(float(w[:, 0, 0].mean()), abs=1e-4)
     # the eval-mode loss against the untrained router (weights ~1/2 each)
     untrained = cls.for_model(model, ("a", "b"), tasks=("ta", "tb"), **options)
     assert _eval_loss(model, router, data) < 0.2 * _eval_loss(model, untrained, data)
@@ -432,3 +436,46 @@ def test_parameter_mixing_hook_is_installed_once_and_inert_outside():
     with router.scope(twin, {"task_ids": [0, 0, 0]}):
         assert torch.allclose(twin(x), first, atol=1e-6)
     assert len(twin[0]._forward_hooks) == 1
+
+
+# ---------------------------------------------------------------- a causal LM, as the benchmark runs it
+def _llama_with_skills(seed: int = 0) -> nn.Module:
+    from tests.conftest import make_model
+    model = make_model("llama", seed)
+    torch.manual_seed(seed + 1)
+    _skills(model, names=("a", "b"), r=2, targets=("q_proj", "v_proj"))
+    return model
+
+
+def _lm_rows(seed: int, n: int) -> list[dict]:
+    """Instruction-dataset-like items: token lists of different lengths, loss on the tail."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        ids = torch.randint(3, 64, (4 + i % 3,), generator=g).tolist()
+        rows.append({"input_ids": ids, "labels": [-100, -100] + ids[2:]})
+    return rows
+
+
+@pytest.mark.parametrize("mixing", ["output", "parameter"])
+def test_causal_lm_default_loss_and_gradient_checkpointing_agree(mixing):
+    from types import SimpleNamespace
+
+    from deltakit.train.instruct import InstructionDataset
+    collate = functools.partial(InstructionDataset.collate, SimpleNamespace(pad_id=2))
+    data = {"t0": _lm_rows(0, 6), "t1": _lm_rows(1, 6)}
+    got, calls = [], []
+    for checkpointing in (False, True):
+        model = _llama_with_skills()
+        n = [0]
+        model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(lambda *_: n.__setitem__(0, n[0] + 1))
+        router = MHR.fit_routing(model, ("a", "b"), data, steps=3, batch_size=4, collate=collate, heads=2,
+                                 mixing=mixing, fit_options={"gradient_checkpointing": checkpointing})
+        assert router.layers == tuple(f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj"))
+        got.append(router.routing.logits.detach().clone())
+        calls.append(n[0])
+        assert not model.is_activation_checkpointing  # switched off again
+    assert calls[1] > calls[0]  # checkpointing did recompute the layers in backward
+    init = MHR.for_model(_llama_with_skills(), ("a", "b"), n_tasks=2, heads=2).routing.logits
+    assert not torch.allclose(got[0], init, atol=1e-3)  # the default loss (model(**batch).loss) trained it
+    assert torch.allclose(got[0], got[1], atol=1e-6)  # the recompute saw the same routing and noise

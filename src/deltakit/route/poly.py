@@ -219,6 +219,17 @@ class Poly(Router):
         """``(L, B, S, h)``: sampled while ``routing.training``, else sigmoid-normalised."""
         return self.routing(self.task_index(task_ids), sample=self.routing.training, temperature=self.temperature)
 
+    @torch.no_grad()
+    def task_weights(self) -> dict[str, dict[str, float]]:
+        """Per task, each skill's eval-mode weight averaged over layers and heads (largest
+        first): what the routing learned, for reports and ``deltakit route``."""
+        w = poly_weights(self.routing.logits.detach().float(), sample=False).mean(dim=(0, -1))  # (T, S)
+        out = {}
+        for t, row in zip(self.tasks, w):
+            order = torch.argsort(row, descending=True).tolist()
+            out[t] = {self.names[i]: round(float(row[i]), 4) for i in order}
+        return out
+
     def weights_for(self, model: nn.Module, batch: Mapping[str, Any]) -> Tensor | Callable:
         """``(B, S)`` (MHR: ``(B, S, h)``) when shared between layers; else a callable
         ``fn(layer, x)`` giving each layer its own rows of weights."""
@@ -410,6 +421,29 @@ class PolyModel(nn.Module):
     def forward(self, *args, task_ids: Tensor | Sequence[int | str], **kwargs):
         with self._router.scope(self.model, {"task_ids": task_ids}):
             return self.model(*args, **kwargs)
+
+    # so fit(gradient_checkpointing=True) reaches a wrapped transformers model; the recompute
+    # replays the routing (fit replays the forward's context variables), noise included
+    def activation_checkpointing_enable(self, *args, **kwargs) -> None:
+        self._checkpointing("enable")(*args, **kwargs)
+
+    def activation_checkpointing_disable(self) -> None:
+        self._checkpointing("disable")()
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        for prefix in ("activation", "gradient"):  # transformers 5 renamed gradient_ -> activation_
+            if hasattr(type(self.model), f"is_{prefix}_checkpointing"):
+                return bool(getattr(self.model, f"is_{prefix}_checkpointing"))
+        return False
+
+    def _checkpointing(self, what: str) -> Callable:
+        for prefix in ("activation", "gradient"):
+            fn = getattr(self.model, f"{prefix}_checkpointing_{what}", None)
+            if fn is not None:
+                return fn
+        raise ValueError("expected a transformers model (with gradient_checkpointing_enable) for "
+                         f"gradient checkpointing, found {type(self.model).__name__}")
 
 
 def _int_task(t: object, tasks: Sequence[str]) -> int:
