@@ -45,6 +45,11 @@ way a task has S*h logits per layer.
 default (``layers``: the module paths, see :meth:`Poly.for_model`); ``layers=()`` shares one
 routing between all layers (fewer parameters, for routing from a handful of examples).
 
+Variants: MHR-z (few-shot adaptation of the routing only, skills frozen) is
+:meth:`Poly.fit_routing` with ``train_skills=False``, the default. MHR-mu (drop the routing,
+average the skills into one adapter, fine-tune that) is a uniform merge plus ordinary LoRA
+training, not a router: ``deltakit merge`` then ``fit``.
+
 The noise in training comes from the global torch RNG, like dropout: :func:`deltakit.fit`
 seeds it and its checkpoints keep it, so a resumed run draws the same noise. Whether weights
 are sampled follows ``router.routing.training`` (as peft's router): :meth:`fit_routing` leaves
@@ -327,7 +332,7 @@ class Poly(Router):
         kind = get_router(meta["router"])
         if not issubclass(kind, cls):
             raise RoutingError(f"{path}: holds a {meta['router']!r} router, expected {cls.router_name!r}")
-        options = {"heads": meta["heads"]} if meta["heads"] != 1 or kind is not Poly else {}
+        options = {"heads": meta["heads"]} if issubclass(kind, MHR) else {}
         router = kind(tuple(meta["names"]), tasks=tuple(meta["tasks"]), layers=tuple(meta["layers"]),
                       temperature=meta["temperature"], mixing=meta["mixing"], **options)
         router.load_routing(path)
@@ -390,9 +395,10 @@ class Poly(Router):
 @register_router("mhr")
 @dataclass(eq=False)
 class MHR(Poly):
-    """Multi-Head Routing: Poly with each skill's rank split into ``heads`` blocks, each block
-    routed separately (weights ``(B, S, heads)``, normalised over skills per head). Every
-    skill's rank must be divisible by ``heads``. ``heads=1`` is exactly Poly."""
+    """Multi-Head Routing: Poly with ``heads`` blocks of every skill routed separately (weights
+    ``(B, S, heads)``, normalised over skills per head). Output mixing: the blocks split each
+    skill's rank, which ``heads`` must divide; parameter mixing: they split A's input and B's
+    output dimensions (peft's ``n_splits``), which ``heads`` must divide. ``heads=1`` is Poly."""
 
     heads: int = 2
 
