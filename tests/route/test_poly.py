@@ -281,7 +281,11 @@ def test_save_load_round_trip_and_refusals(tmp_path):
     assert back.layers == ("0", "2") and back.temperature == 0.5
     assert torch.equal(back.routing.logits, router.routing.logits)
     assert get_router("mhr") is MHR
-    Poly.for_model(model, ("a", "b"), n_tasks=1).save(tmp_path / "poly.safetensors")
+    poly = Poly.for_model(model, ("a", "b"), n_tasks=1, per_layer=False, mixing="parameter", seed=3)
+    poly.save(tmp_path / "poly.safetensors")
+    back = Poly.from_file(tmp_path / "poly.safetensors")
+    assert type(back) is Poly and back.layers == () and back.mixing == "parameter"
+    assert torch.equal(back.routing.logits, poly.routing.logits)
     with pytest.raises(RoutingError, match=r"holds a 'poly' router, expected 'mhr'"):
         MHR.from_file(tmp_path / "poly.safetensors")
     other = MHR.for_model(model, ("a", "b"), tasks=("x", "y"), heads=2)
