@@ -68,8 +68,41 @@ def _usage(router) -> dict:
     return {"usage": {n: round(v, 3) for n, v in sorted(total.items(), key=lambda kv: -kv[1])}}
 
 
+def _arrow(top_k: int) -> Callable:
+    def make(w: World, cfg: Config, task: str, pool):
+        from deltakit.route.arrow import Arrow
+        return Arrow.from_library(w.lib, [w.refs[n] for n in pool], w.model, top_k=top_k,
+                                  temperature=cfg.arrow_temperature), {}
+    return _routed(make)
+
+
+def user_text(example) -> str:
+    from deltakit.train.instruct import to_messages
+    return "\n".join(m["content"] for m in to_messages(example, "example") if m["role"] == "user")
+
+
+_RETRIEVERS: dict[tuple, object] = {}
+
+
+def retrieval(w: World, cfg: Config, task: str, pool) -> dict:
+    """AdapterSwap: each dev row goes to the adapter whose description and train examples its text
+    is most like (the base model's mean-pooled hidden states, cosine, top-1)."""
+    from deltakit.route.retrieval import Retrieval
+    key = tuple(pool)
+    if key not in _RETRIEVERS:
+        examples = {n: [user_text(ex) for ex in w.train[n][: cfg.retrieval_examples]] for n in pool}
+        _RETRIEVERS[key] = Retrieval.from_library(w.lib, [w.refs[n] for n in pool], w.model, groups=["bench"],
+                                                  tokenizer=w.tok, examples=examples, top_k=1)
+    router = _RETRIEVERS[key]
+    names, weights = router.route([user_text(ex) for ex in w.dev[task]])
+    picked = weights.argmax(-1)
+    share = {names[i]: round(float((picked == i).float().mean()), 3) for i in picked.unique().tolist()}
+    return {"accuracy": score(w, cfg, task, routing=(names, weights)), "usage": share}
+
+
 SYSTEM_FNS: dict[str, Callable] = {"base": base, "oracle": oracle, "uniform": _merged("linear"),
-                                   "ties": _merged("ties")}
+                                   "ties": _merged("ties"), "arrow_top1": _arrow(1), "arrow_top2": _arrow(2),
+                                   "retrieval": retrieval}
 
 
 def overhead_settings(w: World, cfg: Config) -> dict:
@@ -81,4 +114,9 @@ def overhead_settings(w: World, cfg: Config) -> dict:
     settings = {"one adapter (unmerged)": (contextlib.nullcontext, {"adapters": w.names[0]}),
                 f"all {k} adapters, fixed weights": (contextlib.nullcontext,
                                                      {"routing": (w.names, torch.full((n, k), 1.0 / k))})}
+    from deltakit.route.arrow import Arrow
+    for top in (1, 2):
+        router = Arrow.from_library(w.lib, list(w.refs.values()), w.model, top_k=top,
+                                    temperature=cfg.arrow_temperature)
+        settings[f"Arrow top-{top} over {k}"] = (lambda r=router: r.scope(w.model, {}), {})
     return settings
