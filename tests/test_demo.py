@@ -28,3 +28,11 @@ def test_demo_pipeline_on_tiny_model(tiny_model_dir, tmp_path, capsys):
     assert saved["mixed_batch"]["max_abs_diff"] < 1e-5
     out = capsys.readouterr().out
     assert "ties_acc" in out and "mixed - per-adapter" in out and "compressed_acc" in out
+    # the routing step: the three adapters in a library, 32 rows of each task routed with Arrow
+    routing = saved["routing"]
+    assert routing["rows"] == 96 and set(routing["confusion"]) == set(cfg.tasks)
+    assert all(sum(c.values()) == 32 for c in routing["confusion"].values())
+    assert all(0.0 <= routing[k][t] <= 1.0 for k in ("arrow_acc", "oracle_acc") for t in cfg.tasks)
+    from deltakit.library import AdapterLibrary
+    assert sorted(e.name for e in AdapterLibrary(tmp_path / "demo" / "library").list()) == sorted(cfg.tasks)
+    assert "Arrow routing" in out

@@ -123,12 +123,13 @@ def run(cfg: DemoConfig = DemoConfig()) -> list[dict]:
         for method, scores in merged.items():
             row[f"{method}_acc"] = round(scores[row["task"]], 4)
         row.update(_compress_step(model, out, row["task"], dev_loaders[row["task"]], labels[row["task"]]))
-    _report(cfg, out, results, list(merged), serving, round(time.time() - t_start, 1))
+    routing = _route_step(model, out, dev_loaders)
+    _report(cfg, out, results, list(merged), serving, round(time.time() - t_start, 1), routing)
     return results
 
 
 def _report(cfg: DemoConfig, out: Path, results: list[dict], merges: list[str], serving: dict,
-            total_s: float) -> None:
+            total_s: float, routing: dict) -> None:
     """Print the results tables and write ``<out>/results.json``."""
     print("\nResults (dev accuracy over each task's labels; base = frozen encoder, untrained head; "
           "merged = one encoder from all tasks' LoRA deltas, per-task heads)")
@@ -139,9 +140,20 @@ def _report(cfg: DemoConfig, out: Path, results: list[dict], merges: list[str], 
     print(table(results, ["task", "adapter_bytes", "compressed_bytes", "compression", "lora_acc", "compressed_acc"]))
     print(f"\nOne model, {len(cfg.tasks)} adapters: a {serving['rows']}-row batch mixing all tasks ran in one "
           f"pass; max |mixed - per-adapter| = {serving['max_abs_diff']:.2e}")
-    print(f"adapters saved under {out / 'adapters'}, compressed ones under {out / 'compressed'}; total {total_s}s")
+    _print_routing(routing)
+    print(f"adapters saved under {out / 'adapters'}, compressed ones under {out / 'compressed'}, the library "
+          f"under {out / 'library'}; total {total_s}s")
     write_json(out / "results.json", {"config": dataclasses.asdict(cfg), "tasks": results,
-                                      "mixed_batch": serving, "seconds": total_s})
+                                      "mixed_batch": serving, "routing": routing, "seconds": total_s})
+
+
+def _print_routing(r: dict) -> None:
+    print(f"\nArrow routing (no task given: each token at each layer goes to the adapter whose prototype it "
+          f"aligns with most, top-1; prototypes stored in the library): {r['rows']} inputs mixed across tasks")
+    rows = [{"input's task": t, **{f"-> {a}": n for a, n in r["confusion"][t].items()},
+             "arrow_acc": r["arrow_acc"][t], "oracle_acc": r["oracle_acc"][t]} for t in r["confusion"]]
+    print(table(rows, list(rows[0])))
+    print(f"inputs whose largest routing weight is their own task's adapter: {r['routed_to_own']:.1%}")
 
 
 def _training_record(cfg: DemoConfig, task: str, n_train: int, n_dev: int, acc: float) -> dict:
@@ -183,6 +195,53 @@ MERGES = {  # method -> config values (paper defaults; no tuning on the dev set)
     "task_arithmetic": {"lam": 1.0},
     "ties": {"density": 0.2, "lam": 1.0},
 }
+
+
+@torch.no_grad()
+def _route_step(model, out: Path, loaders, per: int = 32) -> dict:
+    """The adapters go into a library; a batch mixing every task's dev rows is routed with Arrow
+    (nothing says which task a row is) and scored against the oracle (each row with its own adapter)."""
+    import shutil
+
+    from .library import AdapterLibrary
+    from .route.arrow import Arrow
+
+    root = out / "library"
+    if (root / "library.sqlite").is_file():  # the demo's own library from an earlier run
+        shutil.rmtree(root)
+    lib = AdapterLibrary(root)
+    refs = [lib.add(out / "adapters" / t, model=model, name=t, task=t).ref for t in loaders]
+    router = Arrow.from_library(lib, refs, model, top_k=1)
+    batch, tasks, labels = _mixed_rows(loaders, per)
+    model.eval()
+    with router.scope(model, batch):
+        routed = model(**batch).logits[:, :2]
+    with mixed_batch(model, tasks):
+        oracle = model(**batch).logits[:, :2]
+    top = [d.top for d in router.decisions]
+    names = list(loaders)
+    out_r: dict = {"rows": len(tasks), "confusion": {}, "arrow_acc": {}, "oracle_acc": {}}
+    for t in names:
+        sel = torch.tensor([x == t for x in tasks])
+        out_r["confusion"][t] = {a: sum(1 for x, y in zip(tasks, top) if x == t and y == a) for a in names}
+        out_r["arrow_acc"][t] = round(float((routed[sel].argmax(-1) == labels[sel]).float().mean()), 4)
+        out_r["oracle_acc"][t] = round(float((oracle[sel].argmax(-1) == labels[sel]).float().mean()), 4)
+    out_r["routed_to_own"] = sum(x == y for x, y in zip(tasks, top)) / len(tasks)
+    return out_r
+
+
+def _mixed_rows(loaders, per: int):
+    """(batch, task per row, labels): ``per`` dev rows of every task, padded to one width."""
+    rows = {t: next(iter(dl)) for t, dl in loaders.items()}
+    width = max(b["input_ids"].shape[1] for b in rows.values())
+    keys = [k for k in next(iter(rows.values())) if k != "labels"]
+
+    def pad(x):
+        return torch.nn.functional.pad(x[:per], (0, width - x.shape[1]), value=0)
+
+    batch = {k: torch.cat([pad(rows[t][k]) for t in rows]) for k in keys}
+    tasks = [t for t in rows for _ in range(min(per, len(rows[t]["labels"])))]
+    return batch, tasks, torch.cat([rows[t]["labels"][:per] for t in rows])
 
 
 @torch.no_grad()
