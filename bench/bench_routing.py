@@ -25,7 +25,7 @@ from _common import HERE, RESULTS, Log, load_avg, machine_info, read_json, timer
 from routing.config import QUICK, SYSTEMS, Config
 from routing.report import markdown, summary
 from routing.setup import build
-from routing.systems import SYSTEM_FNS, pool_for
+from routing.systems import LAST_OUTPUTS, SYSTEM_FNS, pool_for
 
 
 def _run_system(w, cfg: Config, system: str, log: Log) -> dict:
@@ -34,7 +34,7 @@ def _run_system(w, cfg: Config, system: str, log: Log) -> dict:
     for t in cfg.tasks:
         elapsed = timer()
         r = fn(w, cfg, t, pool_for(w, t, system.startswith("loo_")))
-        out[t] = {**r, "seconds": elapsed(), "load": load_avg()[0]}
+        out[t] = {**r, "seconds": elapsed(), "load": load_avg()[0], "first_answers": list(LAST_OUTPUTS)}
         log(f"{system} {t}: {r['accuracy']:.3f} ({out[t]['seconds']:.0f} s)"
             + (f" usage {r['usage']}" if "usage" in r else ""))
     return out

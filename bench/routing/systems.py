@@ -11,10 +11,14 @@ from .setup import World, merged_into_base
 __all__ = ["SYSTEM_FNS", "score", "pool_for"]
 
 
+LAST_OUTPUTS: list[str] = []   # the latest scoring's first answers, for the report
+
+
 def score(w: World, cfg: Config, task: str, **kw) -> float:
     from deltakit.train.gen_eval import evaluate_generation
     r = evaluate_generation(w.model, w.tok, w.dev[task], task=task, max_new_tokens=cfg.max_new_tokens,
                             batch_size=cfg.batch_size, **kw)
+    LAST_OUTPUTS[:] = r["outputs"][:4]
     return round(r["accuracy"], 4)
 
 
@@ -100,7 +104,58 @@ def retrieval(w: World, cfg: Config, task: str, pool) -> dict:
     return {"accuracy": score(w, cfg, task, routing=(names, weights)), "usage": share}
 
 
-SYSTEM_FNS: dict[str, Callable] = {"base": base, "oracle": oracle, "uniform": _merged("linear"),
+def _pool_tag(w: World, pool) -> str:
+    """A short name for an adapter pool: 'all', or 'no-<task>' for leave-one-task-out."""
+    missing = [n for n in w.names if n not in pool]
+    return "all" if not missing else "no-" + "-".join(missing)
+
+
+_MBC: dict[tuple, object] = {}
+
+
+def _mbc_router(w: World, cfg: Config, pool):
+    """MBC over ``pool``: k-means of the adapters by the cosine of their dW, one merged adapter per
+    cluster (added to the library, lineage 'merge'), Arrow top-1 among the cluster adapters."""
+    from deltakit.route.mbc import MBC, build_cluster_adapters, cluster_library
+    key = tuple(pool)
+    if key not in _MBC:
+        clustering = cluster_library(w.lib, min(cfg.clusters, len(pool)), refs=[w.refs[n] for n in pool],
+                                     seed=cfg.seed)
+        entries = build_cluster_adapters(w.lib, clustering, w.model, prefix=f"mbc-{_pool_tag(w, pool)}")
+        router = MBC.from_library(w.lib, w.model, refs=[e.ref for e in entries], top_k=1,
+                                  temperature=cfg.arrow_temperature)
+        members = {e.name: clustering.members(k) for k, e in enumerate(entries)}
+        _MBC[key] = (router, {"clusters": {n: [m.split("@")[0] for m in ms] for n, ms in members.items()}})
+    return _MBC[key]
+
+
+def mbc(w: World, cfg: Config, task: str, pool) -> dict:
+    return _routed(lambda w, cfg, task, pool: _mbc_router(w, cfg, pool))(w, cfg, task, pool)
+
+
+def _lorahub(shots: int) -> Callable:
+    def run(w: World, cfg: Config, task: str, pool) -> dict:
+        """LoraHub: weights over the pool for ``task`` from ``shots`` train examples (CMA-ES on their
+        loss, the paper's 40 evaluations), then the composed LoRA answers the dev rows."""
+        import deltakit as dk
+        from deltakit.route.lorahub import LoraHub
+        from deltakit.train.instruct import InstructionDataset
+
+        ds = InstructionDataset(w.train[task][:shots], w.tok, max_length=256)
+        batches = [ds.collate([ds[i] for i in range(len(ds))])]
+        router = LoraHub.fit(w.model, pool, batches, iterations=cfg.lorahub_iterations, seed=cfg.seed,
+                             composed_name="lorahub", progress=False)
+        try:
+            acc = score(w, cfg, task, adapters="lorahub")
+        finally:
+            dk.detach(w.model, "lorahub")
+        ws = {n: round(float(x), 3) for n, x in zip(pool, router.weights)}
+        return {"accuracy": acc, "weights": ws, "best_objective": round(router.best, 4)}
+    return run
+
+
+SYSTEM_FNS: dict[str, Callable] = {"mbc": mbc, "lorahub_5": _lorahub(5), "lorahub_20": _lorahub(20),
+"base": base, "oracle": oracle, "uniform": _merged("linear"),
                                    "ties": _merged("ties"), "arrow_top1": _arrow(1), "arrow_top2": _arrow(2),
                                    "retrieval": retrieval}
 
