@@ -53,7 +53,7 @@ from ..taskvec import LowRank, TaskVector
 from ._base import Router, RoutingError, register_router
 
 __all__ = ["MBC", "Clustering", "kmeans", "cosine_matrix", "cluster_library", "merge_members",
-           "build_cluster_adapters", "TAG"]
+           "build_cluster_adapters", "clusterable_refs", "TAG"]
 
 TAG = "mbc"
 _TMP = "__deltakit_mbc__"
@@ -216,7 +216,7 @@ def cluster_library(lib, clusters: int, *, refs: Sequence[str] | None = None, se
                     model: nn.Module | None = None, n_init: int = 10) -> Clustering:
     """K-means of the library's entries (``refs``, default: every entry's newest version not
     itself an MBC adapter) into ``clusters`` groups by the cosine of their ``dW``."""
-    refs = list(refs) if refs is not None else _default_refs(lib)
+    refs = list(refs) if refs is not None else clusterable_refs(lib)
     if not 1 <= clusters <= len(refs):
         raise RoutingError(f"mbc: expected 1 <= clusters <= {len(refs)} (the entries to cluster), found {clusters}")
     cos = cosine_matrix(lib, refs, exact=exact, model=model)
@@ -224,7 +224,8 @@ def cluster_library(lib, clusters: int, *, refs: Sequence[str] | None = None, se
     return Clustering(tuple(refs), tuple(labels.tolist()), cos.float(), exact)
 
 
-def _default_refs(lib) -> list[str]:
+def clusterable_refs(lib) -> list[str]:
+    """What ``cluster_library`` clusters by default: each name's newest entry, MBC adapters left out."""
     newest = {e.name: e for e in lib.list()}  # by name then version: the last one is the newest
     return [e.ref for e in newest.values() if TAG not in e.tags]
 
