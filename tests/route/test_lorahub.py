@@ -169,3 +169,27 @@ def test_composed_adapter_goes_into_a_library_with_lorahub_lineage(tmp_path):
     for path in ("0", "2"):
         assert torch.equal(loaded.model.get_submodule(path).deltas["x"].lora_A,
                            base.get_submodule(path).deltas["lorahub"].lora_A)
+
+
+def test_fit_on_a_causal_lm_with_its_own_loss_starts_at_the_base_and_reports_progress(capsys):
+    from tests.conftest import make_input, make_model
+
+    model = make_model("llama")
+    names = ["p", "q"]
+    for i, n in enumerate(names):
+        _lora(model, n, seed=30 + i, targets=("q_proj", "v_proj"))
+    ids = make_input("llama", batch=4)
+    batches = [{"input_ids": ids, "labels": ids}]  # the model's own .loss (no loss_fn)
+    with torch.no_grad(), dk.disabled(model):
+        base_loss = float(model(**batches[0]).loss)
+    hub = LoraHub.fit(model, names, batches, iterations=12, seed=1, progress=True)
+    # w = 0 composes a zero LoRA: the base's loss, and an L1 term of 0
+    assert hub.history[0] == pytest.approx(base_loss, abs=1e-6)
+    w = hub.weights
+    dk.set_active(model, ["lorahub"])
+    with torch.no_grad():
+        loss = float(model(**batches[0]).loss)
+    assert hub.best == pytest.approx(loss + 0.05 * float(w.abs().sum()), abs=1e-5)
+    err = capsys.readouterr().err.splitlines()  # not a terminal: a line every 10 evaluations and at the end
+    assert [ln.split(", best")[0] for ln in err] == ["lorahub: 10/12 evaluations", "lorahub: 12/12 evaluations"]
+    assert err[-1].endswith(f"best objective {hub.best:.4f}")

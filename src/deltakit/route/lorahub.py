@@ -65,18 +65,27 @@ def compose_factors(factors: Sequence[Mapping[str, tuple[Tensor, Tensor]]], weig
                     ) -> dict[str, tuple[Tensor, Tensor]]:
     """``{path: (sum_i w_i A_i, sum_i w_i B_i)}`` from K mappings ``path -> (A_i, B_i)`` (pure).
 
-    Every mapping must have the same paths and, per path, the same shapes (equal ranks)."""
+    Every mapping must have the same paths and, per path, the same shapes (equal ranks); sums
+    run in float64 and come back in the first mapping's dtypes."""
+    out = _combine(_stack(factors), weights)
+    return {p: (A.to(factors[0][p][0].dtype), B.to(factors[0][p][1].dtype)) for p, (A, B) in out.items()}
+
+
+def _stack(factors: Sequence[Mapping[str, tuple[Tensor, Tensor]]]) -> dict[str, tuple[Tensor, Tensor]]:
+    """``{path: (A (K, r, in), B (K, out, r))}`` in float64, built once per fit."""
+    if not factors:
+        raise RoutingError("compose: expected at least one adapter, found none")
+    return {p: (torch.stack([f[p][0].double() for f in factors]), torch.stack([f[p][1].double() for f in factors]))
+            for p in factors[0]}
+
+
+def _combine(stacks: Mapping[str, tuple[Tensor, Tensor]], weights: Sequence[float] | Tensor
+             ) -> dict[str, tuple[Tensor, Tensor]]:
+    k = next(iter(stacks.values()))[0].shape[0]
     w = torch.as_tensor(weights, dtype=torch.float64)
-    if w.dim() != 1 or w.numel() != len(factors) or not factors:
-        raise RoutingError(f"compose: expected {len(factors)} weights (one per adapter), found shape {tuple(w.shape)}")
-    paths = list(factors[0])
-    out = {}
-    for p in paths:
-        As = torch.stack([f[p][0].double() for f in factors])  # (K, r, in)
-        Bs = torch.stack([f[p][1].double() for f in factors])  # (K, out, r)
-        dt = factors[0][p][0].dtype
-        out[p] = (torch.tensordot(w, As, 1).to(dt), torch.tensordot(w, Bs, 1).to(dt))
-    return out
+    if w.dim() != 1 or w.numel() != k:
+        raise RoutingError(f"compose: expected {k} weights (one per adapter), found shape {tuple(w.shape)}")
+    return {p: (torch.tensordot(w, As, 1), torch.tensordot(w, Bs, 1)) for p, (As, Bs) in stacks.items()}
 
 
 def _lora_factors(adapter: Adapter) -> dict[str, tuple[Tensor, Tensor]]:
@@ -105,8 +114,8 @@ class _Composer:
     def __init__(self, model: nn.Module, names: Sequence[str], out_name: str) -> None:
         ads = [get_adapter(model, n) for n in names]
         _check_composable(ads)
-        self.factors = [_lora_factors(a) for a in ads]
-        cfg = dataclasses.replace(ads[0].config, targets=tuple(self.factors[0]), modules_to_save=(), layers=None,
+        self.stacks = _stack([_lora_factors(a) for a in ads])
+        cfg = dataclasses.replace(ads[0].config, targets=tuple(self.stacks), modules_to_save=(), layers=None,
                                   exclude=(), target_types=None)
         if out_name in adapters(model):
             raise RoutingError(f"lorahub: an adapter named {out_name!r} is already attached; pick another name")
@@ -115,7 +124,7 @@ class _Composer:
 
     def set(self, weights: Sequence[float] | Tensor) -> Adapter:
         with torch.no_grad():
-            for path, (A, B) in compose_factors(self.factors, weights).items():
+            for path, (A, B) in _combine(self.stacks, weights).items():
                 d = self.adapter.model.get_submodule(path).deltas[self.adapter.name]
                 d.lora_A.copy_(A)
                 d.lora_B.copy_(B)
@@ -168,10 +177,10 @@ def _cma_search(objective: Callable[[np.ndarray], float], k: int, *, iterations:
     from cmaes import CMA
 
     opt = CMA(mean=np.zeros(k), sigma=sigma0, bounds=np.array([bounds] * k, dtype=float), seed=seed)
-    bar = tqdm(total=iterations, desc="lorahub (CMA-ES)", disable=not (progress and sys.stderr.isatty()))
+    bar = _Progress(iterations, progress)
     best_x, best_v = np.zeros(k), objective(np.zeros(k))
     history = [best_v]
-    bar.update(1)
+    bar.update(best_v)
     while len(history) < iterations:
         sols = []
         for _ in range(min(opt.population_size, iterations - len(history))):
@@ -181,12 +190,32 @@ def _cma_search(objective: Callable[[np.ndarray], float], k: int, *, iterations:
             sols.append((x, v))
             if v < best_v:
                 best_x, best_v = x, v
-            bar.update(1)
-            bar.set_postfix(best=f"{best_v:.4f}")
+            bar.update(best_v)
         if len(sols) == opt.population_size:
             opt.tell(sols)
     bar.close()
     return best_x, best_v, history
+
+
+class _Progress:
+    """A tqdm bar on a terminal; otherwise (logs, CI) a line every 10 evaluations and at the end,
+    as the training loop does."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.enabled, self.done = total, enabled, 0
+        self.tty = enabled and sys.stderr.isatty()
+        self.bar = tqdm(total=total, desc="lorahub (CMA-ES)", disable=not self.tty)
+
+    def update(self, best: float) -> None:
+        self.done += 1
+        self.bar.update(1)
+        self.bar.set_postfix(best=f"{best:.4f}")
+        if self.enabled and not self.tty and (self.done % 10 == 0 or self.done == self.total):
+            print(f"lorahub: {self.done}/{self.total} evaluations, best objective {best:.4f}", file=sys.stderr,
+                  flush=True)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 @register_router("lorahub")
