@@ -217,7 +217,8 @@ def run_cluster(args) -> int:
     if args.dry_run:
         print("dry run: nothing added")
         return 0
-    for e in build_cluster_adapters(lib, cl, base, prefix=args.prefix, method=args.method, rank=args.rank):
-        print(f"added {e.ref} (rank {e.manifest['config']['r']}, merged from {len(e.lineage)}: "
-              f"{e.description.split(': ', 1)[1]})")
+    entries = build_cluster_adapters(lib, cl, base, prefix=args.prefix, method=args.method, rank=args.rank)
+    for k, e in enumerate(entries):
+        members = cl.members(k)
+        print(f"added {e.ref} (rank {e.manifest['config']['r']}, merged from {len(members)}: {', '.join(members)})")
     return 0
