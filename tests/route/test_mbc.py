@@ -137,14 +137,20 @@ def test_mbc_router_is_arrow_over_the_cluster_adapters(lib):
     entries = build_cluster_adapters(lib, cluster_library(lib, 2, seed=0), base)
     router = MBC.from_library(lib, base, top_k=1)
     assert get_router("mbc") is MBC and router.clusters == tuple(e.ref for e in entries)
-    ref = arrow.Arrow.from_library(lib, [e.ref for e in entries], base, top_k=1, temperature=1.0)
-    assert router.names == ref.names
+    other = mlp()  # the same base, a second object: Arrow alone, built as MBC builds it
+    ref = arrow.Arrow.from_library(lib, [e.ref for e in entries], other, top_k=1, temperature=1.0)
+    for name, e in zip(ref.names, entries):
+        if name not in dk.adapters(other):
+            lib.load(other, e.ref, name=name, activate=False)
+    assert router.names == ref.names and set(router.names) <= set(dk.adapters(base))
     x = torch.randn(4, 12, generator=torch.Generator().manual_seed(3))
     with router.scope(base, {"x": x}):
         got = base(x)
-    with ref.scope(base, {"x": x}):
-        want = base(x)
-    assert torch.equal(got, want)
+    with ref.scope(other, {"x": x}):
+        want = other(x)
+    assert torch.equal(got, want) and router.decisions == ref.decisions
+    with dk.disabled(base):
+        assert not torch.allclose(got, base(x))  # the cluster adapters did change the output
 
 
 def test_mbc_router_needs_cluster_adapters(lib):

@@ -46,7 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from ..compress.export import export_lora
-from ..core.adapter import detach
+from ..core.adapter import adapters, detach
 from ..core.seeding import generator
 from ..merge import merge_task_vectors
 from ..taskvec import LowRank, TaskVector
@@ -294,7 +294,8 @@ class MBC(Router):
     @classmethod
     def from_library(cls, lib, model: nn.Module, refs: Sequence[str] | None = None, *, top_k: int = 1,
                      temperature: float = 1.0) -> MBC:
-        """``refs``: the cluster adapters (default: the newest entry of every name tagged ``mbc``)."""
+        """``refs``: the cluster adapters (default: the newest entry of every name tagged ``mbc``),
+        attached to ``model`` under Arrow's names unless Arrow attached them already."""
         refs = list(refs) if refs is not None else [e.ref for e in {e.name: e for e in lib.list(tag=TAG)}.values()]
         if not refs:
             raise RoutingError(f"mbc: expected cluster adapters (entries tagged {TAG!r}) in {lib.root}, found none; "
@@ -302,6 +303,10 @@ class MBC(Router):
         from .arrow import Arrow  # its own helper's file; imported here so MBC's clustering works without it
 
         arrow = Arrow.from_library(lib, refs, model, top_k=top_k, temperature=temperature)
+        attached = adapters(model)
+        for name, ref in zip(arrow.names, refs):  # Arrow's names follow refs' order
+            if name not in attached:
+                lib.load(model, ref, name=name, activate=False, trainable=False)
         return cls(names=tuple(arrow.names), arrow=arrow, clusters=tuple(refs))
 
     def _arrow(self) -> Router:
