@@ -66,23 +66,28 @@ def compose_factors(factors: Sequence[Mapping[str, tuple[Tensor, Tensor]]], weig
     """``{path: (sum_i w_i A_i, sum_i w_i B_i)}`` from K mappings ``path -> (A_i, B_i)`` (pure).
 
     Every mapping must have the same paths and, per path, the same shapes (equal ranks); sums
-    run in float64 and come back in the first mapping's dtypes."""
+    run in float32 (float64 for float64 factors) and come back in the first mapping's dtypes."""
     out = _combine(_stack(factors), weights)
     return {p: (A.to(factors[0][p][0].dtype), B.to(factors[0][p][1].dtype)) for p, (A, B) in out.items()}
 
 
 def _stack(factors: Sequence[Mapping[str, tuple[Tensor, Tensor]]]) -> dict[str, tuple[Tensor, Tensor]]:
-    """``{path: (A (K, r, in), B (K, out, r))}`` in float64, built once per fit."""
+    """``{path: (A (K, r, in), B (K, out, r))}``, built once per fit, in float32 at least (8 SmolLM2
+    LoRAs of rank 16 on every linear layer: ~160 MB; float64 would double it for nothing)."""
     if not factors:
         raise RoutingError("compose: expected at least one adapter, found none")
-    return {p: (torch.stack([f[p][0].double() for f in factors]), torch.stack([f[p][1].double() for f in factors]))
-            for p in factors[0]}
+
+    def stack(ts: list[Tensor]) -> Tensor:
+        return torch.stack([t.to(torch.promote_types(t.dtype, torch.float32)) for t in ts])
+
+    return {p: (stack([f[p][0] for f in factors]), stack([f[p][1] for f in factors])) for p in factors[0]}
 
 
 def _combine(stacks: Mapping[str, tuple[Tensor, Tensor]], weights: Sequence[float] | Tensor
              ) -> dict[str, tuple[Tensor, Tensor]]:
-    k = next(iter(stacks.values()))[0].shape[0]
-    w = torch.as_tensor(weights, dtype=torch.float64)
+    first = next(iter(stacks.values()))[0]
+    k = first.shape[0]
+    w = torch.as_tensor(weights, dtype=first.dtype).to(first.device)  # the factors may live on a GPU
     if w.dim() != 1 or w.numel() != k:
         raise RoutingError(f"compose: expected {k} weights (one per adapter), found shape {tuple(w.shape)}")
     return {p: (torch.tensordot(w, As, 1), torch.tensordot(w, Bs, 1)) for p, (As, Bs) in stacks.items()}
