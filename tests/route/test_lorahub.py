@@ -186,6 +186,8 @@ def test_fit_on_a_causal_lm_with_its_own_loss_starts_at_the_base_and_reports_pro
     # w = 0 composes a zero LoRA: the base's loss, and an L1 term of 0
     assert hub.history[0] == pytest.approx(base_loss, abs=1e-6)
     w = hub.weights
+    assert hub.describe() == (f"lorahub (compose): p={float(w[0]):.3f}, q={float(w[1]):.3f}; "
+                              f"best objective {hub.best:.4f} after 12 evaluations")
     dk.set_active(model, ["lorahub"])
     with torch.no_grad():
         loss = float(model(**batches[0]).loss)

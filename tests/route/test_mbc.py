@@ -137,6 +137,7 @@ def test_mbc_router_is_arrow_over_the_cluster_adapters(lib):
     entries = build_cluster_adapters(lib, cluster_library(lib, 2, seed=0), base)
     router = MBC.from_library(lib, base, top_k=1)
     assert get_router("mbc") is MBC and router.clusters == tuple(e.ref for e in entries)
+    assert router.describe() == "mbc: Arrow over 2 cluster adapters (mbc-0@1, mbc-1@1)"
     other = mlp()  # the same base, a second object: Arrow alone, built as MBC builds it
     ref = arrow.Arrow.from_library(lib, [e.ref for e in entries], other, top_k=1, temperature=1.0)
     for name, e in zip(ref.names, entries):

@@ -109,8 +109,8 @@ def _check_composable(ads: Sequence[Adapter]) -> None:
                                f"scale={lora_scale(first.config):g} and {a.name!r} r={a.config.r} "
                                f"scale={lora_scale(a.config):g}; use mode='mix' for mixed ranks")
         if set(dict(a.deltas())) != set(dict(first.deltas())):
-            raise RoutingError(f"lorahub compose: expected the same targets, {first.name!r} and {a.name!r} differ "
-                               "; use mode='mix' for mixed targets")
+            raise RoutingError(f"lorahub compose: expected the same targets, {first.name!r} and {a.name!r} differ; "
+                               "use mode='mix' for mixed targets")
 
 
 class _Composer:
@@ -144,8 +144,13 @@ def compose(model: nn.Module, names: Sequence[str], weights: Sequence[float] | T
 
 
 def _constant(w: Tensor) -> Callable[[nn.Module, Tensor], Tensor]:
-    """Per-layer weights ``(..., K)``: the same ``w`` for every token of every row."""
-    return lambda layer, x: w.to(device=x.device, dtype=x.dtype).expand(*x.shape[:-1], w.numel())
+    """Per-layer weights ``(..., K)``: the same ``w`` for every token of every row (an Embedding's
+    input is token ids: its weights stay float)."""
+    def fn(layer: nn.Module, x: Tensor) -> Tensor:
+        dtype = x.dtype if x.is_floating_point() else torch.float32
+        lead = x.shape[:-1] if x.is_floating_point() else x.shape
+        return w.to(device=x.device, dtype=dtype).expand(*lead, w.numel())
+    return fn
 
 
 @contextlib.contextmanager
@@ -267,6 +272,11 @@ class LoraHub(Router):
         if composer is not None:
             composer.set(w)
         return cls(names=names, weights=w, mode=mode, composed_name=composed_name, history=history, best=v)
+
+    def describe(self) -> str:
+        ws = ", ".join(f"{n}={float(w):.3f}" for n, w in zip(self.names, self.weights))
+        return (f"lorahub ({self.mode}): {ws}; best objective {self.best:.4f} after {len(self.history)} "
+                "evaluations")
 
     def weights_for(self, model: nn.Module, batch: Batch) -> Tensor:
         """The fixed weights for every row, ``(B, K)``."""

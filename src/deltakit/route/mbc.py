@@ -309,6 +309,9 @@ class MBC(Router):
                 lib.load(model, ref, name=name, activate=False, trainable=False)
         return cls(names=tuple(arrow.names), arrow=arrow, clusters=tuple(refs))
 
+    def describe(self) -> str:
+        return f"mbc: Arrow over {len(self.clusters)} cluster adapters ({', '.join(self.clusters)})"
+
     def _arrow(self) -> Router:
         if self.arrow is None:
             raise RoutingError("mbc: no Arrow router over the cluster adapters; build it with MBC.from_library")
