@@ -111,9 +111,12 @@ def test_merged_cluster_adapter_is_the_average_of_its_members_with_lineage(lib):
 
 
 def test_merge_members_uses_the_merge_engine_and_reports_the_exact_rank(lib):
-    tv, r = merge_members(lib, ["a0", "b0"], mlp(), method="task_arithmetic")
+    m = merge_members(lib, ["a0", "b0"], mlp(), method="task_arithmetic")
     a, b = _dense(lib, "a0"), _dense(lib, "b0")
-    assert r == 4 and torch.allclose(tv.dense("0.weight").double(), a["0.weight"] + b["0.weight"], atol=1e-5)
+    assert m.rank == 4 and m.ranks == {"0.weight": 4, "2.weight": 4}
+    assert torch.allclose(m.delta.dense("0.weight").double(), a["0.weight"] + b["0.weight"], atol=1e-5)
+    q = m.bases["0.weight"]  # orthonormal (in, 4): the rows of both members' A
+    assert q.shape == (12, 4) and torch.allclose(q.T @ q, torch.eye(4, dtype=q.dtype), atol=1e-12)
 
 
 def test_train_fn_replaces_the_merged_adapter(lib, tmp_path):
@@ -122,7 +125,7 @@ def test_train_fn_replaces_the_merged_adapter(lib, tmp_path):
     seen = []
 
     def train_fn(k, members, merged_dir):
-        seen.append((k, [m.ref for m in members], (merged_dir / "adapter_config.json").is_file()))
+        seen.append((k, [m.ref for m in members], (merged_dir / "adapter.json").is_file()))
         return _planted(tmp_path / f"trained-{k}", base, 5, 50 + k)
 
     entries = build_cluster_adapters(lib, cl, base, prefix="clu", train_fn=train_fn)
@@ -159,3 +162,35 @@ def test_mbc_router_needs_cluster_adapters(lib):
         MBC.from_library(lib, mlp())
     with pytest.raises(RoutingError, match="^mbc: no Arrow router"):
         MBC(names=("a",)).weights_for(mlp(), {})
+
+
+def test_a_rank_cap_stores_the_truncated_svd_of_the_average(lib):
+    base = mlp()
+    cl = cluster_library(lib, 2, seed=0)
+    e = build_cluster_adapters(lib, cl, base, rank=2)[1]  # b0 + b1: rank 4 exactly, capped at 2
+    got = _dense(lib, e.ref)
+    avg = {n: (_dense(lib, "b0")[n] + _dense(lib, "b1")[n]) / 2 for n in got}
+    assert e.manifest["config"]["r"] == 2
+    for n, m in avg.items():
+        U, S, Vh = torch.linalg.svd(m)
+        assert torch.allclose(got[n], (U[:, :2] * S[:2]) @ Vh[:2], atol=1e-5), n  # Eckart-Young
+
+
+def test_cluster_lora_layouts_other_than_linear(tmp_path):
+    """GPT-2's Conv1D stores its weight transposed: the factors go through LoRA.factors()' views."""
+    from deltakit.route.mbc import MergedCluster, _row_bases, write_cluster_lora
+    from tests.conftest import make_model
+
+    model = make_model("gpt2")
+    ad = dk.attach(model, dk.LoraConfig(r=2, targets=["c_attn", "c_fc"]), name="src", activate=False)
+    with torch.no_grad():
+        for _, p in sorted(ad.named_parameters()):
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    tv = TaskVector.from_adapter(ad)
+    dk.detach(model, "src")
+    merged = MergedCluster(tv, {n: 2 for n in tv.keys()}, _row_bases([tv]))
+    out = write_cluster_lora(merged, model, tmp_path / "c", name="c")
+    back = TaskVector.from_adapter(dk.load_adapter(make_model("gpt2"), out, name="c"))
+    assert sorted(back.keys()) == sorted(tv.keys()) and "c" not in dk.adapters(model)
+    for n in tv.keys():
+        assert torch.allclose(back.dense(n), tv.dense(n), atol=1e-5), n

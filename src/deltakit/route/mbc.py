@@ -22,6 +22,10 @@ What we do, step by step, and where we differ:
   merge the members instead (the merge engine's uniform average, ``linear``, of their ``dW``;
   any ``merge_task_vectors`` method can be named) and store the result as a LoRA of rank = the
   sum of the members' ranks, which is exact (the average of K rank-r updates has rank <= K r).
+  The factors come from the members' row spaces, ``B = dW Q``, ``A = Q^T`` with ``Q`` an
+  orthonormal basis of the stacked ``A_i`` rows (exact for any linear merge, checked per layer);
+  a merge that leaves that space (TIES, ...) or a ``rank`` cap falls back to a truncated SVD.
+  (A full SVD per layer cost 0.3 s x 210 layers per cluster on SmolLM2; this costs milliseconds.)
   ``train_fn(cluster, members, merged_dir) -> adapter dir`` is a hook to train instead (e.g.
   starting from the merged adapter); whatever it returns is what enters the library.
   Each cluster adapter enters the library with lineage ``(member, "merge")`` and tag ``"mbc"``.
@@ -36,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -44,16 +49,19 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
-from ..compress.export import export_lora
-from ..core.adapter import adapters, detach
+from ..compress.export import svd_factors
+from ..core.adapter import adapters, attach, detach
 from ..core.seeding import generator
+from ..io.adapter_files import save_adapter
 from ..merge import merge_task_vectors
+from ..methods.lora import LoraConfig
 from ..taskvec import LowRank, TaskVector
 from ._base import Router, RoutingError, register_router
 
-__all__ = ["MBC", "Clustering", "kmeans", "cosine_matrix", "cluster_library", "merge_members",
-           "build_cluster_adapters", "clusterable_refs", "TAG"]
+__all__ = ["MBC", "Clustering", "MergedCluster", "kmeans", "cosine_matrix", "cluster_library", "merge_members",
+           "write_cluster_lora", "build_cluster_adapters", "clusterable_refs", "TAG"]
 
 TAG = "mbc"
 _TMP = "__deltakit_mbc__"
@@ -246,31 +254,100 @@ def _padded(tvs: Sequence[TaskVector]) -> list[TaskVector]:
             if any(n not in tv for n in shapes) else tv for tv in tvs]
 
 
-def merge_members(lib, refs: Sequence[str], model: nn.Module, *, method: str = "linear", config: Any = None
-                  ) -> tuple[TaskVector, int]:
-    """(merged ``dW`` of the entries ``refs`` by the merge engine's ``method`` — default the uniform
-    average —, the rank that stores it exactly: per layer the sum of the members' ranks, max over
-    layers)."""
+@dataclass(frozen=True)
+class MergedCluster:
+    """A cluster's members merged: ``delta`` the merged ``dW`` (lazy), ``ranks`` per parameter the
+    rank that stores it exactly (the sum of the members' ranks, capped by the matrix), ``bases``
+    per parameter an orthonormal basis (in, R) of the members' LoRA row spaces (None where a
+    member's delta is dense): a linear merge's rows lie in it, so ``dW = (dW Q) Q^T`` exactly."""
+
+    delta: TaskVector
+    ranks: dict[str, int]
+    bases: dict[str, Tensor | None]
+
+    @property
+    def rank(self) -> int:
+        return max(self.ranks.values())
+
+
+def _row_bases(tvs: Sequence[TaskVector]) -> dict[str, Tensor | None]:
+    rows: dict[str, list[Tensor] | None] = {}
+    for tv in tvs:
+        for n, v in tv.items():
+            if not isinstance(v, LowRank) or rows.get(n, []) is None:
+                rows[n] = None
+            else:
+                rows.setdefault(n, []).append(v.A.double())
+    return {n: None if a is None else torch.linalg.qr(torch.cat(a).T)[0] for n, a in rows.items()}
+
+
+def merge_members(lib, refs: Sequence[str], model: nn.Module, *, method: str = "linear",
+                  config: Any = None) -> MergedCluster:
+    """The entries ``refs`` merged by the merge engine's ``method`` (default ``linear``: the
+    uniform average of their ``dW``; a member without a layer counts as zero there)."""
     tvs = [_task_vector(lib, model, r) for r in refs]
     ranks: dict[str, int] = {}
     for tv in tvs:
         for n, v in tv.items():
-            ranks[n] = ranks.get(n, 0) + _rank(v)
-    return merge_task_vectors(method, _padded(tvs), config), max(ranks.values())
+            ranks[n] = min(ranks.get(n, 0) + _rank(v), v.shape[0], math.prod(v.shape[1:]) or 1)
+    return MergedCluster(merge_task_vectors(method, _padded(tvs), config), ranks, _row_bases(tvs))
+
+
+def _factor(dw: Tensor, basis: Tensor | None, rank: int, truncate: bool) -> tuple[Tensor, Tensor]:
+    """``(B (out, r), A (r, in))`` with ``B @ A = dW`` (reshaped to a matrix): through the members'
+    row basis when that is exact (any linear merge: two thin matmuls), else a truncated SVD."""
+    mat = dw.reshape(dw.shape[0], -1).double()
+    if basis is not None and not truncate:
+        B = mat @ basis
+        if float((mat - B @ basis.T).norm()) <= 1e-6 * float(mat.norm()):
+            return B.float(), basis.T.float()
+    B, A, _ = svd_factors(mat, rank=rank)
+    return B.float(), A.float()
+
+
+def _module(param: str) -> str:
+    if not param.endswith(".weight"):
+        raise RoutingError(f"mbc: a cluster adapter is a LoRA, which holds weights only; found {param!r}")
+    return param[: -len(".weight")]
+
+
+def write_cluster_lora(merged: MergedCluster, model: nn.Module, out: Path, *, name: str,
+                       rank: int | None = None) -> Path:
+    """Save ``merged`` as a deltakit LoRA directory at ``out`` (``alpha = r``: scale 1; layers of a
+    smaller rank zero-padded to the largest). Exact unless ``rank`` truncates (SVD)."""
+    factors = {_module(n): _factor(merged.delta.dense(n), merged.bases.get(n), rank or merged.ranks[n], rank is not None)
+               for n in merged.delta.keys()}
+    r = max(B.shape[1] for B, _ in factors.values())
+    tmp = name if name not in adapters(model) else _TMP
+    with torch.random.fork_rng(devices=[]):  # LoRA's init draws are overwritten: keep the caller's RNG
+        ad = attach(model, LoraConfig(r=r, alpha=float(r), targets=tuple(factors)), name=tmp, activate=False)
+    try:
+        with torch.no_grad():
+            for path, d in ad.deltas():
+                B, A = factors[path]
+                Bv, Av, _, _ = d.factors()  # views of lora_B / lora_A in the matrix layout
+                Bv.zero_()
+                Av.zero_()
+                Bv[:, : B.shape[1]].copy_(B)
+                Av[: A.shape[0]].copy_(A)
+        return save_adapter(ad, out)
+    finally:
+        detach(model, tmp)
 
 
 def build_cluster_adapters(lib, clustering: Clustering, model: nn.Module, *, prefix: str = TAG,
                            method: str = "linear", config: Any = None, rank: int | None = None,
                            train_fn: TrainFn | None = None, tags: Sequence[str] = (TAG,)) -> list:
-    """Add one adapter per cluster to ``lib`` as ``{prefix}-{k}``: its members merged (exact at
-    the summed rank, or SVD-truncated to ``rank``), or what ``train_fn(k, member entries,
-    merged dir)`` returns; lineage ``(member, "merge")``. Returns the new entries in order."""
+    """Add one adapter per cluster to ``lib`` as ``{prefix}-{k}``: its members merged (exact, or
+    SVD-truncated to ``rank``), or what ``train_fn(k, member entries, merged dir)`` returns;
+    lineage ``(member, "merge")``. Returns the new entries in order."""
     out = []
-    for k in range(clustering.n_clusters):
+    for k in tqdm(range(clustering.n_clusters), desc="mbc: cluster adapters", disable=not sys.stderr.isatty()):
         members = clustering.members(k)
-        merged, exact_rank = merge_members(lib, members, model, method=method, config=config)
+        merged = merge_members(lib, members, model, method=method, config=config)
         with tempfile.TemporaryDirectory(prefix="deltakit-mbc-") as tmp:
-            path: str | Path = export_lora(merged, model, Path(tmp) / f"{prefix}-{k}", rank=rank or exact_rank).out_dir
+            path: str | Path = write_cluster_lora(merged, model, Path(tmp) / f"{prefix}-{k}", name=f"{prefix}-{k}",
+                                                  rank=rank)
             if train_fn is not None:
                 path = train_fn(k, [lib.get(m) for m in members], Path(path))
             out.append(lib.add(path, model=model, name=f"{prefix}-{k}", tags=tags,
