@@ -138,7 +138,7 @@ def test_mbc_router_is_arrow_over_the_cluster_adapters(lib):
     arrow = pytest.importorskip("deltakit.route.arrow")
     base = mlp()
     entries = build_cluster_adapters(lib, cluster_library(lib, 2, seed=0), base)
-    router = MBC.from_library(lib, None, base, top_k=1)
+    router = MBC.from_library(lib, base, top_k=1)
     assert get_router("mbc") is MBC and router.clusters == tuple(e.ref for e in entries)
     assert router.describe() == "mbc: Arrow over 2 cluster adapters (mbc-0@1, mbc-1@1)"
     other = mlp()  # the same base, a second object: Arrow alone, built as MBC builds it
@@ -159,7 +159,7 @@ def test_mbc_router_is_arrow_over_the_cluster_adapters(lib):
 
 def test_mbc_router_needs_cluster_adapters(lib):
     with pytest.raises(RoutingError, match=r"^mbc: expected cluster adapters \(entries tagged 'mbc'\)"):
-        MBC.from_library(lib, None, mlp())
+        MBC.from_library(lib, mlp())
     with pytest.raises(RoutingError, match="^mbc: no Arrow router"):
         MBC(names=("a",)).weights_for(mlp(), {})
 

@@ -34,7 +34,7 @@ What we do, step by step, and where we differ:
 >>> cl = cluster_library(lib, 3, seed=0)                                     # doctest: +SKIP
 >>> print(cl.table())                                                        # doctest: +SKIP
 >>> entries = build_cluster_adapters(lib, cl, base_model)                   # doctest: +SKIP
->>> router = MBC.from_library(lib, [e.ref for e in entries], base_model, top_k=1)  # doctest: +SKIP
+>>> router = MBC.from_library(lib, base_model, [e.ref for e in entries], top_k=1)  # doctest: +SKIP
 """
 from __future__ import annotations
 
@@ -369,10 +369,11 @@ class MBC(Router):
     clusters: tuple[str, ...] = ()
 
     @classmethod
-    def from_library(cls, lib, refs: Sequence[str] | None, model: nn.Module, *, top_k: int = 1,
+    def from_library(cls, lib, model: nn.Module, refs: Sequence[str] | None = None, *, top_k: int = 1,
                      temperature: float = 1.0) -> MBC:
-        """As :meth:`Arrow.from_library`. ``refs``: the cluster adapters (None: the newest entry of
-        every name tagged ``mbc``), attached to ``model`` under Arrow's names unless already there."""
+        """Arrow over the cluster adapters ``refs`` (default: the newest entry of every name tagged
+        ``mbc``), attached to ``model`` under Arrow's names unless already there. (``model`` comes
+        before ``refs`` here, unlike Arrow's, because ``refs`` has a default; the bench calls it so.)"""
         refs = list(refs) if refs is not None else [e.ref for e in {e.name: e for e in lib.list(tag=TAG)}.values()]
         if not refs:
             raise RoutingError(f"mbc: expected cluster adapters (entries tagged {TAG!r}) in {lib.root}, found none; "
