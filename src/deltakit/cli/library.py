@@ -1,4 +1,4 @@
-"""``deltakit library --root DIR add|list|show|remove|verify``: the adapter library from the shell."""
+"""``deltakit library --root DIR add|list|show|remove|verify|cluster``: the adapter library from the shell."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,7 @@ REF_HELP = "NAME (its newest version) or NAME@VERSION"
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("library", help="a library of adapters: add, list, show, remove, verify",
+    p = sub.add_parser("library", help="a library of adapters: add, list, show, remove, verify, cluster",
                        description="A directory-backed, content-addressed store of adapters with a SQLite index "
                                    "and routing data (Arrow prototypes, a clustering embedding) computed when an "
                                    "adapter is added. Example: deltakit library --root lib add runs/sst2 --task sst2")
@@ -35,6 +35,7 @@ def add_parser(sub) -> None:
     v.add_argument("--clean", action="store_true", help="remove unused files (missing / corrupt ones are only reported)")
     v.add_argument("--json", action="store_true", help="print the report as JSON")
     v.set_defaults(func=run_verify)
+    _add_cluster(ops)
 
 
 def _add_add(ops) -> None:
@@ -63,6 +64,28 @@ def _add_list(ops) -> None:
         ls.add_argument(f"--{flag}", default=None, help=f"only entries with this {what}")
     ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ls.set_defaults(func=run_list)
+
+
+def _add_cluster(ops) -> None:
+    c = ops.add_parser("cluster", help="MBC: cluster the entries by adapter similarity, add one merged adapter per cluster",
+                       description="Model-based clustering (Ostapenko et al. 2024): spherical K-means of the entries "
+                                   "by the cosine of their weight deltas (from the stored sketches, or --exact from "
+                                   "the factors), then one adapter per cluster, the uniform average of its members "
+                                   "(the paper retrains one per cluster instead), added as PREFIX-K with tag 'mbc' "
+                                   "and lineage 'merge'. Route among them with --router mbc. Example: deltakit "
+                                   "library --root lib cluster --clusters 3 --dry-run")
+    c.add_argument("--clusters", type=int, required=True, metavar="C", help="number of clusters")
+    c.add_argument("--seed", type=int, default=0, help="k-means seed (default 0)")
+    c.add_argument("--model", "--base", dest="model", default=None,
+                   help="base model directory, hub id or 'minilm' (default: the one the entries record)")
+    c.add_argument("--exact", action="store_true", help="exact cosines from the adapters' factors (loads every "
+                                                        "adapter; default: the stored 64-number sketches)")
+    c.add_argument("--method", default="linear", help="merge method for each cluster (default linear: the average)")
+    c.add_argument("--rank", type=int, default=None, help="store each merged adapter at this rank (SVD-truncated); "
+                                                          "default: the exact rank, the sum of its members' ranks")
+    c.add_argument("--prefix", default="mbc", help="entry names PREFIX-0, PREFIX-1, ... (default mbc)")
+    c.add_argument("--dry-run", action="store_true", help="only show the clusters; add nothing")
+    c.set_defaults(func=run_cluster)
 
 
 def _library(args, create: bool = False):
@@ -167,3 +190,35 @@ def run_verify(args) -> int:
     print(f"{'ok' if report.ok else 'FAILED'}: {report.checked} entries checked")
     return 0 if report.ok else 1
 
+
+
+def _entries_base(lib, refs: list[str], model: str | None):
+    """The base model the library's entries were trained on (--model, else the first entry's record)."""
+    from ..io.models import load_base_for
+    return load_base_for(lib.get(refs[0]).manifest, model)[0]
+
+
+def run_cluster(args) -> int:
+    from ..route.mbc import build_cluster_adapters, cluster_library, clusterable_refs
+    lib = _library(args)
+    refs = clusterable_refs(lib)
+    if not refs:
+        raise ValueError(f"expected entries to cluster in {lib.root}, found none (MBC adapters are not clustered)")
+    if args.clusters < 1 or args.clusters > len(refs):
+        raise ValueError(f"--clusters: expected 1..{len(refs)} (the entries to cluster), found {args.clusters}")
+    if args.rank is not None and args.rank < 1:
+        raise ValueError(f"--rank: expected a positive integer, found {args.rank}")
+    need_base = args.exact or not args.dry_run
+    base = _entries_base(lib, refs, args.model) if need_base else None
+    cl = cluster_library(lib, args.clusters, refs=refs, seed=args.seed, exact=args.exact, model=base)
+    print(f"{len(refs)} entries in {cl.n_clusters} clusters (cosine of dW, {'exact' if cl.exact else 'sketch'}, "
+          f"seed {args.seed}):")
+    print(cl.table())
+    if args.dry_run:
+        print("dry run: nothing added")
+        return 0
+    entries = build_cluster_adapters(lib, cl, base, prefix=args.prefix, method=args.method, rank=args.rank)
+    for k, e in enumerate(entries):
+        members = cl.members(k)
+        print(f"added {e.ref} (rank {e.manifest['config']['r']}, merged from {len(members)}: {', '.join(members)})")
+    return 0
