@@ -49,9 +49,12 @@ def _kept(cfg: Config, path: Path, log: Log) -> dict:
     if not path.is_file():
         return {}
     old = read_json(path)
-    same = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("systems", "threads")}
-    if {k: v for k, v in old["config"].items() if k not in ("systems", "threads")} != json.loads(json.dumps(same)):
-        raise SystemExit(f"--resume: {path} was made with other settings; move it away or drop --resume")
+    # what decides every system's scores alike; the routers' own knobs only touch their own systems
+    scoring = ("adapters", "tasks", "n_dev", "max_new_tokens", "batch_size", "seed")
+    now = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    if any(old["config"].get(k) != now[k] for k in scoring):
+        raise SystemExit(f"--resume: {path} was scored with other settings ({', '.join(scoring)}); move it away "
+                         "or drop --resume")
     log(f"resuming: keeping {sorted(old['scores'])} from {path}")
     return old["scores"]
 

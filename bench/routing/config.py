@@ -21,7 +21,7 @@ class Config:
     max_new_tokens: int = 4
     batch_size: int = 16
     arrow_temperature: float = 1.0
-    clusters: int = 4                          # MBC: clusters of the 8 adapters
+    clusters: int = 3                          # MBC: clusters of the 8 adapters (3: what their dW cosines show)
     retrieval_examples: int = 16               # train rows per adapter that describe it for retrieval
     lorahub_iterations: int = 40               # the paper's budget
     lorahub_shots: tuple[int, ...] = (5, 20)

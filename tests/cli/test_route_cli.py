@@ -119,3 +119,33 @@ def test_help(capsys):
     with pytest.raises(SystemExit) as e:
         main(["route", "--help"])
     assert e.value.code == 0 and "usage: deltakit route" in capsys.readouterr().out
+
+
+def test_mbc_routes_among_the_cluster_adapters_library_cluster_made(library, tmp_path, capsys):
+    import shutil
+    root = tmp_path / "lib"
+    shutil.copytree(library, root)
+    assert main(["library", "--root", str(root), "cluster", "--clusters", "1"]) == 0
+    capsys.readouterr()
+    code, out, err = _run(capsys, "--library", str(root), "--router", "mbc", "--prompt", PROMPTS[0],
+                          "--max-new-tokens", "2", "--json")
+    assert code == 0, err
+    (row,) = _json_rows(out)
+    assert list(row["weights"]) == [e.name for e in AdapterLibrary(root).list(tag="mbc")] and \
+        row["weights"][next(iter(row["weights"]))] == 1.0
+
+
+def test_lorahub_fits_weights_on_examples_and_answers_with_the_composition(library, tmp_path, capsys):
+    f = tmp_path / "ex.jsonl"
+    f.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+                           for q, a in (("hi there", "four"), ("what is two plus four", "six"))) + "\n")
+    code, out, err = _run(capsys, "--library", str(library), "--router", "lorahub", "--examples", str(f),
+                          "--iterations", "4", "--prompt", PROMPTS[0], "--max-new-tokens", "2", "--json", "--mix")
+    assert code == 0, err
+    (row,) = _json_rows(out)
+    assert set(row["weights"]) <= {"pub", "med"} and "lorahub (mix)" in err
+    code, _, err = _run(capsys, "--library", str(library), "--router", "lorahub", "--examples", str(f),
+                        "--iterations", "2", "--prompt", PROMPTS[0])
+    assert code == 1 and "expected one rank and scale" in err and err.count("\n") == 1
+    code, _, err = _run(capsys, "--library", str(library), "--router", "lorahub", "--prompt", "x")
+    assert code == 1 and "expected --examples" in err and err.count("\n") == 1

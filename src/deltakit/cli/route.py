@@ -38,6 +38,9 @@ def add_parser(sub) -> None:
     p.add_argument("--examples", default=None, metavar="EXAMPLES.jsonl",
                    help="lorahub: a few instruction examples of the new task ({\"messages\": [...]} per line)")
     p.add_argument("--iterations", type=int, default=40, help="lorahub: CMA-ES iterations (default 40)")
+    p.add_argument("--mix", action="store_true",
+                   help="lorahub: mix the adapters' outputs (any ranks) instead of composing their factors "
+                        "(the paper's way: one rank, scale and targets)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt (default 32)")
     p.add_argument("--per-token", action="store_true", help="also show each prompt token's top adapter")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt")
@@ -123,7 +126,37 @@ def _poly(args, cls, lib, refs, model):
     return router
 
 
-_ROUTER_BUILDERS: dict = {}
+def _mbc(args, cls, lib, refs, model, tok):
+    """Arrow among the library's MBC cluster adapters (--adapter: these cluster entries)."""
+    return cls.from_library(lib, model, list(args.adapter) or None, top_k=args.top_k, temperature=args.temperature)
+
+
+def _lorahub(args, cls, lib, refs, model, tok):
+    """Weights over ``refs`` fitted on --examples (the new task's few instruction rows), composed."""
+    from ..train.data import json_lines
+    from ..train.instruct import InstructionDataset
+
+    if not args.examples:
+        raise ValueError("--router lorahub: expected --examples EXAMPLES.jsonl (a few rows of the new task), found none")
+    rows = [v for _, v in json_lines(args.examples)]
+    if not rows:
+        raise ValueError(f"--examples {args.examples}: expected instruction rows, found none")
+    attached = _attached(model)
+    names = []
+    for r in refs:
+        e = lib.get(r)
+        if e.name not in attached:
+            lib.load(model, e.ref, name=e.name, activate=False, trainable=False)
+        names.append(e.name)
+    ds = InstructionDataset(rows, tok, max_length=512)
+    batch = ds.collate([ds[i] for i in range(len(ds))])
+    router = cls.fit(model, names, [batch], iterations=args.iterations, mode="mix" if args.mix else "compose")
+    import sys
+    print(router.describe(), file=sys.stderr)
+    return router
+
+
+_ROUTER_BUILDERS = {"mbc": _mbc, "lorahub": _lorahub}
 
 
 def _attached(model) -> set[str]:
