@@ -53,16 +53,22 @@ def _merge_table(res: dict) -> list[str]:
     return lines
 
 
-def _panel(ax, rows: list[dict], ref: float, title: str, ref_label: str) -> None:
+def _panel(ax, rows: list[dict], ref: float, title: str, ref_label: str, colors: dict[str, str]) -> None:
     """Score against MiB on disk, one line per codec (the budget bold), the uncompressed delta dashed."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
     by = defaultdict(list)
     for r in rows:
         by[r["codec"]].append((r["bytes_file"] / 2**20, r["score"]))
     for codec, pts in sorted(by.items()):
         pts.sort()
-        ax.plot(*zip(*pts), marker="o", ms=3, label=codec, lw=2.5 if codec == "budget" else 1)
+        ax.plot(*zip(*pts), marker="o", ms=3, label=codec, lw=2.5 if codec == "budget" else 1, color=colors[codec])
     ax.axhline(ref, color="k", ls="--", lw=0.8, label=ref_label)
     ax.set_xscale("log")
+    # 1-2-5 labels: a narrow log axis has no decade tick, and matplotlib's minor labels overlap
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_title(title, fontsize=9)
     ax.set_xlabel("MiB on disk")
 
@@ -87,12 +93,14 @@ def _plot(res: dict, path: Path) -> None:
     top = [([r for r in res["encoder"]["rows"] if r["task"] == t], ref["score"], f"MiniLM full FT: {t}",
             "uncompressed") for t, ref in refs.items()]
     bottom = _llm_panels(res)
+    names = sorted({r["codec"] for panel in top + bottom for r in panel[0]})
+    colors = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(names)}  # one colour per codec everywhere
     cols = max(len(top), len(bottom))
     nrows = 2 if bottom else 1
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.6 * nrows), squeeze=False)
     for i, panels in enumerate((top, bottom)[:nrows]):
         for ax, panel in zip(axes[i], panels):
-            _panel(ax, *panel)
+            _panel(ax, *panel, colors)
         for ax in axes[i][len(panels):]:
             ax.axis("off")
         axes[i][0].set_ylabel("dev score" if i == 0 else "dev accuracy (generation)")
