@@ -110,9 +110,13 @@ def add_llm_full(out_dir: Path | None = None, cache: Path | None = None) -> dict
     torch.set_num_threads(cfg.threads)
     log = Log()
     log(f"(b-full) adding SmolLM2 full fine-tuning deltas to {out_dir / 'compress.json'}; load {load_avg()}")
-    res["llm_full"] = run_llm_full(cfg, log, Path(cache or DEFAULT_CACHE))
-    res["timings"]["llm_full_s"] = res["llm_full"]["seconds"]
-    write_report(res, out_dir)
+
+    def save(partial: dict) -> None:  # after every task: a stopped run keeps the tasks it finished
+        res["llm_full"] = partial
+        res["timings"]["llm_full_s"] = partial["seconds"]
+        write_report(res, out_dir)
+
+    run_llm_full(cfg, log, Path(cache or DEFAULT_CACHE), on_task=save)
     log(f"wrote {out_dir / 'compress.json'}, .md, .png")
     return res
 

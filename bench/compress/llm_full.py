@@ -139,8 +139,13 @@ def _budget_rows(cfg: Config, model, tok, weights, dws, examples, t: str, ref: f
     return rows
 
 
-def run_llm_full(cfg: Config, log: Log, cache: Path | None = None, s: FullSettings = FullSettings()) -> dict:
-    """Rows per (task, codec, ratio) for the full fine-tuning deltas, as :func:`run_llm` gives for LoRA."""
+def run_llm_full(cfg: Config, log: Log, cache: Path | None = None, s: FullSettings = FullSettings(),
+                 on_task=None) -> dict:
+    """Rows per (task, codec, ratio) for the full fine-tuning deltas, as :func:`run_llm` gives for LoRA.
+
+    The learning rate is searched on the first task's held-out train rows only; later tasks train
+    once at its pick (a full fine-tune of 106M parameters costs 2-4 min a run on a shared CPU).
+    ``on_task(partial)`` is called after each task, so a report survives a run stopped half way."""
     from deltakit.io.models import load_causal_lm
     from deltakit.train.instruct import read_task_file
 
@@ -149,8 +154,10 @@ def run_llm_full(cfg: Config, log: Log, cache: Path | None = None, s: FullSettin
     model.eval()
     weights = {n: p.detach().clone() for n, p in block_linear(model).items()}
     out = {"settings": dataclasses.asdict(s), "tasks": {}, "rows": [], "load_start": load_avg()}
-    for t in cfg.llm_tasks:
+    for i, t in enumerate(cfg.llm_tasks):
         dws, meta = finetune(model, tok, weights, t, s, Path(cache or DEFAULT_CACHE), log)
+        if i == 0:
+            s = dataclasses.replace(s, lrs=(meta["chosen"]["lr"],))
         examples = read_task_file(Path(DEFAULT_DATA) / t / "dev.tsv", t, max_rows=cfg.llm_dev, seed=cfg.seed)
         ref = _score(model, tok, weights, dws, examples, t)
         base = _score(model, tok, weights, None, examples, t)
@@ -161,7 +168,9 @@ def run_llm_full(cfg: Config, log: Log, cache: Path | None = None, s: FullSettin
             f"dense dW {fp32 / 2**20:.1f} MiB")
         out["rows"] += _llm_rows(cfg, model, tok, weights, dws, examples, t, ref, log)
         out["rows"] += _budget_rows(cfg, model, tok, weights, dws, examples, t, ref, log)
-    out["seconds"], out["load_end"] = elapsed(), load_avg()
+        out["seconds"], out["load_end"] = elapsed(), load_avg()
+        if on_task is not None:
+            on_task(out)
     return out
 
 

@@ -132,7 +132,7 @@ def _llm_full_section(full: dict) -> list[str]:
             f"the codecs compress; {s['steps']} steps x {s['batch_size']} rows (the LoRA adapters' train rows), "
             f"AdamW, linear decay after {s['warmup_steps']} warm-up steps, bf16 autocast, loss on the answer "
             f"tokens; learning rate picked among {list(s['lrs'])} on {s['n_hold']} held-out *train* rows "
-            f"(never dev): {chosen}. Ratios are against the dense fp32 dW; scored on the same "
+            f"(never dev) of the first task, the later tasks trained once at its pick: {chosen}. Ratios are against the dense fp32 dW; scored on the same "
             f"{next(iter(full['tasks'].values()))['n_dev']} dev rows as the LoRA rows.", "",
             *target_summary(full["rows"], list(full["tasks"])), "", *llm_full_table(full), ""]
 
