@@ -3,8 +3,8 @@
 Only the transformer blocks' linear weights (attention q/k/v/o, MLP gate/up/down: 210 matrices,
 106M parameters) are trained, every other parameter frozen, so the delta is exactly the 2-D
 matrices the codecs are made for (embeddings, norms and the tied LM head stay the base's).
-Training reads the same seeded train rows as the LoRA adapters of ``bench/llm_tasks.py``
-(``steps x batch`` rows, answer tokens only, bf16 autocast, AdamW, linear decay). The learning
+Training reads ``steps x batch`` seeded train rows (with the same seed, a superset of the 128 the
+LoRA adapters of ``bench/llm_tasks.py`` saw), answer tokens only, bf16 autocast, AdamW, linear decay. The learning
 rate is picked among ``lrs`` by accuracy on ``n_hold`` held-out *train* rows (rows of the train
 file outside the training subsample; dev is never looked at). The chosen ``dW = W_ft - W`` is
 cached as safetensors (``smollm2_full_<task>_<key>`` under the bench cache), so reruns skip
@@ -51,7 +51,7 @@ class FullSettings:
 
 
 def _split(task: str, s: FullSettings) -> tuple[list[dict], list[dict]]:
-    """The LoRA adapters' training rows and ``n_hold`` seeded rows of the train file outside them."""
+    """``steps x batch`` seeded train rows and ``n_hold`` seeded rows of the train file outside them."""
     import random
 
     from deltakit.train.instruct import read_task_file
