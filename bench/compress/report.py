@@ -122,7 +122,8 @@ def _llm_full_section(full: dict) -> list[str]:
 
     s = full["settings"]
     ft = {t: i["finetune"] for t, i in full["tasks"].items()}
-    chosen = "; ".join(_chosen(t, m) for t, m in ft.items())
+    # the task whose held-out rows searched the learning rate first (JSON reloads sort the tasks)
+    chosen = "; ".join(_chosen(t, m) for t, m in sorted(ft.items(), key=lambda kv: -len(kv[1]["tried"])))
     return ["### (b) SmolLM2 full fine-tuning deltas", "",
             f"Added to this run's report later by `bench/bench_compress.py --add-llm-full` in "
             f"{full['seconds'] / 60:.1f} min (parts (a), (c) and the LoRA rows were not rerun; load "
