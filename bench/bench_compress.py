@@ -31,6 +31,9 @@ import torch
 
 from _common import RESULTS, Log, load_avg, machine_info, timer
 from compress.config import DEFAULT_CACHE, QUICK, Config, finetune_config
+from compress.llm_full import FullSettings
+
+QUICK_FULL = FullSettings(steps=2, lrs=(2e-5,), n_hold=4)  # --quick: a smoke run of the full fine-tune
 from compress.encoders import Scorer, memcpy_gbps
 from compress.report import write_report
 from compress.sweep import merge_compressed, sweep_encoder
@@ -90,7 +93,7 @@ def run(quick: bool = False, llm: bool = True, **overrides) -> dict:
         from compress.llm import run_llm
         from compress.llm_full import run_llm_full
         res["llm"] = run_llm(cfg, log)
-        res["llm_full"] = run_llm_full(cfg, log, cache)
+        res["llm_full"] = run_llm_full(cfg, log, cache, QUICK_FULL if quick else FullSettings())
     res["timings"]["total_s"] = round(time.time() - t0, 1)
     res["machine"]["load_end"] = load_avg()
     write_report(res, out_dir)

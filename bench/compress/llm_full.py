@@ -3,10 +3,11 @@
 Only the transformer blocks' linear weights (attention q/k/v/o, MLP gate/up/down: 210 matrices,
 106M parameters) are trained, every other parameter frozen, so the delta is exactly the 2-D
 matrices the codecs are made for (embeddings, norms and the tied LM head stay the base's).
-Training reads ``steps x batch`` seeded train rows (with the same seed, a superset of the 128 the
-LoRA adapters of ``bench/llm_tasks.py`` saw), answer tokens only, bf16 autocast, AdamW, linear decay. The learning
-rate is picked among ``lrs`` by accuracy on ``n_hold`` held-out *train* rows (rows of the train
-file outside the training subsample; dev is never looked at). The chosen ``dW = W_ft - W`` is
+Training reads ``steps x batch`` seeded train rows (with the same seed, a superset of the 128
+the LoRA adapters of ``bench/llm_tasks.py`` saw), answer tokens only, bf16 autocast, AdamW,
+linear decay. The learning rate is picked among ``lrs`` by accuracy on ``n_hold`` held-out
+*train* rows of the first task (rows of the train file outside the training subsample; dev is
+never looked at); later tasks train once at its pick. Each task's ``dW = W_ft - W`` is
 cached as safetensors (``smollm2_full_<task>_<key>`` under the bench cache), so reruns skip
 training. Each codec then compresses it at part (b)'s ratios, plus the budgeted allocation,
 and the decoded delta is added to the base and scored on the same dev subsample as the LoRA rows.
@@ -35,7 +36,9 @@ BLOCK_LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\
 
 @dataclass(frozen=True)
 class FullSettings:
-    """The full fine-tune's budget: the LoRA adapters' rows and steps, a full-FT learning rate."""
+    """The full fine-tune's budget: twice the LoRA adapters' steps at their batch size (one pass
+    over the rows), and full-FT learning rates to choose from (LoRA's 2e-3 would wreck the weights).
+    Every field goes into the cache key."""
 
     steps: int = 32
     batch_size: int = 8
