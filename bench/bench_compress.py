@@ -7,7 +7,8 @@
   the ratio reported is the one measured on disk), decoded from the file and scored on dev
   with the task's own head;
 * **(b)** SmolLM2 deltas: the per-task LoRA adapters of ``bench/llm_tasks.py`` (dense ``dW``
-  per target), compressed, merged into the base and scored by generation;
+  per target), and full fine-tunes of the blocks' linear weights on the same rows
+  (``compress/llm_full.py``, cached), compressed, added to the base and scored by generation;
 * **(c)** task arithmetic over the four MiniLM deltas compressed at 16x, merged straight
   from the compressed files, against the same merge of the uncompressed deltas.
 
@@ -15,6 +16,7 @@ Encode / decode speeds are GB/s of fp32 delta processed, beside this machine's m
 Writes ``bench/results/compress.{json,md,png}`` (``--quick``: under the cache directory).
 
     python bench/bench_compress.py [--quick] [--codecs topk svd ...] [--no-llm]
+    python bench/bench_compress.py --add-llm-full   # part (b) full FT only, into the existing report
     deltakit bench compress [--quick]
 """
 from __future__ import annotations
@@ -29,6 +31,9 @@ import torch
 
 from _common import RESULTS, Log, load_avg, machine_info, timer
 from compress.config import DEFAULT_CACHE, QUICK, Config, finetune_config
+from compress.llm_full import FullSettings
+
+QUICK_FULL = FullSettings(steps=2, lrs=(2e-5,), n_hold=4)  # --quick: a smoke run of the full fine-tune
 from compress.encoders import Scorer, memcpy_gbps
 from compress.report import write_report
 from compress.sweep import merge_compressed, sweep_encoder
@@ -86,10 +91,35 @@ def run(quick: bool = False, llm: bool = True, **overrides) -> dict:
     res["timings"]["merge_s"] = elapsed()
     if llm:
         from compress.llm import run_llm
+        from compress.llm_full import run_llm_full
         res["llm"] = run_llm(cfg, log)
+        res["llm_full"] = run_llm_full(cfg, log, cache, QUICK_FULL if quick else FullSettings())
     res["timings"]["total_s"] = round(time.time() - t0, 1)
     res["machine"]["load_end"] = load_avg()
     write_report(res, out_dir)
+    log(f"wrote {out_dir / 'compress.json'}, .md, .png")
+    return res
+
+
+def add_llm_full(out_dir: Path | None = None, cache: Path | None = None) -> dict:
+    """Part (b)'s full fine-tuning deltas added to an existing run's report (its config, torch
+    threads and dev rows), leaving parts (a), (c) and the LoRA rows as they were measured."""
+    from _common import read_json
+    from compress.llm_full import run_llm_full
+
+    out_dir = Path(out_dir or RESULTS)
+    res = read_json(out_dir / "compress.json")
+    cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in res["config"].items()})
+    torch.set_num_threads(cfg.threads)
+    log = Log()
+    log(f"(b-full) adding SmolLM2 full fine-tuning deltas to {out_dir / 'compress.json'}; load {load_avg()}")
+
+    def save(partial: dict) -> None:  # after every task: a stopped run keeps the tasks it finished
+        res["llm_full"] = partial
+        res["timings"]["llm_full_s"] = partial["seconds"]
+        write_report(res, out_dir)
+
+    run_llm_full(cfg, log, Path(cache or DEFAULT_CACHE), on_task=save)
     log(f"wrote {out_dir / 'compress.json'}, .md, .png")
     return res
 
@@ -105,9 +135,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny sizes (smoke run; output under the cache)")
     p.add_argument("--codecs", nargs="+", default=None, help="only these compressors (default: all registered)")
     p.add_argument("--no-llm", action="store_true", help="skip part (b), the SmolLM2 deltas")
+    p.add_argument("--add-llm-full", action="store_true",
+                   help="only part (b)'s full fine-tuning deltas, added to the report already in --out-dir")
     p.add_argument("--cache-dir", default=None, help=f"fine-tune cache (default {DEFAULT_CACHE})")
     p.add_argument("--out-dir", default=None, help="where results go (default bench/results)")
     a = p.parse_args(argv)
+    if a.add_llm_full:
+        add_llm_full(a.out_dir, a.cache_dir)
+        return 0
     over = {k: v for k, v in {"codecs": tuple(a.codecs) if a.codecs else None, "cache_dir": a.cache_dir,
                               "out_dir": a.out_dir}.items() if v is not None}
     run(quick=a.quick, llm=not a.no_llm, **over)

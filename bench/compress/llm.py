@@ -8,6 +8,7 @@ subsample, against the uncompressed adapter merged the same way.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -73,18 +74,22 @@ def run_llm(cfg: Config, log: Log) -> dict:
 
 def _llm_rows(cfg, model, tok, weights, dws, examples, t, ref, log) -> list[dict]:
     rows, tmp = [], scratch()
-    for codec in codec_names(cfg):
-        for ratio in (cfg.llm_ratios if _ratios(cfg, codec)[0] else [None]):
-            knobs = plan(codec, ratio, dws) if ratio else {}
-            if knobs is None:
-                continue
-            res = compress_delta(dws, codec, knobs, tmp / "c")
-            score = _score(model, tok, weights, res.pop("decoded"), examples, t)
-            rows.append({"task": t, "codec": codec, "target_ratio": ratio, "knobs": knobs,
-                         "ratio_file": round(res["fp32_bytes"] / res["bytes_file"], 2), "bytes_file": res["bytes_file"],
-                         "score": score, "delta_points": round(100 * (score - ref), 2), "rel_error": res["rel_error"],
-                         "load": load_avg()[0]})
-            log(f"(b) {t} {codec} x{rows[-1]['ratio_file']}: {score} ({rows[-1]['delta_points']:+})")
+    try:
+        for codec in codec_names(cfg):
+            for ratio in (cfg.llm_ratios if _ratios(cfg, codec)[0] else [None]):
+                knobs = plan(codec, ratio, dws) if ratio else {}
+                if knobs is None:
+                    continue
+                res = compress_delta(dws, codec, knobs, tmp / "c")
+                score = _score(model, tok, weights, res.pop("decoded"), examples, t)
+                rows.append({"task": t, "codec": codec, "target_ratio": ratio, "knobs": knobs,
+                             "ratio_file": round(res["fp32_bytes"] / res["bytes_file"], 2),
+                             "bytes_file": res["bytes_file"], "score": score,
+                             "delta_points": round(100 * (score - ref), 2), "rel_error": res["rel_error"],
+                             "load": load_avg()[0]})
+                log(f"(b) {t} {codec} x{rows[-1]['ratio_file']}: {score} ({rows[-1]['delta_points']:+})")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # the last compressed file (up to ~50 MB on SmolLM2)
     return rows
 
 
