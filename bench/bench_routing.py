@@ -84,6 +84,26 @@ def run(cfg: Config, out_dir: Path, log: Log, notes: list[str] | None = None, re
     return res
 
 
+def merge_results(cfg: Config, out: Path, others: list[Path], log: Log) -> int:
+    """Fold the systems of other runs (two processes on the two cores, each its own library) into
+    ``out/routing.json``; the scoring settings must match. Rewrites the report."""
+    res = read_json(out / "routing.json")
+    for p in others:
+        _kept(Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in read_json(p)["config"].items()}),
+              out / "routing.json", log)  # same scoring settings, else a one-line exit
+        extra = read_json(p)
+        for s, v in extra["scores"].items():
+            res["scores"].setdefault(s, v)
+        res.setdefault("merged_from", []).append({"file": str(p), "systems": sorted(extra["scores"]),
+                                                  "load_start": extra["load_start"], "config": extra["config"]})
+    res["scores"] = {k: res["scores"][k] for k in sorted(res["scores"], key=_order)}
+    res["summary"] = summary(res)
+    write_json(out / "routing.json", res)
+    write_text(out / "routing.md", markdown(res))
+    log(f"merged {len(others)} run(s) into {out / 'routing.json'}\n" + markdown(res))
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke run: 3 tasks, 8 dev rows, results under runs/routing")
@@ -92,11 +112,18 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default 2)")
     p.add_argument("--resume", action="store_true", help="keep the systems an earlier run with the same settings scored")
     p.add_argument("--no-overhead", action="store_true", help="skip the tokens/s measurement")
+    p.add_argument("--out", default=None, help="results directory (default bench/results; --quick: runs/routing)")
+    p.add_argument("--library", default=None, help="where the benchmark builds its library (default runs/routing/library;"
+                                                   " two runs at once need two)")
+    p.add_argument("--merge-from", nargs="+", default=[], metavar="JSON",
+                   help="add the systems scored in these routing.json files (same scoring settings) and rewrite the report")
     a = p.parse_args(argv)
     over = {k: v for k, v in (("systems", tuple(a.systems) if a.systems else None), ("n_dev", a.n_dev),
-                              ("threads", a.threads)) if v is not None}
+                              ("threads", a.threads), ("library", a.library)) if v is not None}
     cfg = Config(**{**(QUICK if a.quick else {}), **over})
-    out = HERE.parent / "runs" / "routing" if a.quick else RESULTS
+    out = Path(a.out) if a.out else HERE.parent / "runs" / "routing" if a.quick else RESULTS
+    if a.merge_from:
+        return merge_results(cfg, out, [Path(p) for p in a.merge_from], Log())
     run(cfg, out, Log(), resume=a.resume, timing=not a.no_overhead)
     return 0
 
