@@ -84,7 +84,7 @@ def run(cfg: Config, out_dir: Path, log: Log, notes: list[str] | None = None, re
     return res
 
 
-def merge_results(cfg: Config, out: Path, others: list[Path], log: Log) -> int:
+def merge_results(cfg: Config, out: Path, others: list[Path], log: Log, notes: list[str] | None = None) -> int:
     """Fold the systems of other runs (two processes on the two cores, each its own library) into
     ``out/routing.json``; the scoring settings must match. Rewrites the report."""
     res = read_json(out / "routing.json")
@@ -98,8 +98,10 @@ def merge_results(cfg: Config, out: Path, others: list[Path], log: Log) -> int:
                                                   "load_start": extra["load_start"], "config": extra["config"]})
     res["scores"] = {k: res["scores"][k] for k in sorted(res["scores"], key=_order)}
     res["summary"] = summary(res)
+    if notes is not None:
+        res["notes"] = notes
     write_json(out / "routing.json", res)
-    write_text(out / "routing.md", markdown(res))
+    write_text(out / "routing.md", markdown(res, res.get("notes")))
     log(f"merged {len(others)} run(s) into {out / 'routing.json'}\n" + markdown(res))
     return 0
 
@@ -117,13 +119,16 @@ def main(argv=None) -> int:
                                                    " two runs at once need two)")
     p.add_argument("--merge-from", nargs="+", default=[], metavar="JSON",
                    help="add the systems scored in these routing.json files (same scoring settings) and rewrite the report")
+    p.add_argument("--notes", default=None, metavar="FILE",
+                   help="with --merge-from: a markdown file of reading notes kept in the JSON and printed under the table")
     a = p.parse_args(argv)
     over = {k: v for k, v in (("systems", tuple(a.systems) if a.systems else None), ("n_dev", a.n_dev),
                               ("threads", a.threads), ("library", a.library)) if v is not None}
     cfg = Config(**{**(QUICK if a.quick else {}), **over})
     out = Path(a.out) if a.out else HERE.parent / "runs" / "routing" if a.quick else RESULTS
     if a.merge_from:
-        return merge_results(cfg, out, [Path(p) for p in a.merge_from], Log())
+        notes = Path(a.notes).read_text().splitlines() if a.notes else None
+        return merge_results(cfg, out, [Path(p) for p in a.merge_from], Log(), notes)
     run(cfg, out, Log(), resume=a.resume, timing=not a.no_overhead)
     return 0
 

@@ -34,13 +34,16 @@ def summary(res: dict) -> dict:
 
 def _table(res: dict) -> list[str]:
     tasks, scores, summ = res["config"]["tasks"], res["scores"], summary(res)
-    lines = ["| system | " + " | ".join(tasks) + " | mean | oracle gain kept |",
-             "|---|" + "---:|" * (len(tasks) + 2)]
+    lines = ["| system | " + " | ".join(tasks) + " | mean | oracle gain kept | s / task | load (1 min) |",
+             "|---|" + "---:|" * (len(tasks) + 4)]
     for s, d in scores.items():
         cells = [f"{100 * d[t]['accuracy']:.0f}" if t in d else "-" for t in tasks]
         m, g = summ[s]["mean"], summ[s]["oracle_gain_kept"]
+        secs = sorted(d[t].get("seconds", 0) for t in d)
+        loads = sorted(d[t].get("load", 0) for t in d)
         lines.append(f"| {label(s)} | " + " | ".join(cells) + f" | {'-' if m is None else f'{100 * m:.1f}'} | "
-                     f"{'-' if g is None else f'{100 * g:.0f}%'} |")
+                     f"{'-' if g is None else f'{100 * g:.0f}%'} | {secs[len(secs) // 2]:.0f} | "
+                     f"{loads[0]:.1f}-{loads[-1]:.1f} |")
     return lines
 
 
@@ -64,7 +67,11 @@ def markdown(res: dict, notes: list[str] | None = None) -> str:
             f"{c['max_new_tokens']} tokens mapped to labels (as bench/llm_tasks.py scores them). LOO: "
             "leave-one-task-out, the task's own adapter removed from the library. *Oracle gain kept*: "
             "(mean - base mean) / (oracle mean - base mean).", ""]
+    runs = [f"{len(r['systems'])} more system(s) from a run started at load {r['load_start'][0]} with "
+            f"{r['config']['threads']} thread(s)" for r in res.get("merged_from", [])]
     tail = ["", *(notes or []), "", f"Machine: {res['machine'].get('cpu')}, torch {res['machine'].get('torch')}, "
-            f"{c['threads']} thread(s); load (1/5/15 min) at start {res['load_start']}, at end {res.get('load_end')}. "
-            f"Wall time {res.get('wall_min')} min.", "Made by `python bench/bench_routing.py` (`deltakit bench routing`)."]
+            f"{c['threads']} thread(s); load (1/5/15 min) at start {res['load_start']}, at end {res.get('load_end')}"
+            + (f"; plus {'; '.join(runs)}" if runs else "") + ". *s / task* is the median wall time per task (routers "
+            "fitted or built per task included), *load* the 1-min load average range over its tasks (other jobs shared "
+            "the machine).", "Made by `python bench/bench_routing.py` (`deltakit bench routing`)."]
     return "\n".join(head + _table(res) + _overhead(res) + tail) + "\n"
