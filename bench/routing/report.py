@@ -55,7 +55,7 @@ def _overhead(res: dict) -> list[str]:
              f"{ov['prompts']} prompts x {ov['new_tokens']} new tokens, batch {ov['prompts']}; "
              f"load {ov['load']}):", "",
              "| setting | tokens/s | vs one adapter |", "|---|---:|---:|"]
-    for k, v in ov["tokens_per_s"].items():
+    for k, v in sorted(ov["tokens_per_s"].items(), key=lambda kv: -ov["relative"][kv[0]]):  # the reference first
         lines.append(f"| {k} | {v:.1f} | {ov['relative'][k]:.2f}x |")
     return lines
 
