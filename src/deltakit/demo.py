@@ -273,21 +273,13 @@ def _merge_step(model, cfg: DemoConfig, loaders, labels: dict[str, int]) -> dict
 def _mixed_batch_check(model, loaders) -> dict:
     """A batch whose rows come from different tasks, each row with its own adapter."""
     model.eval()
-    batches = {t: next(iter(dl)) for t, dl in loaders.items()}
-    per = 4
-    names = [t for t in loaders for _ in range(per)]
-    width = max(b["input_ids"].shape[1] for b in batches.values())
-
-    def pad(x, v):
-        return torch.nn.functional.pad(x[:per], (0, width - x.shape[1]), value=v)
-
-    keys = [k for k in next(iter(batches.values())) if k != "labels"]
-    batch = {k: torch.cat([pad(batches[t][k], 0) for t in loaders]) for k in keys}
+    batch, names, _ = _mixed_rows(loaders, 4)
     with mixed_batch(model, names):
         mixed = model(**batch).logits
     ref = []
     for t in loaders:
         set_active(model, t)
-        ref.append(model(**{k: pad(batches[t][k], 0) for k in keys}).logits)
+        rows = torch.tensor([n == t for n in names])
+        ref.append(model(**{k: v[rows] for k, v in batch.items()}).logits)
     diff = (mixed - torch.cat(ref)).abs().max().item()
     return {"rows": len(names), "adapters": list(loaders), "max_abs_diff": diff}

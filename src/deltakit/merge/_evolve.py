@@ -101,20 +101,35 @@ def _optuna_search(evaluate, params: list[str], *, n_trials, init, sigma0, bound
 def _cmaes_search(evaluate, params: list[str], *, n_trials, init, sigma0, bounds, seed, study):
     """The ``cmaes`` package's ask / tell loop (it minimises, so values are negated)."""
     import numpy as np
+
+    pairs = cma_ask_tell(lambda x: -evaluate(x), np.full(len(params), init, dtype=float), budget=n_trials,
+                         sigma0=sigma0, bounds=bounds, seed=seed)
+    history = [-v for _, v in pairs]
+    best = max(range(len(history)), key=history.__getitem__)  # the first of equal values, as before
+    return pairs[best][0], history[best], history
+
+
+def cma_ask_tell(objective, mean, *, budget: int, sigma0: float, bounds: tuple[float, float], seed: int,
+                 on_value=None) -> list:
+    """``(x, objective(x))`` for ``budget`` points asked of the ``cmaes`` package's CMA-ES (which
+    minimises), in evaluation order; each full generation is told back, a last partial one is not.
+    ``on_value(v)`` after every evaluation (progress). Shared by evolved merges and LoraHub."""
+    import numpy as np
     from cmaes import CMA
 
-    dims = len(params)
-    opt = CMA(mean=np.full(dims, init), sigma=sigma0, bounds=np.array([bounds] * dims), seed=seed)
-    best_v, best_x, history = -float("inf"), None, []
-    while len(history) < n_trials:
+    dims = len(mean)
+    opt = CMA(mean=np.asarray(mean, dtype=float), sigma=sigma0, bounds=np.array([bounds] * dims, dtype=float),
+              seed=seed)
+    pairs: list = []
+    while len(pairs) < budget:
         sols = []
-        for _ in range(min(opt.population_size, n_trials - len(history))):
+        for _ in range(min(opt.population_size, budget - len(pairs))):
             x = opt.ask()
-            v = evaluate(x)
-            history.append(v)
-            sols.append((x, -v))
-            if v > best_v:
-                best_v, best_x = v, x
+            v = objective(x)
+            sols.append((x, v))
+            if on_value is not None:
+                on_value(v)
+        pairs += sols
         if len(sols) == opt.population_size:
             opt.tell(sols)
-    return best_x, best_v, history
+    return pairs

@@ -184,27 +184,22 @@ def _cma_search(objective: Callable[[np.ndarray], float], k: int, *, iterations:
                 bounds: tuple[float, float], progress: bool) -> tuple[np.ndarray, float, list[float]]:
     """``cmaes`` ask / tell from ``w = 0`` for ``iterations`` evaluations (the first one is
     ``w = 0`` itself) -> (best w, best value, every value in order)."""
-    from cmaes import CMA
+    from ..merge._evolve import cma_ask_tell
 
-    opt = CMA(mean=np.zeros(k), sigma=sigma0, bounds=np.array([bounds] * k, dtype=float), seed=seed)
     bar = _Progress(iterations, progress)
-    best_x, best_v = np.zeros(k), objective(np.zeros(k))
-    history = [best_v]
-    bar.update(best_v)
-    while len(history) < iterations:
-        sols = []
-        for _ in range(min(opt.population_size, iterations - len(history))):
-            x = opt.ask()
-            v = objective(x)
-            history.append(v)
-            sols.append((x, v))
-            if v < best_v:
-                best_x, best_v = x, v
-            bar.update(best_v)
-        if len(sols) == opt.population_size:
-            opt.tell(sols)
+    pairs = [(np.zeros(k), objective(np.zeros(k)))]
+    bar.update(pairs[0][1])
+    best = [pairs[0][1]]  # the best value so far, for the progress line
+
+    def seen(v: float) -> None:
+        best[0] = min(best[0], v)
+        bar.update(best[0])
+
+    pairs += cma_ask_tell(objective, np.zeros(k), budget=iterations - 1, sigma0=sigma0, bounds=bounds, seed=seed,
+                          on_value=seen)
     bar.close()
-    return best_x, best_v, history
+    x, v = min(pairs, key=lambda p: p[1])  # the first of equal values, w = 0 included
+    return x, v, [p[1] for p in pairs]
 
 
 class _Progress:
