@@ -205,3 +205,28 @@ def test_bad_rows_name_what_was_expected():
         LoRA.mixed_residual(base, deltas, torch.tensor([0, 2, -1]), x)
     with pytest.raises(ValueError, match="name 2 rows, the input has 3"):
         LoRA.mixed_residual(base, deltas, torch.tensor([0, 1]), x)
+
+
+@pytest.mark.parametrize("shape", ["2d", "3d"])
+@pytest.mark.parametrize("case", sorted(ROWS))
+def test_adding_into_the_base_output_in_place(shape, case):
+    """``into``: the base output plus each row's residual, accumulated in place without autograd
+    (the buffer passed in is the one returned), out of place with it."""
+    base = _base("linear")
+    deltas = _adapters(base)
+    rows = ROWS[case]
+    x = _input("linear", shape, len(rows))
+    with torch.no_grad():
+        y0 = base(x)
+        want = y0 + _alone(base, deltas, rows, x)
+        buf = y0.clone()
+        got = LoRA.mixed_residual(base, deltas, torch.tensor(rows), x, into=buf)
+    assert got.data_ptr() == buf.data_ptr()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for i, k in enumerate(rows):
+        if k < 0:
+            assert torch.equal(got[i], y0[i]), i                       # base rows untouched
+    y1 = base(x)
+    got = LoRA.mixed_residual(base, deltas, torch.tensor(rows), x, into=y1)
+    assert got.data_ptr() != y1.data_ptr() and got.requires_grad
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

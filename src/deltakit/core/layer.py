@@ -231,9 +231,9 @@ class DeltaLayer(nn.Module):
             if isinstance(self.deltas[present[0]], ActivationDelta) and cls.mixed_forward is not None:
                 return cls.mixed_forward(self.base, [self.deltas[n] for n in present], row, x, *args, **kwargs)
             if cls.mixed_residual is not None and not (self.training and _has_dropout(self, present)):
-                out = self.base(x, *args, **kwargs)
-                res = cls.mixed_residual(self.base, [self.deltas[n] for n in present], host_row, x)
-                return out + res.to(out.dtype)
+                # the base output goes in so the kernel can add into it in place
+                return cls.mixed_residual(self.base, [self.deltas[n] for n in present], host_row, x,
+                                          into=self.base(x, *args, **kwargs))
         # Fallback for methods without a batched path: one sub-batch per adapter present.
         out = None
         for k in [-1, *range(len(present))]:

@@ -67,12 +67,19 @@ class _Bank:
     where: tuple[tuple[int, int], ...]   # adapter k -> (group, index in the group)
 
 
-def mixed_lora_residual(base: nn.Module, deltas: Sequence, row: Tensor, x: Tensor) -> Tensor:
-    """``out[i] = s_k * B_k A_k x[i]`` with ``k = row[i]`` (0 where ``row[i] == -1``).
+def mixed_lora_residual(base: nn.Module, deltas: Sequence, row: Tensor, x: Tensor,
+                        into: Tensor | None = None) -> Tensor:
+    """``res[i] = s_k * B_k A_k x[i]`` with ``k = row[i]`` (0 where ``row[i] == -1``); with
+    ``into`` (the base output), ``into + res`` instead.
 
     deltas: objects with ``lora_A`` (r_k, in[, kh, kw]), ``lora_B`` (out, r_k[, 1, 1]) and
     ``scale`` (LoRA, or the bank methods' views); row: (B,) long; x: (B, ..., in), token ids
-    (B, T) for an embedding, (B, C, H, W) for a conv. Returns (B, ..., out) in the branch dtype.
+    (B, T) for an embedding, (B, C, H, W) for a conv. Returns (B, ..., out) in the branch dtype
+    (``into``'s dtype when given).
+
+    Why ``into``: without autograd the last matmul accumulates straight into the base output
+    (``baddbmm_``), which saves writing the (B, ..., out) residual, reading it back and a
+    third full-size tensor for the sum: on MiniLM that add cost as much as the kernel.
     """
     rows = row.tolist()
     if len(rows) != x.shape[0]:
@@ -80,31 +87,49 @@ def mixed_lora_residual(base: nn.Module, deltas: Sequence, row: Tensor, x: Tenso
     bad = [k for k in rows if not -1 <= k < len(deltas)]
     if bad:
         raise ValueError(f"mixed rows index {len(deltas)} adapters (or -1 for the base); found {bad[:5]}")
-    if isinstance(base, (nn.Conv2d, nn.Embedding)):
-        return _per_adapter(base, deltas, rows, x)
-    return _batched(base, deltas, rows, x)
+    if not isinstance(base, (nn.Conv2d, nn.Embedding)):
+        bank = _bank(base, deltas, x)
+        if _fusable(into, x, bank):
+            return _batched(bank, rows, x, into)
+        res = _batched(bank, rows, x)
+    else:
+        res = _per_adapter(base, deltas, rows, x)
+    return res if into is None else into + res.to(into.dtype)
+
+
+def _fusable(into: Tensor | None, x: Tensor, bank: _Bank) -> bool:
+    """Accumulate in place only where nothing can notice: no autograd, no autocast (whose
+    dtype choice in-place ops do not follow), one dtype throughout, a contiguous output."""
+    dt = bank.groups[0].At.dtype
+    return (into is not None and not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
+            and into.dtype == dt and (x.dtype == dt or not x.is_floating_point()) and into.is_contiguous()
+            and into.shape[:-1] == x.shape[:-1] and into.shape[-1] == bank.groups[0].Bt.shape[-1])
 
 
 # ----------------------------------------------------------------------------- matmul layouts
-def _batched(base: nn.Module, deltas: Sequence, rows: list[int], x: Tensor) -> Tensor:
-    """Linear, Conv1D and packed-linear targets: one or two ``bmm`` per rank group."""
-    bank = _bank(base, deltas, x)
+def _batched(bank: _Bank, rows: list[int], x: Tensor, into: Tensor | None = None) -> Tensor:
+    """Linear, Conv1D and packed-linear targets: one or two ``bmm`` per rank group, adding
+    into ``into`` in place when given (see :func:`_fusable`)."""
     like = bank.groups[0].At
     xc = x if _autocast_keeps(x) else _cast(x, like)
     x3 = xc.reshape(x.shape[0], -1, x.shape[-1])        # (B, L, in)
+    acc = None if into is None else into.view(x3.shape[0], x3.shape[1], into.shape[-1])
     plan = _plan(bank, rows)
     dev = x.device
     if len(plan) == 1 and len(plan[0][1]) == len(rows):  # one group, every row: no gather, no scatter
         g, sel, loc = plan[0]
-        y = _group_residual(x3, bank.groups[g], loc)
+        y = _group_residual(x3, bank.groups[g], loc, acc)
         return y.reshape(*x.shape[:-1], y.shape[-1])
-    out = None
+    out = acc
     for g, sel, loc in plan:
         idx = torch.tensor(sel, device=dev)
         y = _group_residual(x3.index_select(0, idx), bank.groups[g], loc)
         if out is None:
             out = y.new_zeros((x3.shape[0], *y.shape[1:]))
-        out.index_copy_(0, idx, y)
+        if acc is not None:
+            out.index_add_(0, idx, y)
+        else:
+            out.index_copy_(0, idx, y)
     if out is None:                                       # every row is the base
         out = x3.new_zeros((x3.shape[0], x3.shape[1], bank.groups[0].Bt.shape[-1]), dtype=like.dtype)
     return out.reshape(*x.shape[:-1], out.shape[-1])
@@ -123,20 +148,27 @@ def _plan(bank: _Bank, rows: list[int]) -> list[tuple[int, list[int], list[int]]
     return [(g, sel, loc) for g, (sel, loc) in by_group.items()]
 
 
-def _group_residual(x3: Tensor, g: _Group, loc: list[int]) -> Tensor:
-    """``(n, L, in) -> (n, L, out)``: row ``i`` through the group's adapter ``loc[i]``."""
+def _group_residual(x3: Tensor, g: _Group, loc: list[int], acc: Tensor | None = None) -> Tensor:
+    """``(n, L, in) -> (n, L, out)``: row ``i`` through the group's adapter ``loc[i]``; added
+    into ``acc`` (n, L, out) in place when given."""
     n, L = x3.shape[0], x3.shape[1]
     uniq = sorted(set(loc))
     dev = x3.device
     if len(uniq) == 1:                                    # one adapter: plain matmuls, as LoRA.residual
         k = uniq[0]
-        return _scaled(x3 @ g.At[k], g.scales[k]) @ g.Bt[k]
-    counts = [loc.count(k) for k in uniq]
-    if len(uniq) * (max(counts) * L + 2) < n * (L + 2):
-        return _padded(x3, g, loc, uniq, max(counts))
+        h = _scaled(x3 @ g.At[k], g.scales[k])
+        if acc is None:
+            return h @ g.Bt[k]
+        acc.view(-1, acc.shape[-1]).addmm_(h.view(-1, h.shape[-1]), g.Bt[k])
+        return acc
+    maxc = max(loc.count(k) for k in uniq)
+    if (len(uniq) * maxc + n) * L < 2 * g.At.shape[-1] * (n - len(uniq)):
+        y = _padded(x3, g, loc, uniq, maxc)
+        return y if acc is None else acc.add_(y)
     idx = torch.tensor(loc, device=dev)
     h = _scaled(torch.bmm(x3, g.At.index_select(0, idx)), g.scales.index_select(0, idx)[:, None, None])
-    return torch.bmm(h, g.Bt.index_select(0, idx))       # (n, L, out)
+    Bt = g.Bt.index_select(0, idx)                        # (n, r, out)
+    return torch.bmm(h, Bt) if acc is None else acc.baddbmm_(h, Bt)
 
 
 def _padded(x3: Tensor, g: _Group, loc: list[int], uniq: list[int], maxc: int) -> Tensor:
