@@ -13,15 +13,21 @@ through every adapter's factors concatenated (rank ``sum_k r_k``) and masked the
   ``_stacked`` is), so decoding does not re-stack at every step. Ranks are never padded:
   each group runs at its own rank.
 * Per group, either each row gathers its own adapter's factors (``index_select``) and one
-  ``bmm`` runs all of them ("gathered": cost ``n * L * r * (in + out)`` multiply-adds for its
-  ``n`` rows of ``L`` tokens, plus a copy of ``n * r * (in + out)`` factor values), or the
-  rows are packed per distinct adapter into a zero-padded ``(U, maxc * L, in)`` block and one
-  ``bmm`` runs the ``U`` adapters present ("padded": ``U * maxc * L * r * (in + out)``, the
-  factor copy only ``U * r * (in + out)``). Long rows (prefill) take the gathered form: its
-  copy is 1/L of its work and nothing is padded. Decode (L = 1) with several rows per
-  adapter takes the padded form, which reads each distinct adapter's factors once. The
-  choice compares ``U * (maxc * L + 2)`` with ``n * (L + 2)`` (work plus factor copy, in
-  units of ``r * (in + out)``). Neither depends on how many adapters exist, only on the rows.
+  ``bmm`` runs all of them ("gathered": ``n * L * r * (in + out)`` multiply-adds for its ``n``
+  rows of ``L`` tokens, plus a copy of ``n * r * (in + out)`` factor values), or the rows are
+  packed per distinct adapter into a zero-padded ``(U, maxc * L, in)`` block and one ``bmm``
+  runs the ``U`` adapters present ("padded": ``U * maxc * L * r * (in + out)``, a factor copy
+  of only ``U * r * (in + out)``, but the activations are copied in and out). With a rank as
+  small as LoRA's, both are bound by memory traffic, so the choice counts values moved:
+  gathered ``n * L + 2 * n * r``, padded ``(U * maxc + 2 * n) * L + 2 * U * r`` (times
+  ``in + out``); padded wins iff ``(U * maxc + n) * L < 2 * r * (n - U)``. Long rows (prefill)
+  therefore gather: the copy is ~r/L of the work and nothing is padded. Decode (L = 1) with
+  several rows per adapter packs, reading each distinct adapter's factors once. A group whose
+  rows all use one adapter runs two plain matmuls. No form depends on how many adapters
+  exist, only on the rows in the batch.
+* Without autograd or autocast, the last matmul accumulates straight into the base output
+  (``baddbmm_`` / ``addmm_`` / ``index_add_``; ``into=``), saving a full-size residual, its
+  read-back and the sum's allocation: on MiniLM that add cost as much as the kernel itself.
 * Rows of the base (-1) are never computed; their output is exactly zero.
 * ``nn.Embedding`` and ``nn.Conv2d`` targets take a correct, simpler path: one ordinary LoRA
   residual per distinct adapter present, over that adapter's rows (a loop over adapters,
@@ -32,11 +38,13 @@ The row plan (which rows go to which group, the padding slots) is made on the ho
 ``row``; :class:`~deltakit.core.layer.DeltaLayer` passes a CPU ``row``, so a CUDA forward
 syncs nothing. A ``row`` on an accelerator works too, at the price of one device sync.
 
-What changes against running each row alone: only the floating-point blocking of the
-matmuls (``bmm`` over a stacked batch instead of one ``matmul`` per row); the sum runs over
-the row's own ``r`` columns in both, and the scale multiplies the rank-``r`` activations as
-:meth:`LoRA.residual` does (in fp32 opmath, rounded to the branch dtype). Against the
-concatenating path the sums also lose the other adapters' zero-weighted columns.
+What changes against running each row alone: only floating-point rounding. ``bmm`` over a
+stacked batch blocks its sums differently from one ``matmul`` per row (each still runs over the
+row's own ``r`` columns), and with ``into=`` the base output is added inside the matmul's
+accumulation instead of after rounding the residual. The scale multiplies the rank-``r``
+activations as :meth:`LoRA.residual` does (fp32 opmath, rounded to the branch dtype). Against
+the concatenating path the sums also lose the other adapters' zero-weighted columns. Tests hold
+every row to the row run alone at 1e-5 (fp32).
 """
 from __future__ import annotations
 
