@@ -62,6 +62,34 @@ def test_mixed_rows_equal_each_adapter_alone_and_merged(kind):
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_mixed_ranks_and_targets_equal_each_adapter_alone(kind, monkeypatch):
+    """The mixed-adapter LoRA kernel at model level: ranks 4 / 8 / 16 (three rank groups, never
+    padded to 16), one adapter on the first block only (absent from every later layer), rows
+    sharing adapters and base rows; prefill gathers factors per row, decode packs per adapter."""
+    from deltakit.methods import _mixed
+
+    packed = []
+    real = _mixed._padded
+    monkeypatch.setattr(_mixed, "_padded", lambda *a: packed.append(1) or real(*a))
+    model = make_model(kind)
+    cfgs = {"a": {"r": 4}, "b": {"r": 8, "layers": (0,)}, "c": {"r": 16}, "d": {"r": 4}, "e": {"r": 16}}
+    for i, (n, kw) in enumerate(cfgs.items()):
+        ad = dk.attach(model, dk.LoraConfig(alpha=8.0, **kw), name=n)
+        g = torch.Generator().manual_seed(200 + i)
+        with torch.no_grad():
+            for p in ad.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+    rows = ["c", "b", None, "a", "e", "d", "a", "a", "c", "e", "d"]
+    prompts = [*PROMPTS, [3, 4, 5], [60, 61], [9, 9, 9, 9], [20, 21, 22], [44], [45, 46, 47, 48, 49]]
+    mixed = generate_ids(model, prompts, adapters=rows, max_new_tokens=NEW)
+    assert packed                                        # decode steps took the packed form
+    alone = {n: _alone(model, n, prompts) for n in (*cfgs, None)}
+    for i, name in enumerate(rows):
+        assert mixed[i] == alone[name][i], (i, name)
+    assert len({tuple(map(tuple, alone[n])) for n in alone}) == 6
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_batched_equals_one_at_a_time_greedy_and_sampled(kind):
     model = _with_adapters(kind)
     for kw in ({}, {"do_sample": True, "seed": 7, "temperature": 1.5, "top_p": 0.9}):

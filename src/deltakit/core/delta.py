@@ -91,7 +91,8 @@ class WeightDelta(Delta):
     residual: ClassVar[Callable[..., Tensor] | None] = None
 
     # Optional batched path for rows that use different adapters of this method
-    # (classmethod ``mixed_residual(base, deltas, row_index, x)``).
+    # (classmethod ``mixed_residual(base, deltas, row_index, x, into=None)``: the residual, or
+    # with ``into`` (the base output) ``into + residual``, which it may add in place).
     mixed_residual: ClassVar[Callable[..., Tensor] | None] = None
 
     # Optional batched path for soft routing over adapters of this method (classmethod

@@ -203,6 +203,7 @@ class DeltaLayer(nn.Module):
 
     def _mixed_forward(self, rows, x, *args, **kwargs):
         names, idx = rows
+        host_idx = idx  # mixed_batch builds it on the host
         if self.merged:
             raise DeltaStateError(f"a mixed batch needs unmerged adapters; {self.merged} are merged")
         lead = x if isinstance(x, Tensor) else next(
@@ -219,18 +220,20 @@ class DeltaLayer(nn.Module):
         if not present:  # none of the batch's adapters touch this layer
             return self.base(x, *args, **kwargs)
         # map the batch's adapter indices to this layer's deltas (-1 where absent here)
-        local = torch.tensor([present.index(n) if n in present else -1 for n in names] + [-1],
-                             device=lead.device)
-        row = local[idx]  # idx == -1 picks the trailing -1
+        local = torch.tensor([present.index(n) if n in present else -1 for n in names] + [-1])
+        # idx == -1 picks the trailing -1. The host copy lets a batched kernel plan its rows
+        # without a device sync (LoRA's mixed_residual reads it with .tolist()).
+        host_row = local[host_idx.to(local.device)]
+        row = host_row.to(lead.device)
         classes = {type(self.deltas[n]) for n in present}
         if len(classes) == 1:
             cls = classes.pop()
             if isinstance(self.deltas[present[0]], ActivationDelta) and cls.mixed_forward is not None:
                 return cls.mixed_forward(self.base, [self.deltas[n] for n in present], row, x, *args, **kwargs)
             if cls.mixed_residual is not None and not (self.training and _has_dropout(self, present)):
-                out = self.base(x, *args, **kwargs)
-                res = cls.mixed_residual(self.base, [self.deltas[n] for n in present], row, x)
-                return out + res.to(out.dtype)
+                # the base output goes in so the kernel can add into it in place
+                return cls.mixed_residual(self.base, [self.deltas[n] for n in present], host_row, x,
+                                          into=self.base(x, *args, **kwargs))
         # Fallback for methods without a batched path: one sub-batch per adapter present.
         out = None
         for k in [-1, *range(len(present))]:

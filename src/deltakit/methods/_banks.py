@@ -103,8 +103,9 @@ class FactoredDelta(WeightDelta):
         return low_rank_residual(base, x, A, B, self.scale)
 
     @classmethod
-    def mixed_residual(cls, base: nn.Module, deltas: Sequence["FactoredDelta"], row: Tensor, x: Tensor) -> Tensor:
-        return LoRA.mixed_residual(base, _views(deltas), row, x)
+    def mixed_residual(cls, base: nn.Module, deltas: Sequence["FactoredDelta"], row: Tensor, x: Tensor,
+                       into: Tensor | None = None) -> Tensor:
+        return LoRA.mixed_residual(base, _views(deltas), row, x, into)
 
     @classmethod
     def routed_residual(cls, base: nn.Module, deltas: Sequence["FactoredDelta"], weights: Tensor, x: Tensor,

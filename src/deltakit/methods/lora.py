@@ -141,11 +141,27 @@ class LoRA(WeightDelta):
         return _up(base, h, B)
 
     @classmethod
-    def mixed_residual(cls, base: nn.Module, deltas: Sequence["LoRA"], row: Tensor, x: Tensor) -> Tensor:
-        """Rows with different adapters in one pass: routing with one-hot weights per row
-        (row: (B,) index into ``deltas`` or -1, the base: an all-zero row)."""
+    def mixed_residual(cls, base: nn.Module, deltas: Sequence["LoRA"], row: Tensor, x: Tensor,
+                       into: Tensor | None = None) -> Tensor:
+        """Rows with different adapters in one pass (row: (B,) index into ``deltas`` or -1, the
+        base), at a cost that does not grow with the number of distinct adapters: rank groups,
+        per-row gathered factors and batched matmuls (see :mod:`deltakit.methods._mixed` for the
+        cost model). Mixed ranks are never padded; -1 rows add exactly zero. With ``into`` (the
+        base output) it returns ``into + residual``, accumulated in place when autograd is off.
+        Pass ``row`` on the CPU (``DeltaLayer`` does) and a CUDA forward needs no device sync."""
+        from ._mixed import mixed_lora_residual  # the kernel module imports this one's helpers
+
+        return mixed_lora_residual(base, deltas, row, x, into)
+
+    @classmethod
+    def mixed_residual_concat(cls, base: nn.Module, deltas: Sequence["LoRA"], row: Tensor, x: Tensor,
+                              into: Tensor | None = None) -> Tensor:
+        """The earlier mixed path, kept as a reference and for the serving benchmark: routing with
+        one-hot weights per row through :meth:`routed_residual`, i.e. every row runs through every
+        adapter's factors concatenated (cost: one LoRA of rank ``sum_k r_k`` per row)."""
         onehot = (row[:, None] == torch.arange(len(deltas), device=row.device)[None, :]).float()
-        return cls.routed_residual(base, deltas, onehot, x)
+        res = cls.routed_residual(base, deltas, onehot, x)
+        return res if into is None else into + res.to(into.dtype)
 
     @classmethod
     def routed_residual(cls, base: nn.Module, deltas: Sequence["LoRA"], weights: Tensor, x: Tensor,

@@ -1,0 +1,264 @@
+"""The mixed-adapter LoRA kernel: every row of a batch with its own adapter, in one pass whose
+cost does not grow with the number of distinct adapters (what ``deltakit.mixed_batch`` runs on
+every LoRA-family layer; Punica's SGMV idea, https://arxiv.org/abs/2310.18547, in plain torch).
+
+Row ``i`` of the output is ``s_k * B_k A_k x_i`` for its adapter ``k = row[i]`` (zero for
+``row[i] == -1``, the base). The older path (``LoRA.mixed_residual_concat``) ran every row
+through every adapter's factors concatenated (rank ``sum_k r_k``) and masked the columns, so
+32 adapters cost 32 LoRAs per row. Here:
+
+* Adapters are grouped by rank (few distinct ranks in practice). A group's factors are stacked
+  once, transposed for ``bmm``: ``At`` (K_g, in, r), ``Bt`` (K_g, r, out), cached on the base
+  module without autograd (keyed by the factor tensors and their version counters, as
+  ``_stacked`` is), so decoding does not re-stack at every step. Ranks are never padded:
+  each group runs at its own rank.
+* Per group, either each row gathers its own adapter's factors (``index_select``) and one
+  ``bmm`` runs all of them ("gathered": ``n * L * r * (in + out)`` multiply-adds for its ``n``
+  rows of ``L`` tokens, plus a copy of ``n * r * (in + out)`` factor values), or the rows are
+  packed per distinct adapter into a zero-padded ``(U, maxc * L, in)`` block and one ``bmm``
+  runs the ``U`` adapters present ("padded": ``U * maxc * L * r * (in + out)``, a factor copy
+  of only ``U * r * (in + out)``, but the activations are copied in and out). With a rank as
+  small as LoRA's, both are bound by memory traffic, so the choice counts values moved:
+  gathered ``n * L + 2 * n * r``, padded ``(U * maxc + 2 * n) * L + 2 * U * r`` (times
+  ``in + out``); padded wins iff ``(U * maxc + n) * L < 2 * r * (n - U)``. Long rows (prefill)
+  therefore gather: the copy is ~r/L of the work and nothing is padded. Decode (L = 1) with
+  several rows per adapter packs, reading each distinct adapter's factors once. A group whose
+  rows all use one adapter runs two plain matmuls. No form depends on how many adapters
+  exist, only on the rows in the batch.
+* Without autograd or autocast, the last matmul accumulates straight into the base output
+  (``baddbmm_`` / ``addmm_`` / ``index_add_``; ``into=``), saving a full-size residual, its
+  read-back and the sum's allocation: on MiniLM that add cost as much as the kernel itself.
+* Rows of the base (-1) are never computed; their output is exactly zero.
+* ``nn.Embedding`` and ``nn.Conv2d`` targets take a correct, simpler path: one ordinary LoRA
+  residual per distinct adapter present, over that adapter's rows (a loop over adapters,
+  never over rows). An embedding is one layer per model, and a conv's im2col makes a
+  batched per-row kernel awkward.
+
+The row plan (which rows go to which group, the padding slots) is made on the host from
+``row``; :class:`~deltakit.core.layer.DeltaLayer` passes a CPU ``row``, so a CUDA forward
+syncs nothing. A ``row`` on an accelerator works too, at the price of one device sync.
+
+What changes against running each row alone: only floating-point rounding. ``bmm`` over a
+stacked batch blocks its sums differently from one ``matmul`` per row (each still runs over the
+row's own ``r`` columns), and with ``into=`` the base output is added inside the matmul's
+accumulation instead of after rounding the residual. The scale multiplies the rank-``r``
+activations as :meth:`LoRA.residual` does (fp32 opmath, rounded to the branch dtype). Against
+the concatenating path the sums also lose the other adapters' zero-weighted columns. Tests hold
+every row to the row run alone at 1e-5 (fp32).
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .lora import _autocast_keeps, _cast, _compute_factors, _down, _same_key, _up
+
+__all__ = ["mixed_lora_residual"]
+
+
+@dataclass(frozen=True)
+class _Group:
+    """The stacked factors of the adapters sharing one rank."""
+
+    At: Tensor        # (K_g, in, r)
+    Bt: Tensor        # (K_g, r, out)
+    scales: Tensor    # (K_g,) fp32
+
+
+@dataclass(frozen=True)
+class _Bank:
+    groups: tuple[_Group, ...]
+    where: tuple[tuple[int, int], ...]   # adapter k -> (group, index in the group)
+
+
+def mixed_lora_residual(base: nn.Module, deltas: Sequence, row: Tensor, x: Tensor,
+                        into: Tensor | None = None) -> Tensor:
+    """``res[i] = s_k * B_k A_k x[i]`` with ``k = row[i]`` (0 where ``row[i] == -1``); with
+    ``into`` (the base output), ``into + res`` instead.
+
+    deltas: objects with ``lora_A`` (r_k, in[, kh, kw]), ``lora_B`` (out, r_k[, 1, 1]) and
+    ``scale`` (LoRA, or the bank methods' views); row: (B,) long; x: (B, ..., in), token ids
+    (B, T) for an embedding, (B, C, H, W) for a conv. Returns (B, ..., out) in the branch dtype
+    (``into``'s dtype when given).
+
+    Why ``into``: without autograd the last matmul accumulates straight into the base output
+    (``baddbmm_``), which saves writing the (B, ..., out) residual, reading it back and a
+    third full-size tensor for the sum: on MiniLM that add cost as much as the kernel.
+    """
+    rows = row.tolist()
+    if len(rows) != x.shape[0]:
+        raise ValueError(f"mixed rows name {len(rows)} rows, the input has {x.shape[0]}")
+    bad = [k for k in rows if not -1 <= k < len(deltas)]
+    if bad:
+        raise ValueError(f"mixed rows index {len(deltas)} adapters (or -1 for the base); found {bad[:5]}")
+    if not isinstance(base, (nn.Conv2d, nn.Embedding)):
+        bank = _bank(base, deltas, x)
+        if _fusable(into, x, bank):
+            return _batched(bank, rows, x, into)
+        res = _batched(bank, rows, x)
+    else:
+        res = _per_adapter(base, deltas, rows, x)
+    return res if into is None else into + res.to(into.dtype)
+
+
+def _fusable(into: Tensor | None, x: Tensor, bank: _Bank) -> bool:
+    """Accumulate in place only where nothing can notice: no autograd, no autocast (whose
+    dtype choice in-place ops do not follow), one dtype throughout, a contiguous output."""
+    dt = bank.groups[0].At.dtype
+    return (into is not None and not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
+            and into.dtype == dt and (x.dtype == dt or not x.is_floating_point()) and into.is_contiguous()
+            and into.shape[:-1] == x.shape[:-1] and into.shape[-1] == bank.groups[0].Bt.shape[-1])
+
+
+# ----------------------------------------------------------------------------- matmul layouts
+def _batched(bank: _Bank, rows: list[int], x: Tensor, into: Tensor | None = None) -> Tensor:
+    """Linear, Conv1D and packed-linear targets: one or two ``bmm`` per rank group, adding
+    into ``into`` in place when given (see :func:`_fusable`)."""
+    like = bank.groups[0].At
+    xc = x if _autocast_keeps(x) else _cast(x, like)
+    x3 = xc.reshape(x.shape[0], -1, x.shape[-1])        # (B, L, in)
+    acc = None if into is None else into.view(x3.shape[0], x3.shape[1], into.shape[-1])
+    plan = _plan(bank, rows)
+    dev = x.device
+    if len(plan) == 1 and len(plan[0][1]) == len(rows):  # one group, every row: no gather, no scatter
+        g, sel, loc = plan[0]
+        y = _group_residual(x3, bank.groups[g], loc, acc)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+    out = acc
+    for g, sel, loc in plan:
+        idx = torch.tensor(sel, device=dev)
+        y = _group_residual(x3.index_select(0, idx), bank.groups[g], loc)
+        if out is None:
+            out = y.new_zeros((x3.shape[0], *y.shape[1:]))
+        if acc is not None:
+            out.index_add_(0, idx, y)
+        else:
+            out.index_copy_(0, idx, y)
+    if out is None:                                       # every row is the base
+        out = x3.new_zeros((x3.shape[0], x3.shape[1], bank.groups[0].Bt.shape[-1]), dtype=like.dtype)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def _plan(bank: _Bank, rows: list[int]) -> list[tuple[int, list[int], list[int]]]:
+    """Per rank group present: ``(group, the batch rows in it, each row's index in the group)``."""
+    by_group: dict[int, tuple[list[int], list[int]]] = {}
+    for i, k in enumerate(rows):
+        if k < 0:
+            continue
+        g, j = bank.where[k]
+        sel, loc = by_group.setdefault(g, ([], []))
+        sel.append(i)
+        loc.append(j)
+    return [(g, sel, loc) for g, (sel, loc) in by_group.items()]
+
+
+def _group_residual(x3: Tensor, g: _Group, loc: list[int], acc: Tensor | None = None) -> Tensor:
+    """``(n, L, in) -> (n, L, out)``: row ``i`` through the group's adapter ``loc[i]``; added
+    into ``acc`` (n, L, out) in place when given."""
+    n, L = x3.shape[0], x3.shape[1]
+    uniq = sorted(set(loc))
+    dev = x3.device
+    if len(uniq) == 1:                                    # one adapter: plain matmuls, as LoRA.residual
+        k = uniq[0]
+        h = _scaled(x3 @ g.At[k], g.scales[k])
+        if acc is None:
+            return h @ g.Bt[k]
+        acc.view(-1, acc.shape[-1]).addmm_(h.view(-1, h.shape[-1]), g.Bt[k])
+        return acc
+    maxc = max(loc.count(k) for k in uniq)
+    if (len(uniq) * maxc + n) * L < 2 * g.At.shape[-1] * (n - len(uniq)):
+        y = _padded(x3, g, loc, uniq, maxc)
+        return y if acc is None else acc.add_(y)
+    idx = torch.tensor(loc, device=dev)
+    h = _scaled(torch.bmm(x3, g.At.index_select(0, idx)), g.scales.index_select(0, idx)[:, None, None])
+    Bt = g.Bt.index_select(0, idx)                        # (n, r, out)
+    return torch.bmm(h, Bt) if acc is None else acc.baddbmm_(h, Bt)
+
+
+def _padded(x3: Tensor, g: _Group, loc: list[int], uniq: list[int], maxc: int) -> Tensor:
+    """Rows packed per distinct adapter, zero-padded to the largest count: each adapter
+    present is read once (decode, where a row is one token)."""
+    n, L, fan_in = x3.shape
+    seg = {k: s for s, k in enumerate(uniq)}
+    fill = [0] * len(uniq)
+    slots = []
+    for k in loc:
+        s = seg[k]
+        slots.append(s * maxc + fill[s])
+        fill[s] += 1
+    dev = x3.device
+    slot = torch.tensor(slots, device=dev)
+    u = torch.tensor(uniq, device=dev)
+    xp = x3.new_zeros((len(uniq) * maxc, L, fan_in)).index_copy(0, slot, x3)
+    h = torch.bmm(xp.view(len(uniq), maxc * L, fan_in), g.At.index_select(0, u))    # (U, maxc*L, r)
+    h = _scaled(h, g.scales.index_select(0, u)[:, None, None])
+    y = torch.bmm(h, g.Bt.index_select(0, u))                                        # (U, maxc*L, out)
+    return y.view(len(uniq) * maxc, L, y.shape[-1]).index_select(0, slot)
+
+
+def _scaled(h: Tensor, s: Tensor) -> Tensor:
+    """``h * s`` in fp32 opmath, rounded to ``h``'s dtype: what ``h * python_float`` does in
+    :meth:`LoRA.residual`, so a bf16 branch rounds the same way."""
+    return h * s if h.dtype == s.dtype else (h.float() * s).to(h.dtype)
+
+
+def _bank(base: nn.Module, deltas: Sequence, x: Tensor) -> _Bank:
+    """The stacked factors per rank group, cached on ``base`` when autograd is off (keyed like
+    ``lora._stacked``: the factor tensors themselves and their version counters, so an
+    optimiser step or a reload misses; a different set of adapters in the batch re-stacks
+    once per layer)."""
+    key = None
+    if not torch.is_grad_enabled():
+        key = (x.dtype, [(d.lora_A, d.lora_A._version, d.lora_B, d.lora_B._version) for d in deltas])
+        hit = base.__dict__.get("_dk_mixed_bank")
+        if hit is not None and _same_key(hit[0], key):
+            return hit[1]
+    bank = _build_bank(deltas, x)
+    if key is not None:
+        base.__dict__["_dk_mixed_bank"] = (key, bank)
+    return bank
+
+
+def _build_bank(deltas: Sequence, x: Tensor) -> _Bank:
+    pairs = [_compute_factors(d, x) for d in deltas]
+    dt = functools.reduce(torch.promote_types, [t.dtype for p in pairs for t in p])
+    members: dict[int, list[int]] = {}
+    for k, (A, _) in enumerate(pairs):
+        members.setdefault(int(A.shape[0]), []).append(k)
+    groups, where = [], [(0, 0)] * len(deltas)
+    for gi, ks in enumerate(members.values()):
+        At = torch.stack([pairs[k][0].to(dt).t() for k in ks])   # stack copies: contiguous (K_g, in, r)
+        Bt = torch.stack([pairs[k][1].to(dt).t() for k in ks])   # (K_g, r, out)
+        scales = torch.tensor([float(deltas[k].scale) for k in ks], dtype=torch.float32, device=At.device)
+        groups.append(_Group(At, Bt, scales))
+        for j, k in enumerate(ks):
+            where[k] = (gi, j)
+    return _Bank(tuple(groups), tuple(where))
+
+
+# ----------------------------------------------------------------------------- conv2d / embedding
+def _per_adapter(base: nn.Module, deltas: Sequence, rows: list[int], x: Tensor) -> Tensor:
+    """One ordinary LoRA residual per distinct adapter present, over its own rows."""
+    out = None
+    for k in sorted({k for k in rows if k >= 0}):
+        idx = torch.tensor([i for i, r in enumerate(rows) if r == k], device=x.device)
+        y = _one(base, deltas[k], x.index_select(0, idx))
+        if out is None:
+            out = y.new_zeros((x.shape[0], *y.shape[1:]))
+        out.index_copy_(0, idx, y)
+    if out is None:                                       # every row is the base: shape from an empty run
+        y = _one(base, deltas[0], x[:0])
+        out = y.new_zeros((x.shape[0], *y.shape[1:]))
+    return out
+
+
+def _one(base: nn.Module, d, x: Tensor) -> Tensor:
+    """:meth:`LoRA.residual` without dropout (the mixed path never runs with it)."""
+    A, B = _compute_factors(d, x)
+    if not _autocast_keeps(x):
+        x = _cast(x, A)
+    return _up(base, _down(base, x, A) * d.scale, B)
