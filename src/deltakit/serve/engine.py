@@ -26,6 +26,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -120,6 +121,7 @@ class Engine:
         self._cv = threading.Condition()
         self._reqs: list[Request] = []       # the running rows, in batch order (scheduler thread only)
         self._rows: Rows | None = None
+        self._calls: deque[tuple[Callable[[], object], Future]] = deque()
         self._closing = False
         self._drain = True
         self._thread: threading.Thread | None = None
@@ -173,9 +175,24 @@ class Engine:
         with self._cv:
             self._cv.notify()
 
+    def call(self, fn: Callable[[], object]) -> Future:
+        """Run ``fn`` on the scheduler thread between steps (it may touch the model: load an
+        adapter now, for instance); the future holds its result or exception."""
+        fut: Future = Future()
+        with self._cv:
+            if self._closing and self._thread is not None and not self._thread.is_alive():
+                raise EngineClosed("the server has stopped")
+            self._calls.append((fn, fut))
+            self._cv.notify()
+        return fut
+
     @property
     def queue_depth(self) -> int:
         return len(self._queue)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     @property
     def running(self) -> int:
@@ -203,7 +220,7 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                if not self._queue and not self._reqs:
+                if not self._queue and not self._reqs and not self._calls:
                     if self._closing:
                         break
                     self._cv.wait(timeout=0.25)
@@ -224,6 +241,7 @@ class Engine:
     def step(self) -> bool:
         """One scheduling round: reap, admit and prefill newcomers, one decode step.
         Returns whether any request was worked on (tests drive the engine with it)."""
+        self._run_calls()
         self._reap()
         new = self._admit()
         if new:
@@ -233,6 +251,17 @@ class Engine:
         if self.residency is not None:
             self.residency.trim()
         return bool(new or self._reqs)
+
+    def _run_calls(self) -> None:
+        while self._calls:
+            with self._cv:
+                fn, fut = self._calls.popleft()
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn())
+            except Exception as e:
+                fut.set_exception(e)
 
     def _reap(self) -> None:
         now = time.monotonic()
