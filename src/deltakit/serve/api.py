@@ -104,6 +104,7 @@ class _Job:
     text: TextStream
     started: float = field(default_factory=time.monotonic)
     first: float | None = None
+    ended: bool = False
 
 
 class _Service:
@@ -140,6 +141,15 @@ class _Service:
             raise self._refused(label, APIError(503, str(e))) from None
         return _Job(gen, label, queue, TextStream(self.tokenizer, stop))
 
+    def abandon(self, job: _Job) -> None:
+        """The client left before the end: cancel the generation and count it as cancelled."""
+        if job.ended:
+            return
+        job.ended = True
+        self.engine.cancel(job.gen)
+        self.metrics.finished(job.label, "cancelled", len(job.gen.prompt), len(job.gen.tokens),
+                              time.monotonic() - job.started, job.first)
+
     def _adapter(self, model: str) -> tuple[str, str | None]:
         """(metrics label, attached adapter name or None for the base); pins the adapter."""
         if model == self.base_name:
@@ -161,7 +171,7 @@ class _Service:
                 return await asyncio.wait_for(job.queue.get(), poll)
             except TimeoutError:
                 if await request.is_disconnected():
-                    self.engine.cancel(job.gen)
+                    self.abandon(job)
                     raise APIError(499, "the client closed the connection") from None
 
     def on_token(self, job: _Job, ev: Event) -> str:
@@ -176,6 +186,7 @@ class _Service:
     def end(self, job: _Job, ev: Event) -> str:
         """The OpenAI finish reason of a final event (recorded in the metrics), or APIError."""
         reason = "stop" if job.text.stopped else ev.reason
+        job.ended = True
         self.metrics.finished(job.label, reason if ev.kind == "done" else "error", len(job.gen.prompt),
                               len(job.gen.tokens), time.monotonic() - job.started, job.first)
         if ev.kind == "error":
@@ -282,10 +293,9 @@ async def _answer(svc: _Service, job: _Job, request: Request, body: _Body, *, ch
     try:
         while (ev := await svc.next_event(job, request)).kind == "token":
             parts.append(svc.on_token(job, ev))
+        reason = svc.end(job, ev)
     finally:
-        if job.gen.finished is None:  # the handler was cancelled or the client left
-            svc.engine.cancel(job.gen)
-    reason = svc.end(job, ev)
+        svc.abandon(job)  # a no-op unless the handler was cancelled or the client left
     text = "".join(parts) + job.text.finish()
     choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": reason}
               if chat else {"index": 0, "text": text, "logprobs": None, "finish_reason": reason})
@@ -321,8 +331,7 @@ async def _sse(svc: _Service, job: _Job, request: Request, head: dict, chat: boo
             yield chunk(None if chat else "", reason)
         yield "data: [DONE]\n\n"
     finally:
-        if job.gen.finished is None:
-            svc.engine.cancel(job.gen)
+        svc.abandon(job)
 
 
 def _admin_routes(app: FastAPI, svc: _Service, base_path: str | None) -> None:
