@@ -32,6 +32,8 @@ def add_parser(sub) -> None:
                    help=f"require 'Authorization: Bearer KEY' on /v1 and enable adapter load/unload "
                         f"(default: ${KEY_ENV})")
     _limits(p)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's choice; 1 is often fastest on a busy CPU)")
     p.add_argument("--dtype", default=None, help="load the base in this dtype, e.g. bfloat16 (default: as stored)")
     from ._common import add_strict_base
     add_strict_base(p)
@@ -78,6 +80,11 @@ def run(args) -> int:
     for d in args.adapter_dir:
         if not Path(d).is_dir():
             raise FileNotFoundError(f"--adapter-dir {d}: expected a directory, found nothing")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads: expected >= 1, found {args.threads}")
+        import torch
+        torch.set_num_threads(args.threads)
     model, tok = _load_base(args.base, args.dtype)
     name = args.served_name or args.base
     app = build_app(model, tok, name, opts, base_path=args.base)
