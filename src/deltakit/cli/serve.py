@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 __all__ = ["add_parser", "run", "parse_adapters"]
@@ -91,6 +92,9 @@ def run(args) -> int:
     import uvicorn
     print(f"deltakit serve: {name} with {len(opts.adapters)} adapter(s) on http://{args.host}:{args.port}"
           f"{'' if opts.api_key else ' (no --api-key: adapter load/unload disabled)'}", flush=True)
+    # uvicorn drains on SIGTERM, then re-raises the signal it caught; a no-op handler makes that
+    # re-raise harmless, so a drained shutdown exits 0 instead of dying by the signal
+    signal.signal(signal.SIGTERM, lambda *_: None)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=None)
     return 0
 
