@@ -175,3 +175,33 @@ def test_disconnect_cancels_and_shutdown_drains(adapter_root, reference):
         srv.stop()                                              # while the request runs
         text = fut.result(timeout=30).choices[0].text
     assert text == reference.completion("w9 w10", "b", 60) and not engine.alive
+
+
+def test_stop_strings_cut_the_answer_streaming_and_not(client, reference):
+    ref = reference.completion(PROMPTS[1], "a", 12)
+    words = ref.split(" ")
+    assert len(words) >= 4
+    stop = " ".join(words[2:4])                                 # the 3rd and 4th words
+    want = ref[:ref.index(stop)]                                # up to its first occurrence
+    got = client.completions.create(model="a", prompt=PROMPTS[1], max_tokens=12, temperature=0, stop=[stop])
+    assert got.choices[0].text == want and want
+    assert got.choices[0].finish_reason == "stop"
+    chunks = list(client.completions.create(model="a", prompt=PROMPTS[1], max_tokens=12, temperature=0,
+                                            stop=stop, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == got.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_timeout_is_408_and_health(adapter_root):
+    srv = start_server(adapter_root, timeout=0.005, max_tokens=120)
+    try:
+        assert httpx.get(f"{srv.url}/health", timeout=10).json() == {"status": "ok"}
+        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key=KEY, max_retries=0, timeout=30)
+        with pytest.raises(openai.APIStatusError) as e:
+            client.completions.create(model="b", prompt="w1", max_tokens=120, temperature=0)
+        assert e.value.status_code == 408 and e.value.body["code"] == "timeout"
+        m = _counters(srv)
+        assert m[("deltakit_requests_total", ("adapter", "b"), ("status", "timeout"))] == 1
+    finally:
+        srv.stop()
+    assert not srv.thread.is_alive()
