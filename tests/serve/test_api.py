@@ -178,15 +178,15 @@ def test_disconnect_cancels_and_shutdown_drains(adapter_root, reference):
 
 
 def test_stop_strings_cut_the_answer_streaming_and_not(client, reference):
-    ref = reference.completion(PROMPTS[1], "a", 12)
+    ref = reference.completion(PROMPTS[0], "a", 12)
     words = ref.split(" ")
     # two consecutive words whose first occurrence is not at the start (the random model repeats itself)
     stop = next(s for k in range(1, len(words) - 1) if ref.index(s := " ".join(words[k:k + 2])) > 0)
     want = ref[:ref.index(stop)]                                # up to its first occurrence
-    got = client.completions.create(model="a", prompt=PROMPTS[1], max_tokens=12, temperature=0, stop=[stop])
+    got = client.completions.create(model="a", prompt=PROMPTS[0], max_tokens=12, temperature=0, stop=[stop])
     assert got.choices[0].text == want and want
     assert got.choices[0].finish_reason == "stop"
-    chunks = list(client.completions.create(model="a", prompt=PROMPTS[1], max_tokens=12, temperature=0,
+    chunks = list(client.completions.create(model="a", prompt=PROMPTS[0], max_tokens=12, temperature=0,
                                             stop=stop, stream=True))
     assert "".join(c.choices[0].text for c in chunks) == got.choices[0].text
     assert chunks[-1].choices[0].finish_reason == "stop"
