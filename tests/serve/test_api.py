@@ -205,3 +205,29 @@ def test_timeout_is_408_and_health(adapter_root):
     finally:
         srv.stop()
     assert not srv.thread.is_alive()
+
+
+def test_library_names_and_versions_over_http(adapter_root, reference, tmp_path):
+    from deltakit.library import AdapterLibrary
+    from deltakit.serve.server import LiveServer, ServeOptions, build_app
+    from tests.serve.helpers import tiny_lm
+
+    _, paths = adapter_root
+    model, tok = tiny_lm()
+    lib = AdapterLibrary(tmp_path / "lib")
+    lib.add(paths["a"], model=model, name="task")
+    lib.add(paths["c"], model=model, name="task", lineage=[("task@1", "retrain")])
+    with LiveServer(build_app(model, tok, BASE, ServeOptions(library=str(tmp_path / "lib")))) as srv:
+        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="-", max_retries=0, timeout=30)
+        rows = {m.id: m.model_extra for m in client.models.list().data}
+        assert {"task", "task@1", "task@2"} <= set(rows) and rows["task"]["version"] == 2
+        assert rows["task@2"]["lineage"] == [{"parent": "task@1", "how": "retrain"}]
+        for model_name, adapter in (("task@1", "a"), ("task", "c"), ("task@2", "c")):
+            got = client.completions.create(model=model_name, prompt=PROMPTS[0], max_tokens=8, temperature=0)
+            assert got.choices[0].text == reference.completion(PROMPTS[0], adapter, 8), model_name
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="task@3", prompt="w1", max_tokens=2)
+        r = httpx.post(f"{srv.url}/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(paths["a"])})
+        assert r.status_code == 403 and "--api-key" in r.json()["error"]["message"]   # no key: no loading
+        counts = _counters(srv)
+    assert counts[("deltakit_requests_total", ("adapter", "task@2"), ("status", "length"))] == 2

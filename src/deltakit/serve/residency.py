@@ -217,11 +217,15 @@ class Residency:
                 s = self._sources[key]
                 out.append({"id": name, "root": str(s.path), "version": s.version, "lineage": s.lineage,
                             "tier": self.tier(key), "sha256": s.sha256})
-        for e in self.library.list() if self.library is not None else []:
+        entries = self.library.list() if self.library is not None else []
+        newest = {e.name: e for e in entries}               # listed by name, then version
+        for e in entries:
             key = f"{e.name}@{e.version}"
-            lineage = self._lineage(e)
-            out.append({"id": key, "root": str(e.path), "version": e.version, "lineage": lineage,
-                        "tier": self.tier(key), "sha256": e.sha256})
+            row = {"root": str(e.path), "version": e.version, "lineage": self._lineage(e),
+                   "tier": self.tier(key), "sha256": e.sha256}
+            if newest[e.name] is e and e.name not in self._names:
+                out.append({"id": e.name, **row})
+            out.append({"id": key, **row})
         return out
 
     # ------------------------------------------------------------------ the model's thread
