@@ -83,3 +83,18 @@ def test_limits_queue_cancel_and_timeout(model):
     assert [reqs[0].finished, reqs[1].finished] == ["cancelled", "timeout"]
     assert engine.running == 0 and got[0][-1] == Event("done", reason="cancelled")
     assert 1 <= sum(e.kind == "token" for e in got[0]) <= 2     # stopped at the step boundary
+
+
+def test_close_drains_running_and_queued_requests_then_refuses(model):
+    from deltakit.serve.engine import EngineClosed
+    engine = Engine(model, eos_token_ids=[], pad_token_id=PAD, limits=Limits(max_batch=1)).start()
+    got: list[list[Event]] = [[], []]
+    reqs = [Request(prompt=[5, 6], adapter=a, max_tokens=6, sink=got[i].append) for i, a in enumerate("ab")]
+    for r in reqs:
+        engine.submit(r)
+    engine.close(drain=True, timeout=30)                        # one runs, one still waits: both finish
+    assert not engine.alive and [r.finished for r in reqs] == ["length", "length"]
+    assert [[e.token for e in g if e.kind == "token"] for g in got] == [
+        _alone(model, [5, 6], a, 6) for a in "ab"]
+    with pytest.raises(EngineClosed):
+        engine.submit(Request(prompt=[5], max_tokens=1, sink=print))
