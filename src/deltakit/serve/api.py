@@ -164,8 +164,12 @@ class _Service:
         self.metrics.refused(label, err.status)
         return err
 
-    async def next_event(self, job: _Job, request: Request, poll: float = 0.5) -> Event:
-        """The job's next engine event; cancels the generation if the client went away."""
+    async def next_event(self, job: _Job, request: Request | None, poll: float = 0.5) -> Event:
+        """The job's next engine event. With ``request``, polls for a client that went away
+        (non-streaming answers); a streaming response leaves that to Starlette, which listens for
+        the disconnect itself and cancels the stream (polling too would take its message)."""
+        if request is None:
+            return await job.queue.get()
         while True:
             try:
                 return await asyncio.wait_for(job.queue.get(), poll)
@@ -288,7 +292,7 @@ async def _answer(svc: _Service, job: _Job, request: Request, body: _Body, *, ch
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{job.gen.id}-{secrets.token_hex(4)}"
     head = {"id": rid, "created": int(time.time()), "model": body.model}
     if body.stream:
-        return StreamingResponse(_sse(svc, job, request, head, chat), media_type="text/event-stream")
+        return StreamingResponse(_sse(svc, job, head, chat), media_type="text/event-stream")
     parts = []
     try:
         while (ev := await svc.next_event(job, request)).kind == "token":
@@ -304,7 +308,7 @@ async def _answer(svc: _Service, job: _Job, request: Request, body: _Body, *, ch
             "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}}
 
 
-async def _sse(svc: _Service, job: _Job, request: Request, head: dict, chat: bool):
+async def _sse(svc: _Service, job: _Job, head: dict, chat: bool):
     """Server-sent events: one chunk per piece of final text, the finish reason, ``[DONE]``.
     Leaving early (the client disconnected) cancels the generation."""
     kind = "chat.completion.chunk" if chat else "text_completion"
@@ -318,7 +322,7 @@ async def _sse(svc: _Service, job: _Job, request: Request, head: dict, chat: boo
     try:
         if chat:
             yield chunk("", role=True)
-        while (ev := await svc.next_event(job, request)).kind == "token":
+        while (ev := await svc.next_event(job, None)).kind == "token":
             if text := svc.on_token(job, ev):
                 yield chunk(text)
         try:
