@@ -148,10 +148,16 @@ def test_load_and_unload(client, server, reference):
         r = httpx.post(f"{server.url}/v1/load_lora_adapter", json={"lora_name": "e", "lora_path": bad},
                        headers=headers)
         assert r.status_code == 400, bad
+    stream = client.completions.create(model="d", prompt=PROMPTS[3], max_tokens=40, temperature=0, stream=True)
+    it = iter(stream)
+    first = next(it).choices[0].text                            # d is generating ...
     r = httpx.post(f"{server.url}/v1/unload_lora_adapter", json={"lora_name": "d"}, headers=headers)
-    assert r.status_code == 200
+    assert r.status_code == 200                                 # ... when it is unloaded
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="d", prompt="w1", max_tokens=2)
+    rest = "".join(c.choices[0].text for c in it)
+    assert first + rest == reference.completion(PROMPTS[3], "a", 40)   # the running request is untouched
+    _until(lambda: not any(k.startswith("d~") for k in server.config.app.state.service.residency.attached()))
     r = httpx.post(f"{server.url}/v1/unload_lora_adapter", json={"lora_name": "d"}, headers=headers)
     assert r.status_code == 404
     r = httpx.post(f"{server.url}/v1/unload_lora_adapter", json={"lora_name": "a"})
@@ -169,6 +175,16 @@ def test_disconnect_cancels_and_shutdown_drains(adapter_root, reference):
     m = _counters(srv)
     assert m[("deltakit_requests_total", ("adapter", "a"), ("status", "cancelled"))] == 1
     assert m[("deltakit_tokens_total", ("adapter", "a"), ("kind", "completion"))] < 120   # stopped early
+    srv.config.app.state.service.disconnect_poll = 0.02
+    slow = engine.model.register_forward_pre_hook(lambda *_: time.sleep(0.01))   # >= 1.2 s for 120 tokens
+    with pytest.raises(httpx.ReadTimeout):                      # a non-streaming client that gives up
+        httpx.post(f"{srv.url}/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=0.15,
+                   json={"model": "c", "prompt": "w1", "max_tokens": 120, "temperature": 0})
+    _until(lambda: engine.running == 0)
+    m = _counters(srv)
+    assert m[("deltakit_requests_total", ("adapter", "c"), ("status", "cancelled"))] == 1
+    assert m[("deltakit_tokens_total", ("adapter", "c"), ("kind", "completion"))] < 120
+    slow.remove()
     with cf.ThreadPoolExecutor(1) as pool:
         fut = pool.submit(client.completions.create, model="b", prompt="w9 w10", max_tokens=60, temperature=0)
         _until(lambda: engine.running == 1)

@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict
@@ -164,7 +164,9 @@ class _Service:
         self.metrics.refused(label, err.status)
         return err
 
-    async def next_event(self, job: _Job, request: Request | None, poll: float = 0.5) -> Event:
+    disconnect_poll = 0.5  # seconds between checks for a non-streaming client that went away
+
+    async def next_event(self, job: _Job, request: Request | None) -> Event:
         """The job's next engine event. With ``request``, polls for a client that went away
         (non-streaming answers); a streaming response leaves that to Starlette, which listens for
         the disconnect itself and cancels the stream (polling too would take its message)."""
@@ -172,7 +174,7 @@ class _Service:
             return await job.queue.get()
         while True:
             try:
-                return await asyncio.wait_for(job.queue.get(), poll)
+                return await asyncio.wait_for(job.queue.get(), self.disconnect_poll)
             except TimeoutError:
                 if await request.is_disconnected():
                     self.abandon(job)
@@ -240,10 +242,9 @@ def create_app(engine: Engine, residency: Residency, tokenizer: Any, *, base_nam
         yield
         await asyncio.to_thread(engine.close, drain=True, timeout=drain_timeout)
 
-    app = FastAPI(title="deltakit serve", lifespan=lifespan)
+    app = FastAPI(title="deltakit serve", lifespan=lifespan, dependencies=[Depends(_bearer(svc))])
     app.state.service = svc
     _errors(app)
-    _auth(app, svc)
     _generation_routes(app, svc)
     _admin_routes(app, svc, base_path)
     return app
@@ -265,15 +266,16 @@ def _errors(app: FastAPI) -> None:
         return APIError(e.status_code, str(e.detail)).response()
 
 
-def _auth(app: FastAPI, svc: _Service) -> None:
-    @app.middleware("http")
-    async def bearer(request: Request, call_next):
+def _bearer(svc: _Service):
+    """A dependency of every route (not an HTTP middleware: Starlette's BaseHTTPMiddleware wraps
+    ``receive``, and a non-streaming handler then never sees its client disconnect)."""
+    async def check(request: Request) -> None:
         if svc.api_key and request.url.path.startswith("/v1"):
             got = request.headers.get("authorization", "")
             if not secrets.compare_digest(got.encode(), f"Bearer {svc.api_key}".encode()):
-                return APIError(401, "invalid or missing API key (expected Authorization: Bearer KEY)",
-                                code="invalid_api_key").response()
-        return await call_next(request)
+                raise APIError(401, "invalid or missing API key (expected Authorization: Bearer KEY)",
+                               code="invalid_api_key")
+    return check
 
 
 def _generation_routes(app: FastAPI, svc: _Service) -> None:
