@@ -98,3 +98,29 @@ def test_close_drains_running_and_queued_requests_then_refuses(model):
         _alone(model, [5, 6], a, 6) for a in "ab"]
     with pytest.raises(EngineClosed):
         engine.submit(Request(prompt=[5], max_tokens=1, sink=print))
+
+
+def test_a_failing_forward_answers_every_held_request_with_the_error_and_serving_goes_on(model):
+    engine = Engine(model, eos_token_ids=[EOS], pad_token_id=PAD, limits=Limits(max_batch=2))
+    got: list[list[Event]] = [[], [], []]
+    reqs = [Request(prompt=[5, 6 + i], adapter="a", max_tokens=6, sink=got[i].append) for i in range(3)]
+    engine.submit(reqs[0])
+    engine.step()                                                # reqs[0] runs
+    engine.submit(reqs[1]); engine.submit(reqs[2])               # reqs[1] is admitted, reqs[2] waits
+
+    def broken(*_):
+        raise RuntimeError("device lost")
+    hook = model.register_forward_pre_hook(broken)
+    try:
+        with pytest.raises(RuntimeError):
+            engine.step()
+        engine._fail_all(RuntimeError("device lost"))            # what the scheduler loop does
+    finally:
+        hook.remove()
+    assert [g[-1].kind for g in got] == ["error"] * 3 and all(r.finished == "error" for r in reqs)
+    assert engine.running == 0 and engine.queue_depth == 0
+    again: list[Event] = []
+    engine.submit(Request(prompt=[5, 9, 13, 40], adapter="b", max_tokens=5, sink=again.append))
+    while engine.step():
+        pass
+    assert [e.token for e in again if e.kind == "token"] == _alone(model, [5, 9, 13, 40], "b", 5)

@@ -121,6 +121,7 @@ class Engine:
         self._cv = threading.Condition()
         self._reqs: list[Request] = []       # the running rows, in batch order (scheduler thread only)
         self._rows: Rows | None = None
+        self._admitting: list[Request] = []  # popped from the queue, not yet in the batch
         self._calls: deque[tuple[Callable[[], object], Future]] = deque()
         self._closing = False
         self._drain = True
@@ -231,11 +232,12 @@ class Engine:
                 self._fail_all(e)
 
     def _fail_all(self, e: BaseException) -> None:
+        """Every request the scheduler holds (running, being admitted, waiting) gets the error."""
         with self._cv:
             waiting, self._queue = list(self._queue), deque()
-        for r in [*self._reqs, *waiting]:
+        for r in [*self._reqs, *self._admitting, *waiting]:
             self._finish(r, "error", e)
-        self._reqs, self._rows = [], None
+        self._reqs, self._rows, self._admitting = [], None, []
 
     # ------------------------------------------------------------------ scheduler thread
     def step(self) -> bool:
@@ -243,9 +245,10 @@ class Engine:
         Returns whether any request was worked on (tests drive the engine with it)."""
         self._run_calls()
         self._reap()
-        new = self._admit()
+        new = self._admitting = self._admit()
         if new:
             self._prefill(new)
+        self._admitting = []
         if self._reqs:
             self._decode()
         if self.residency is not None:
@@ -363,6 +366,8 @@ class Engine:
         return False
 
     def _finish(self, r: Request, reason: Reason, error: BaseException | None = None) -> None:
+        if r.finished is not None:  # already answered (a failure after its last token)
+            return
         r.finished = reason
         if self.residency is not None and r.adapter is not None:
             self.residency.release(r.adapter)
