@@ -154,3 +154,24 @@ def test_no_path_outside_the_adapter_directories(saved, tmp_path):
         Residency(model).register("x", paths["a"])
     with pytest.raises(ValueError, match="adapter name"):
         res.register("../a", "a")
+
+
+def test_an_adapter_of_another_base_is_refused(saved, tmp_path):
+    model, root, paths, ref = saved
+    other, _ = tiny_lm(seed=1)
+    foreign = save_adapters(other, root / "foreign", {"f": 2})["f"]
+    res = Residency(model, roots=[root])
+    key = res.register("f", foreign)
+    with pytest.raises(dk.AdapterLoadError, match="different base model"):
+        res.ensure(key)
+    assert key not in dk.adapters(model)
+    ok = res.register("a", paths["a"])                          # the cached fingerprint still admits its own
+    res.ensure(ok)
+    torch.testing.assert_close(_logits(model, ok), ref["a"], rtol=0, atol=0)
+    res.unregister("a"); res.unregister("f"); res.trim()
+    lax = Residency(model, roots=[root], strict_base=False)      # the operator may opt out
+    key = lax.register("f", foreign)
+    lax.ensure(key)
+    assert key in dk.adapters(model)
+    lax.unregister("f"); lax.trim()
+    assert dk.adapters(model) == {}

@@ -11,8 +11,9 @@ it through :meth:`Engine.submit` / :meth:`Engine.cancel` and each request's ``si
 
 Not yet: the newcomers' prefill is its own forward before the decode step (not fused with it,
 as chunked prefill would), so a long prompt delays the running rows by one prefill; and an
-adapter's first load (disk read, sha256, base fingerprint: ~0.25 s for a rank-16 SmolLM2 LoRA,
-~0.03 s back from the host tier) runs on the scheduler thread, not prefetched from the queue.
+adapter's first load (disk read, sha256, checks: ~0.06 s for a rank-16 SmolLM2 LoRA once the
+base fingerprint is cached, ~0.035 s back from the host tier) runs on the scheduler thread, not
+prefetched from the queue.
 
 Greedy rows take the argmax; sampled rows draw with :func:`deltakit.train.generate.sample_top_p`
 from their own generator seeded as ``generate_ids`` seeds a lone prompt, so a request's tokens
