@@ -236,3 +236,29 @@ def test_the_stacked_factor_cache_sees_in_place_updates():
         changed = m(x)
     assert not torch.allclose(changed, first)
     torch.testing.assert_close(changed, _merged_reference(m, {"a": 0.5, "b": 0.5})(x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("scope", ["mixed", "routed"])
+def test_detach_drops_the_batched_paths_factor_caches(scope):
+    """Mixed and routed forwards cache stacked factors on the base modules (no autograd); a
+    detached adapter's tensors must not stay alive in them (a server's unload must free)."""
+    import gc
+    import weakref
+
+    m = _mlp()
+    dk.attach(m, LoraConfig(r=2, targets=["0", "2"], alpha=4.0), name="a")
+    dk.attach(m, LoraConfig(r=3, targets=["0"], alpha=3.0), name="b")
+    _randomise(m, "a", "b")
+    refs = [weakref.ref(p) for p in dk.get_adapter(m, "a").parameters()]
+    x = torch.randn(3, 6, dtype=torch.float64)
+    ctx = (dk.mixed_batch(m, ["a", "b", None]) if scope == "mixed"
+           else dk.routed(m, ["a", "b"], torch.full((3, 2), 0.5, dtype=torch.float64)))
+    with torch.no_grad(), ctx:
+        m(x)
+    cached = [k for mod in m.modules() for k in mod.__dict__ if k.startswith("_dk_cache_")]
+    assert cached, "the batched path kept no cache: this test would prove nothing"
+    dk.detach(m, "a")
+    gc.collect()
+    assert refs and all(r() is None for r in refs)
+    assert not [k for mod in m.modules() for k in mod.__dict__ if k.startswith("_dk_cache_")
+                and mod is m[0]]  # layer 0 had "a": its caches are gone

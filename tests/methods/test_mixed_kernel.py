@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from deltakit.core.delta import CACHE_PREFIX
 from deltakit.methods import _mixed
 from deltakit.methods.lora import LoRA, LoraConfig
 
@@ -188,9 +189,9 @@ def test_cached_stack_follows_in_place_updates():
     x = _input("linear", "3d", len(rows))
     with torch.no_grad():
         first = LoRA.mixed_residual(base, deltas, torch.tensor(rows), x)
-        bank = base.__dict__["_dk_mixed_bank"][1]
+        bank = base.__dict__[CACHE_PREFIX + "mixed_bank"][1]
         assert LoRA.mixed_residual(base, deltas, torch.tensor(rows), x).equal(first)
-        assert base.__dict__["_dk_mixed_bank"][1] is bank          # the second call hit the cache
+        assert base.__dict__[CACHE_PREFIX + "mixed_bank"][1] is bank          # the second call hit the cache
         deltas[3].lora_B.mul_(-2.0)
         got = LoRA.mixed_residual(base, deltas, torch.tensor(rows), x)
         torch.testing.assert_close(got, _alone(base, deltas, rows, x), rtol=1e-5, atol=1e-5)

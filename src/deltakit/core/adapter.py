@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .delta import BuildContext, Delta, WeightDelta
+from .delta import BuildContext, Delta, WeightDelta, drop_caches
 from .full import FullConfig, FullDelta
 from .layer import DeltaLayer, DeltaStateError
 from .registry import DeltaConfig, MethodSpec, get_method
@@ -318,6 +318,7 @@ def detach(model: nn.Module, name: str) -> None:
             adapter.unmerge()
         for path, layer in list(adapter.layers(include_full=True)):
             del layer.deltas[name]
+            drop_caches(layer.base)  # stacked factors may still hold this adapter's tensors
             home = layer._modules.get("shared")
             if home is not None and name in home:
                 del home[name]

@@ -24,7 +24,19 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Delta", "WeightDelta", "ActivationDelta", "BuildContext"]
+__all__ = ["Delta", "WeightDelta", "ActivationDelta", "BuildContext", "CACHE_PREFIX", "drop_caches"]
+
+# Batched paths (mixed batches, routing) may keep tensors derived from several adapters'
+# factors on the base module, e.g. stacked factors that decoding would otherwise rebuild at
+# every step. They live in ``base.__dict__`` under keys with this prefix, so that ``detach``
+# can drop them: a cache holding a detached adapter's factors would keep its memory alive.
+CACHE_PREFIX = "_dk_cache_"
+
+
+def drop_caches(module: nn.Module) -> None:
+    """Forget every batched-path cache kept on ``module`` (see :data:`CACHE_PREFIX`)."""
+    for k in [k for k in module.__dict__ if k.startswith(CACHE_PREFIX)]:
+        del module.__dict__[k]
 
 
 class BuildContext:

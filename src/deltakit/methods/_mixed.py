@@ -55,6 +55,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..core.delta import CACHE_PREFIX
 from .lora import _autocast_keeps, _cast, _compute_factors, _down, _same_key, _up
 
 __all__ = ["mixed_lora_residual"]
@@ -214,12 +215,12 @@ def _bank(base: nn.Module, deltas: Sequence, x: Tensor) -> _Bank:
     key = None
     if not torch.is_grad_enabled():
         key = (x.dtype, [(d.lora_A, d.lora_A._version, d.lora_B, d.lora_B._version) for d in deltas])
-        hit = base.__dict__.get("_dk_mixed_bank")
+        hit = base.__dict__.get(CACHE_PREFIX + "mixed_bank")
         if hit is not None and _same_key(hit[0], key):
             return hit[1]
     bank = _build_bank(deltas, x)
     if key is not None:
-        base.__dict__["_dk_mixed_bank"] = (key, bank)
+        base.__dict__[CACHE_PREFIX + "mixed_bank"] = (key, bank)
     return bank
 
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core.delta import BuildContext, WeightDelta, param_dtype
+from ..core.delta import CACHE_PREFIX, BuildContext, WeightDelta, param_dtype
 from ..core.fields import knob
 from ..core.packed import PackedLinear
 from ..core.registry import ConfigError, DeltaConfig, register_method
@@ -199,14 +199,14 @@ def _stacked(base: nn.Module, deltas: Sequence, x: Tensor) -> tuple[Tensor, Tens
     if not torch.is_grad_enabled():
         # the factor tensors themselves are held in the key, so their ids cannot be reused meanwhile
         key = (x.dtype, [(d.lora_A, d.lora_A._version, d.lora_B, d.lora_B._version) for d in deltas])
-        hit = base.__dict__.get("_dk_stacked")
+        hit = base.__dict__.get(CACHE_PREFIX + "stacked")
         if hit is not None and _same_key(hit[0], key):
             return hit[1]
     pairs = [_compute_factors(d, x) for d in deltas]
     A = torch.cat([a for a, _ in pairs], dim=0)
     B = torch.cat([b.to(A.dtype) for _, b in pairs], dim=1)
     if key is not None:
-        base.__dict__["_dk_stacked"] = (key, (A, B))
+        base.__dict__[CACHE_PREFIX + "stacked"] = (key, (A, B))
     return A, B
 
 

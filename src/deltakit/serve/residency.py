@@ -301,13 +301,9 @@ class Residency:
             self._host[key] = copy
 
     def _detach(self, key: str) -> None:
-        """Detach ``key`` and drop the stacked-factor caches the LoRA batched path keeps on base
-        modules (methods/lora.py ``_stacked``): they hold the last mixed batch's factor tensors,
-        so without this a detached adapter's memory stays alive until the next mixed forward
-        of every layer it touched (found by the unload test; belongs in core's detach)."""
+        """Detach ``key``; core's ``detach`` also drops the batched paths' factor caches on the
+        layers it touched, so the adapter's memory really goes (the unload test checks it)."""
         detach(self.model, key)
-        for m in self.model.modules():
-            m.__dict__.pop("_dk_stacked", None)
 
     def attached(self) -> list[str]:
         """Keys on the device, least recently used first."""
