@@ -43,11 +43,12 @@ def test_a_served_process_answers_and_stops_on_sigterm(tmp_path):
     paths = save_adapters(model, tmp_path / "adapters", {"a": 2})
     port = _free_port()
     cmd = [sys.executable, "-m", "deltakit.cli", "serve", str(tmp_path / "base"), "--served-name", "tiny",
-           "--adapter", f"a={paths['a']}", "--port", str(port), "--api-key", "k", "--threads", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+           "--adapter", f"a={os.path.relpath(paths['a'], tmp_path)}", "--port", str(port), "--api-key", "k", "--threads", "1"]
+    # run from tmp_path with the adapter given relative to it, as a user types it
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
                             env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     try:
-        _wait_healthy(proc, f"http://127.0.0.1:{port}/health", 90)
+        _wait_healthy(proc, f"http://127.0.0.1:{port}/health", 240)  # a cold start under load
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0, timeout=30)
         assert {m.id for m in client.models.list().data} == {"tiny", "a"}
         out = client.chat.completions.create(model="a", messages=[{"role": "user", "content": "w1 w2"}],

@@ -65,6 +65,9 @@ def build_app(model: nn.Module, tokenizer: Any, base_name: str, options: ServeOp
     for name, path in options.adapters.items():
         if name == base_name:
             raise ValueError(f"adapter name {name!r} is the base model's name; pick another")
+        # a relative path means relative to the working directory here (it names a directory
+        # given on the command line); only request-time paths are relative to the roots
+        path = Path(path).absolute()
         residency.allow(path)
         residency.register(name, path)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
