@@ -185,16 +185,23 @@ def _jsonable(settings: dict) -> dict:
 
 # ----------------------------------------------------------------------------- workers
 def run_worker(spec: SearchSpec, storage_url: str, *, heartbeat: int = 10, grace: int | None = None,
-               on_trial: Callable | None = None, poll: float = 0.5) -> int:
+               on_trial: Callable | None = None, poll: float = 0.5, worker: int = 0) -> int:
     """Run trials until the study holds ``spec.trials`` finished ones; returns how many this
-    worker finished. ``on_trial(study, frozen_trial)`` after each."""
+    worker finished. ``on_trial(study, frozen_trial)`` after each.
+
+    The sampler's seed mixes the spec's seed, the worker's index and the trials already
+    stored: two workers (or a restarted one) must not propose the same points."""
     from optuna.storages import fail_stale_trials
 
     from .objectives import prepare
 
     storage = open_storage(storage_url, heartbeat, grace)
     study = open_study(spec, storage)
+    study.sampler = make_sampler(spec.sampler, spec.seed + 7919 * worker + 104729 * len(study.get_trials(deepcopy=False)),
+                                 len(spec.objectives))
     prep = None if spec.task.toy else prepare(spec.task, spec.seed)
+    if prep is not None and "base_params" not in study.user_attrs:
+        study.set_user_attr("base_params", sum(p.numel() for p in prep.model.parameters()))
     objective = make_objective(spec, prep)
     done_here = 0
     while True:
@@ -223,12 +230,13 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def _worker_main(raw: dict, name: str, storage_url: str, heartbeat: int, grace: int | None, threads: int) -> None:
+def _worker_main(raw: dict, name: str, storage_url: str, heartbeat: int, grace: int | None, threads: int,
+                 worker: int) -> None:
     _die_with_parent()
     import torch
     torch.set_num_threads(threads)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    run_worker(parse_spec(raw, default_name=name), storage_url, heartbeat=heartbeat, grace=grace)
+    run_worker(parse_spec(raw, default_name=name), storage_url, heartbeat=heartbeat, grace=grace, worker=worker)
 
 
 def run_search(spec: SearchSpec, storage_url: str, *, workers: int = 1, heartbeat: int = 10,
@@ -243,8 +251,8 @@ def run_search(spec: SearchSpec, storage_url: str, *, workers: int = 1, heartbea
         return study
     ctx = mp.get_context("spawn")
     threads = max(1, (os.cpu_count() or 1) // workers)
-    procs = [ctx.Process(target=_worker_main, args=(spec.raw, spec.name, storage_url, heartbeat, grace, threads),
-                         daemon=False) for _ in range(workers)]
+    procs = [ctx.Process(target=_worker_main, args=(spec.raw, spec.name, storage_url, heartbeat, grace, threads, i),
+                         daemon=False) for i in range(workers)]
     for p in procs:
         p.start()
     while any(p.is_alive() for p in procs):
