@@ -17,6 +17,13 @@ total) it is scored on the held-out split and either continues or is pruned.
   the top ``max(1, n // eta)`` of the ``n`` trials at that rung so far (Optuna's rule for
   one objective, so one trial alone continues). Each rung's vector is stored on the trial
   (user attribute ``rung:<steps>``), so workers on other machines compare through the storage.
+
+What it guarantees, and what not: a configuration non-dominated at every fidelity and alone on
+its rank (a known optimum) is never pruned, in any order of arrival (tests/search). A front
+wider than the ``1 / eta`` of a rung's arrivals that continue is only partly kept, and which
+part depends on the order of arrival (asynchronous halving decides without waiting); a
+dominated configuration can then complete in place of a pruned front point. Fewer rungs
+(larger ``min_steps``) or a smaller ``eta`` keep more of a wide front.
 """
 from __future__ import annotations
 

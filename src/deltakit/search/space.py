@@ -342,7 +342,7 @@ def build_space(doc: Mapping[str, Any], *, num_layers: int | None = None, where:
     entries = _method_entries(doc, {n: s.config for n, s in specs.items()}, where)
     spaces = {n: method_space(n, specs[n].config, ov, shared=shared, num_layers=num_layers, where=f"{where}.methods")
               for n, ov in entries.items()}
-    training = method_space("train", TrainingConfig, _mapping(doc.get("training"), f"{where}.training"),
+    training = method_space("training", TrainingConfig, _mapping(doc.get("training"), f"{where}.training"),
                             where=where)
     return Space(spaces, dataclasses.replace(training, method="train"))
 
@@ -353,10 +353,6 @@ def _mapping(v: Any, where: str) -> dict:
     if not isinstance(v, Mapping):
         raise SpaceError(f"{where}: expected a mapping, found {v!r}")
     return dict(v)
-
-
-def training_space(overrides: Mapping[str, Any] | None = None) -> MethodSpace:
-    return method_space("train", TrainingConfig, overrides, where="space")
 
 
 def config_from(method: str, settings: Mapping[str, Any]) -> DeltaConfig:
