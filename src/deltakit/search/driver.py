@@ -96,9 +96,9 @@ def open_study(spec: SearchSpec, storage, *, create: bool = True):
     saved = study.user_attrs.get(SPEC_ATTR)
     if saved is None:
         study.set_user_attr(SPEC_ATTR, spec.raw)
-    elif tuple(saved.get("objectives", ["metric", "params"])) != spec.objectives:
-        raise ValueError(f"study {spec.name!r}: expected objectives {list(spec.objectives)} as stored, found "
-                         f"{saved.get('objectives')}; give the search another name")
+    elif tuple(stored := saved.get("objectives", ["metric", "params"])) != spec.objectives:
+        raise ValueError(f"study {spec.name!r}: expected objectives {list(stored)} as stored, found "
+                         f"{list(spec.objectives)}; give the search another name")
     return study
 
 

@@ -89,7 +89,7 @@ def _attach(prep: Prepared, method: str, settings: Mapping[str, Any]):
 
 def _head_params(model, adapter) -> int:
     names = set(adapter.config.modules_to_save or ())
-    return sum(p.numel() for n, m in model.named_modules() if n in names for p in m.parameters())
+    return sum(p.numel() for n, m in model.named_modules() if n in names for p in m.parameters() if p.requires_grad)
 
 
 class _Rungs:
