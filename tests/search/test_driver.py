@@ -30,13 +30,13 @@ def test_holdout_split_is_seeded_and_disjoint():
 
 def test_a_study_continues_in_its_storage(tmp_path):
     url = f"sqlite:///{tmp_path / 's.db'}"
-    first = run_search(parse_spec(_toy(5)), url)
+    first = run_search(parse_spec(_toy(3)), url)
     before = {t.number: t.values for t in first.trials}
-    study = run_search(parse_spec(_toy(9)), url)  # the same study, a larger budget: 4 more trials
-    assert counts(study) == {"COMPLETE": 9}
+    study = run_search(parse_spec(_toy(5)), url)  # the same study, a larger budget: 2 more trials
+    assert counts(study) == {"COMPLETE": 5}
     assert {t.number: t.values for t in study.trials if t.number in before} == before
-    again = run_search(parse_spec(_toy(9)), url)  # nothing left to do
-    assert len(again.trials) == 9
+    again = run_search(parse_spec(_toy(5)), url)  # nothing left to do
+    assert len(again.trials) == 5
 
 
 def test_objectives_of_a_stored_study_cannot_change(tmp_path):
@@ -62,7 +62,7 @@ def test_journal_storage_runs_a_study(tmp_path):
 
 
 def test_report_front_and_best_per_budget(tmp_path):
-    study = run_search(parse_spec(_toy(12, sampler="random")), f"sqlite:///{tmp_path / 's.db'}")
+    study = run_search(parse_spec(_toy(10, sampler="random")), f"journal:{tmp_path / 's.log'}")
     trials = [t for t in study.trials if t.values]
     front = pareto_front(trials, ["metric", "params"])
     assert {t.number for t in front} == {t.number for t in study.best_trials}
@@ -72,7 +72,7 @@ def test_report_front_and_best_per_budget(tmp_path):
     rep = write_report(study, tmp_path / "rep", [10, math.inf])
     best = yaml.safe_load((tmp_path / "rep" / "best-any.yaml").read_text())
     top = max(trials, key=lambda t: t.values[0])
-    assert best["trial"] == top.number and best["method"] == top.user_attrs["method"]
+    assert best["trial"] == top.number and best["method"] == top.user_attrs["point"]["method"]
     assert best["command"].startswith(f"deltakit train --model minilm --train TRAIN --method {best['method']} ")
     for k, v in best["config"].items():
         assert f"--set {k}=" in best["command"]
@@ -106,5 +106,5 @@ def test_a_real_trial_trains_a_tiny_bert_through_fit(tmp_path, tiny_model_dir):
         assert params == 2 * 2 * r * (16 + 16)          # 2 layers x (query, value) x r (d_in + d_out)
         assert nbytes > 4 * params                      # the fp32 LoRA tensors plus the head and the header
         assert metric in {k / 10 for k in range(11)}    # accuracy on the 10 held-out rows
-        assert latency > 0 and t.user_attrs["steps_trained"] == 3
+        assert latency > 0 and t.user_attrs["result"]["steps_trained"] == 3
     assert study.user_attrs["base_params"] > 10_000

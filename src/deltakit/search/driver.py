@@ -147,9 +147,8 @@ def make_objective(spec: SearchSpec, prep) -> Callable:
 
     def objective(trial) -> tuple[float, ...]:
         method, settings, training = space.sample(trial)
-        trial.set_user_attr("method", method)
-        trial.set_user_attr("settings", _jsonable(settings))
-        trial.set_user_attr("training", training)
+        # one attribute per write: each is a storage round trip (a commit in SQLite)
+        trial.set_user_attr("point", {"method": method, "settings": _jsonable(settings), "training": training})
         if settings.get("layers") == ():
             return _pruned(trial, "invalid", "every layer switched off")
         try:
@@ -158,14 +157,13 @@ def make_objective(spec: SearchSpec, prep) -> Callable:
             else:
                 vals = train_trial(spec, prep, method, settings, training, judge, trial)
         except TrialStopped as e:
-            trial.set_user_attr("steps_trained", e.step)
+            trial.set_user_attr("result", {"steps_trained": e.step})
             raise optuna.TrialPruned(str(e)) from None
         except (ConfigError, TargetError) as e:
             return _pruned(trial, "invalid", str(e).splitlines()[0])
         except TrainingDivergedError as e:
             return _pruned(trial, "diverged", str(e).splitlines()[0])
-        trial.set_user_attr("steps_trained", int(training["steps"]))
-        trial.set_user_attr("values", vals)
+        trial.set_user_attr("result", {"steps_trained": int(training["steps"]), "values": vals})
         return tuple(vals[o] for o in spec.objectives)
 
     return objective
@@ -174,8 +172,7 @@ def make_objective(spec: SearchSpec, prep) -> Callable:
 def _pruned(trial, reason: str, why: str):
     import optuna
 
-    trial.set_user_attr(reason, why)
-    trial.set_user_attr("steps_trained", 0)
+    trial.set_user_attr("result", {"steps_trained": 0, reason: why})
     raise optuna.TrialPruned(f"{reason}: {why}")
 
 
@@ -270,9 +267,10 @@ def run_search(spec: SearchSpec, storage_url: str, *, workers: int = 1, heartbea
 
 def trial_record(t) -> dict[str, Any]:
     """A finished trial as plain data (the report's row)."""
-    return {"number": t.number, "state": t.state.name, "method": t.user_attrs.get("method"),
-            "settings": t.user_attrs.get("settings", {}), "training": t.user_attrs.get("training", {}),
-            "values": t.user_attrs.get("values"), "steps_trained": t.user_attrs.get("steps_trained"),
+    point, result = t.user_attrs.get("point", {}), t.user_attrs.get("result", {})
+    return {"number": t.number, "state": t.state.name, "method": point.get("method"),
+            "settings": point.get("settings", {}), "training": point.get("training", {}),
+            "values": result.get("values"), "steps_trained": result.get("steps_trained"),
             "retry_of": t.system_attrs.get("failed_trial")}
 
 

@@ -48,6 +48,12 @@ def pareto_front(trials: Sequence[Any], objectives: Sequence[str]) -> list[Any]:
     return sorted(front, key=lambda t: (t.values[1] if len(t.values) > 1 else 0, -t.values[0], t.number))
 
 
+def _point(t) -> dict[str, Any]:
+    """What a trial tried: {method, settings (config fields), training}."""
+    p = t.user_attrs.get("point", {})
+    return {"method": p.get("method"), "settings": p.get("settings", {}), "training": p.get("training", {})}
+
+
 def _fmt(name: str, v: float) -> str:
     if name == "params" or name == "bytes":
         return f"{int(v):,}"
@@ -55,15 +61,14 @@ def _fmt(name: str, v: float) -> str:
 
 
 def _knobs(t) -> str:
-    s = t.user_attrs.get("settings", {})
-    tr = t.user_attrs.get("training", {})
+    s, tr = _point(t)["settings"], _point(t)["training"]
     parts = [f"{k}={_value_text(v)}" for k, v in s.items()]
     return " ".join(parts + ([f"lr={tr['lr']:.2g}"] if "lr" in tr else []))
 
 
 def front_table(study) -> str:
     objectives = objectives_of(study)
-    rows = [{"trial": t.number, "method": t.user_attrs.get("method"),
+    rows = [{"trial": t.number, "method": _point(t)["method"],
              **{o: _fmt(o, v) for o, v in zip(objectives, t.values)}, "knobs": _knobs(t)}
             for t in pareto_front(complete_trials(study), objectives)]
     return table(rows, ["trial", "method", *objectives, "knobs"]) if rows else "no complete trials yet"
@@ -131,10 +136,10 @@ def _value_text(v: Any) -> str:
 def train_command(t, task: dict) -> list[str]:
     """The ``deltakit train`` command line that trains trial ``t``'s configuration (on the
     whole training file: the held-out split was only for choosing)."""
-    tr = t.user_attrs.get("training", {})
+    tr = _point(t)["training"]
     cmd = ["deltakit", "train", "--model", str(task.get("model", "minilm")), "--train", str(task.get("train", "TRAIN")),
-           "--method", t.user_attrs["method"]]
-    for k, v in t.user_attrs.get("settings", {}).items():
+           "--method", _point(t)["method"]]
+    for k, v in _point(t)["settings"].items():
         cmd += ["--set", f"{k}={_value_text(v)}"]
     cmd += ["--lr", f"{tr.get('lr', 5e-4):.6g}", "--steps", str(tr.get("steps", 200))]
     for flag, key in (("--batch-size", "batch_size"), ("--max-length", "max_length"), ("--metric", "metric")):
@@ -155,9 +160,9 @@ def write_best(study, budgets: Sequence[float], out_dir: str | Path) -> list[Pat
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for b, t in best_per_budget(study, budgets).items():
-        tr = t.user_attrs.get("training", {})
-        doc = {"budget_params": b, "trial": t.number, "method": t.user_attrs["method"],
-               "config": t.user_attrs.get("settings", {}), "training": tr,
+        tr = _point(t)["training"]
+        doc = {"budget_params": b, "trial": t.number, "method": _point(t)["method"],
+               "config": _point(t)["settings"], "training": tr,
                "values": dict(zip(objectives_of(study), t.values)),
                "command": shlex.join(train_command(t, task))}
         if abs(float(tr.get("warmup", 0.1)) - 0.1) > 1e-9:
