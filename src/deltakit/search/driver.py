@@ -117,18 +117,41 @@ def counts(study) -> dict[str, int]:
     return out
 
 
-def fail_running(study) -> list[int]:
-    """Fail every RUNNING trial and enqueue its retry (only when no worker is alive: a
-    JournalStorage has no heartbeats to tell a dead worker from a slow one)."""
+def fail_running(study, older_than: float = 0.0, unstarted_only: bool = False) -> list[int]:
+    """Fail RUNNING trials started more than ``older_than`` seconds ago and enqueue their retries.
+
+    All of them (``--fail-running``) only when no worker is alive: a JournalStorage has no
+    heartbeats to tell a dead worker from a slow one. ``unstarted_only``: those whose objective
+    never began (no ``point`` recorded): Optuna starts a trial's heartbeat after creating it,
+    so a worker killed in between leaves a RUNNING trial without a heartbeat, which Optuna's
+    stale check never fails."""
+    import datetime
+
+    from optuna.exceptions import UpdateFinishedTrialError
     from optuna.storages import RetryHeartbeatStaleTrialCallback
     from optuna.trial import TrialState
 
+    now = datetime.datetime.now()
     failed = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
-            RetryHeartbeatStaleTrialCallback(max_retry=3)(study, study._storage.get_trial(t._trial_id))
-            failed.append(t.number)
+        if unstarted_only and "point" in t.user_attrs:
+            continue
+        if t.datetime_start is not None and (now - t.datetime_start).total_seconds() < older_than:
+            continue
+        try:
+            if study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
+                RetryHeartbeatStaleTrialCallback(max_retry=3)(study, study._storage.get_trial(t._trial_id))
+                failed.append(t.number)
+        except UpdateFinishedTrialError:  # another worker failed it first
+            pass
     return failed
+
+
+def _fail_unstarted(study, older_than: float) -> None:
+    from optuna.storages import RDBStorage
+
+    if isinstance(study._storage, RDBStorage) or isinstance(getattr(study._storage, "_backend", None), RDBStorage):
+        fail_running(study, older_than, unstarted_only=True)
 
 
 # ----------------------------------------------------------------------------- one trial
@@ -206,6 +229,7 @@ def run_worker(spec: SearchSpec, storage_url: str, *, heartbeat: int = 10, grace
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             fail_stale_trials(study)
+        _fail_unstarted(study, (grace or 3 * heartbeat) + 10)
         c = counts(study)
         done = sum(c.get(s, 0) for s in _DONE)
         if done >= spec.trials:
