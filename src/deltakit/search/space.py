@@ -21,10 +21,12 @@ The YAML restricts or extends any of it, per method or for every method declarin
     fields: {dropout: search}       # every method with a 'dropout' field, at its declared range
     training: {lr: [1e-5, 1e-2], steps: 200, warmup: 0.1}
 
-A field's value is fixed (a scalar, or a list for a list-typed field), a range (``[low,
-high]`` or ``{low, high, log}``), a choice (``{choices: [...]}``, or a list for a
-``Literal`` / bool field) or ``search`` (its declared / derived range). Errors are one line
-naming the field, what was expected and what was found.
+A field's value is fixed (a scalar, or a list for a list-typed field; ``default``: its
+declared default), a range (``[low, high]`` or ``{low, high, log}``; a per-model merge field
+takes only the mapping form), a choice (``{choices: [...]}``, or a list for a ``Literal`` /
+bool field) or ``search`` (its declared / derived range). Errors are one line naming the
+field, what was expected and what was found. :data:`DEFAULTS` (the same YAML) comes first:
+numerical tolerances (``eps``) are declared on a log scale but are not knobs.
 
 The cross-method space is Optuna define-by-run: ``method`` is a categorical and only the
 chosen method's knobs are suggested (named ``<method>.<field>``), so they are conditional on it.
@@ -42,10 +44,12 @@ from ..core.registry import DeltaConfig
 from ..core.fields import fields_of
 
 __all__ = ["SpaceError", "Param", "MethodSpace", "Space", "TrainingConfig", "method_space", "build_space",
-           "derived_range", "LAYER_SWITCH", "SPAN"]
+           "derived_range", "LAYER_SWITCH", "SPAN", "DEFAULTS"]
 
 #: the default search range of a log-declared field: [default / SPAN, default * SPAN]
 SPAN = 8
+#: entries every space starts from, in the user's YAML language (overridden by the user's)
+DEFAULTS = {"fields": {"eps": "default"}}
 #: the YAML value of ``layers`` that searches one on/off switch per block (AutoPEFT)
 LAYER_SWITCH = "switch"
 _WHERE_FIELDS = {f.name for f in dataclasses.fields(DeltaConfig)}  # where to attach, not what to train
@@ -146,7 +150,10 @@ def default_param(spec: FieldSpec) -> Param:
 
 
 def field_param(spec: FieldSpec, value: Any, where: str) -> Param:
-    """The YAML entry ``value`` for field ``spec``: fixed, a range, choices or ``search``."""
+    """The YAML entry ``value`` for field ``spec``: fixed, a range, choices, ``search`` or
+    ``default`` (fixed at the declared default)."""
+    if value == "default":
+        return Param(spec.name, "fixed", value=spec.default)
     if value == "search":
         return _opened(spec, where)
     if isinstance(value, Mapping):
@@ -338,7 +345,7 @@ def build_space(doc: Mapping[str, Any], *, num_layers: int | None = None, where:
     from ..core.registry import methods as registered
 
     specs = registered()
-    shared = _mapping(doc.get("fields"), f"{where}.fields")
+    shared = {**DEFAULTS["fields"], **_mapping(doc.get("fields"), f"{where}.fields")}
     entries = _method_entries(doc, {n: s.config for n, s in specs.items()}, where)
     spaces = {n: method_space(n, specs[n].config, ov, shared=shared, num_layers=num_layers, where=f"{where}.methods")
               for n, ov in entries.items()}
