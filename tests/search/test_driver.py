@@ -108,3 +108,21 @@ def test_a_real_trial_trains_a_tiny_bert_through_fit(tmp_path, tiny_model_dir):
         assert metric in {k / 10 for k in range(11)}    # accuracy on the 10 held-out rows
         assert latency > 0 and t.user_attrs["result"]["steps_trained"] == 3
     assert study.user_attrs["base_params"] > 10_000
+
+
+@pytest.mark.slow
+def test_real_trials_are_pruned_at_a_rung_inside_fit(tmp_path, tiny_model_dir):
+    """Two objectives, rungs at 2 of 4 steps, eta 2: the rung judge runs inside fit's step
+    callback; a pruned trial trained 2 steps and has no values; the budget counts it."""
+    spec = parse_spec({
+        "name": "rungs", "trials": 4, "sampler": "random", "fidelity": {"min_steps": 2, "eta": 2},
+        "task": {"model": str(tiny_model_dir), "train": str(_task_dir(tmp_path)), "holdout": 0.25,
+                 "max_length": 16, "batch_size": 8},
+        "methods": {"lora": {"r": [1, 8]}}, "training": {"steps": 4, "lr": 1e-2},
+    })
+    study = run_search(spec, f"sqlite:///{tmp_path / 's.db'}")
+    c = counts(study)
+    assert c.get("COMPLETE", 0) + c.get("PRUNED", 0) == 4 and c.get("PRUNED", 0) >= 1
+    for t in study.trials:
+        assert "rung:2" in t.user_attrs  # every trial was judged at step 2
+        assert t.user_attrs["result"]["steps_trained"] == (4 if t.state.name == "COMPLETE" else 2)
