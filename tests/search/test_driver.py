@@ -126,3 +126,20 @@ def test_real_trials_are_pruned_at_a_rung_inside_fit(tmp_path, tiny_model_dir):
     for t in study.trials:
         assert "rung:2" in t.user_attrs  # every trial was judged at step 2
         assert t.user_attrs["result"]["steps_trained"] == (4 if t.state.name == "COMPLETE" else 2)
+
+
+def test_bytes_after_a_codec_shrink_with_its_density(tiny_model_dir):
+    import deltakit as dk
+    from deltakit.search.objectives import compressed_bytes, stored_bytes
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
+    ad = dk.attach(model, dk.LoraConfig(r=4), name="a")
+    for p in ad.parameters():
+        p.data.normal_()  # B starts at zero: make the update dense
+    half, tenth = (compressed_bytes(ad, "topk", {"density": d}) for d in (0.5, 0.1))
+    assert tenth < half < 2 * stored_bytes(ad)
+    houlsby = dk.attach(model, dk.get_method("houlsby").config(bottleneck_size=2), name="h")
+    with pytest.raises(dk.ConfigError, match=r"^task.codec 'topk': expected weight deltas to compress, found "
+                                             r"none in houlsby \(activation deltas\)$"):
+        compressed_bytes(houlsby, "topk", {"density": 0.5})

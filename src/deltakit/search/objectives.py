@@ -134,7 +134,8 @@ def train_trial(spec: SearchSpec, prep: Prepared, method: str, settings: Mapping
         params=hook_params, callbacks=cbs, log_every=max(1, steps))
     out = {"metric": evaluate(model, held, metric=task.metric)[task.metric], "params": float(params)}
     if "bytes" in spec.objectives:
-        out["bytes"] = float(stored_bytes(adapter))
+        out["bytes"] = float(compressed_bytes(adapter, task.codec, task.codec_knobs) if task.codec
+                             else stored_bytes(adapter))
     if "latency" in spec.objectives:
         out["latency"] = latency_ms(model, held)
     return out
@@ -147,6 +148,24 @@ def stored_bytes(adapter) -> int:
     with tempfile.TemporaryDirectory() as d:
         save_adapter(adapter, Path(d) / "a")
         return sum(f.stat().st_size for f in (Path(d) / "a").iterdir() if f.suffix == ".safetensors")
+
+
+def compressed_bytes(adapter, codec: str, knobs: Mapping[str, Any]) -> int:
+    """Bytes of the adapter's weight deltas (its task vector, the head left out) compressed by
+    ``codec``. A method with activation deltas has no task vector: an error, not a stand-in."""
+    from ..core.fields import ConfigError
+    from ..compress.api import compress
+    from ..taskvec import TaskVector
+
+    tv = TaskVector.from_adapter(adapter, include_full=False)
+    if not len(tv.keys()):
+        raise ConfigError(f"task.codec {codec!r}: expected weight deltas to compress, found none in "
+                          f"{adapter.config.method} (activation deltas)")
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "c"
+        compress(tv, out, codec=codec, knobs=dict(knobs))
+        files = [out] if out.is_file() else [f for f in out.rglob("*") if f.is_file()]
+        return sum(f.stat().st_size for f in files)
 
 
 def latency_ms(model, loader, repeats: int = 3) -> float:

@@ -11,6 +11,8 @@
       max_length: 64
       batch_size: 16
       metric: accuracy           # accuracy, f1, f1_macro or mcc
+      codec: topk                # optional: 'bytes' = the weight deltas compressed by this codec
+      codec_knobs: {density: 0.1}
     preset: autopeft             # optional: start from a shipped space (its entries, then yours)
     methods: {lora: {r: [2, 64]}, houlsby: {}}    # see deltakit.search.space
     training: {lr: [1e-4, 1e-2], steps: 200}
@@ -71,6 +73,8 @@ class TaskSpec:
     max_length: int = 64
     batch_size: int = 16
     metric: str = "accuracy"
+    codec: str | None = None     # bytes: the adapter's weight deltas compressed by this codec
+    codec_knobs: dict = field(default_factory=dict)
     toy: bool = False
     toy_seconds: float = 0.0  # toy: seconds each trial sleeps (a stand-in for training time)
 
@@ -182,6 +186,13 @@ def _task(v: Any, where: str) -> TaskSpec:
         raise SpaceError(f"{where}.task.train: expected a training file or GLUE-style directory, found nothing")
     if not (isinstance(t.holdout, (int, float)) and 0 < t.holdout < 1):
         raise SpaceError(f"{where}.task.holdout: expected a number in (0, 1), found {t.holdout!r}")
+    if t.codec is not None:
+        from ..compress._registry import build_compressor_config
+        try:
+            build_compressor_config(t.codec, t.codec_knobs, where=f"{where}.task.codec_knobs")
+        except (ValueError, KeyError) as e:
+            msg = str(e).splitlines()[0]
+            raise SpaceError(msg if msg.startswith(where) else f"{where}.task.codec: {msg}") from None
     if t.metric not in _METRICS:
         raise SpaceError(f"{where}.task.metric: expected one of {list(_METRICS)}, found {t.metric!r}")
     return t
