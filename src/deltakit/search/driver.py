@@ -21,7 +21,6 @@ more than needed (Optuna has no atomic "claim a slot"), never fewer.
 """
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import os
 import sys
@@ -32,7 +31,7 @@ from typing import Any
 from .spec import SearchSpec, parse_spec
 
 __all__ = ["open_storage", "make_sampler", "open_study", "run_search", "run_worker", "fail_running", "counts",
-           "SPEC_ATTR"]
+           "make_objective", "SPEC_ATTR"]
 
 SPEC_ATTR = "deltakit.search.spec"
 _DONE = ("COMPLETE", "PRUNED")
@@ -287,16 +286,3 @@ def run_search(spec: SearchSpec, storage_url: str, *, workers: int = 1, heartbea
     if progress:
         progress(study)
     return study
-
-
-def trial_record(t) -> dict[str, Any]:
-    """A finished trial as plain data (the report's row)."""
-    point, result = t.user_attrs.get("point", {}), t.user_attrs.get("result", {})
-    return {"number": t.number, "state": t.state.name, "method": point.get("method"),
-            "settings": point.get("settings", {}), "training": point.get("training", {}),
-            "values": result.get("values"), "steps_trained": result.get("steps_trained"),
-            "retry_of": t.system_attrs.get("failed_trial")}
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True)

@@ -36,7 +36,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from ..core.fields import ConfigError, FieldSpec, coerce, knob
@@ -291,8 +291,6 @@ class Space:
 
     methods: dict[str, MethodSpace]
     training: MethodSpace
-    kind: Literal["peft", "merge"] = "peft"
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def sample(self, trial: Any) -> tuple[str, dict[str, Any], dict[str, Any]]:
         method = trial.suggest_categorical("method", list(self.methods))
