@@ -63,7 +63,9 @@ def open_storage(url: str, heartbeat: int = 10, grace: int | None = None):
 
 def make_sampler(name: str, seed: int, n_objectives: int):
     """Optuna's sampler: TPE (multivariate, grouped for conditional spaces, constant liar for
-    parallel workers), NSGA-II, GP-based BO, or random."""
+    parallel workers), NSGA-II, GP-based BO, or random. In a cross-method space NSGA-II and GP
+    model only the knobs every trial has (the method; training); Optuna draws each method's own
+    knobs at random, so with several methods TPE is the one that learns them."""
     import optuna
 
     s = optuna.samplers
@@ -75,7 +77,7 @@ def make_sampler(name: str, seed: int, n_objectives: int):
     if name == "nsga2":
         return s.NSGAIISampler(seed=seed)
     if name == "gp":
-        return s.GPSampler(seed=seed)
+        return s.GPSampler(seed=seed, warn_independent_sampling=False)
     return s.RandomSampler(seed=seed)
 
 
