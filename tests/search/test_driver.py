@@ -143,3 +143,16 @@ def test_bytes_after_a_codec_shrink_with_its_density(tiny_model_dir):
     with pytest.raises(dk.ConfigError, match=r"^task.codec 'topk': expected weight deltas to compress, found "
                                              r"none in houlsby \(activation deltas\)$"):
         compressed_bytes(houlsby, "topk", {"density": 0.5})
+
+
+def test_fail_running_fails_and_requeues_for_a_journal_storage(tmp_path):
+    from deltakit.search.driver import fail_running, open_study
+
+    spec = parse_spec(_toy(2))
+    study = open_study(spec, open_storage(f"journal:{tmp_path / 'j.log'}"))
+    t = study.ask()
+    x = t.suggest_float("x", 0, 1)  # a worker died here: the journal has no heartbeat to notice
+    assert fail_running(study) == [0]
+    states = [(u.number, u.state.name, u.params, u.system_attrs.get("failed_trial")) for u in study.get_trials()]
+    assert states == [(0, "FAIL", {"x": x}, None), (1, "WAITING", {"x": x}, 0)]
+    assert fail_running(study) == []  # the WAITING retry is not running: nothing more to fail

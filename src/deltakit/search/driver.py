@@ -132,6 +132,9 @@ def fail_running(study, older_than: float = 0.0, unstarted_only: bool = False) -
     from optuna.storages import RetryHeartbeatStaleTrialCallback
     from optuna.trial import TrialState
 
+    import warnings
+
+    warnings.filterwarnings("ignore", message="RetryHeartbeatStaleTrialCallback is experimental")
     now = datetime.datetime.now()
     failed = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
