@@ -57,8 +57,30 @@ def open_storage(url: str, heartbeat: int = 10, grace: int | None = None):
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # heartbeats are marked experimental
-        return RDBStorage(url, heartbeat_interval=heartbeat, grace_period=grace or 3 * heartbeat,
-                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3), **kw)
+        storage = RDBStorage(url, heartbeat_interval=heartbeat, grace_period=grace or 3 * heartbeat,
+                             heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3), **kw)
+    if url.startswith("sqlite"):
+        _immediate_transactions(storage.engine)
+    return storage
+
+
+def _immediate_transactions(engine) -> None:
+    """SQLite ignores ``SELECT ... FOR UPDATE``, so two workers failing one stale trial both
+    read RUNNING, both write FAIL, and both enqueue a retry (seen: a trial retried twice).
+    ``BEGIN IMMEDIATE`` takes the write lock when a transaction starts, so the second reads
+    FAIL and Optuna's ``UpdateFinishedTrialError`` stops it (the SQLAlchemy recipe for
+    serialisable SQLite transactions)."""
+    from sqlalchemy import event
+
+    engine.dispose()  # connections opened before the listeners would keep pysqlite's own BEGIN
+
+    @event.listens_for(engine, "connect")
+    def _no_implicit_begin(dbapi_connection, _record) -> None:
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _begin_immediate(connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def make_sampler(name: str, seed: int, n_objectives: int):
