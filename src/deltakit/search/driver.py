@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -197,7 +198,8 @@ def make_objective(spec: SearchSpec, prep) -> Callable:
     def objective(trial) -> tuple[float, ...]:
         method, settings, training = space.sample(trial)
         # one attribute per write: each is a storage round trip (a commit in SQLite)
-        trial.set_user_attr("point", {"method": method, "settings": _jsonable(settings), "training": training})
+        trial.set_user_attr("point", {"method": method, "settings": _jsonable(settings), "training": training,
+                                      "worker": f"{socket.gethostname()}:{os.getpid()}"})
         if settings.get("layers") == ():
             return _pruned(trial, "invalid", "every layer switched off")
         try:
