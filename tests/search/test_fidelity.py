@@ -131,3 +131,18 @@ def test_multi_objective_halving_finds_the_known_optimum_for_a_fraction_of_the_s
         assert cost < 0.35 * full_cost, (cost, full_cost)
         at_first_rung = [t for t in pruned.trials if "rung:3" in t.user_attrs]
         assert len(at_first_rung) == 27  # every configuration was seen at the cheapest fidelity
+
+
+def test_a_failed_trials_rungs_do_not_count():
+    """A worker died after rung 3 of trial 0; its retry (trial 1, the same point) reaches rung 3
+    with the same values and must not lose to the dead copy of itself."""
+    dirs = ["maximize", "minimize"]
+    study = optuna.create_study(directions=dirs)
+    judge = MoSuccessiveHalving(3, 3, dirs)
+    dead = study.ask()
+    assert judge.keep(dead, 3, [0.5, 100.0])
+    study.tell(dead, state=optuna.trial.TrialState.FAIL)
+    retry = study.ask()
+    assert judge.keep(retry, 3, [0.5, 100.0])  # alone among live trials: continues
+    other = study.ask()
+    assert not judge.keep(other, 3, [0.4, 100.0])  # dominated by the retry: pruned (n = 2, top 1)

@@ -111,9 +111,12 @@ class MoSuccessiveHalving:
 
     def keep(self, trial: Any, step: int, values: Sequence[float]) -> bool:
         """Record ``values`` for rung ``step`` on ``trial``; whether it continues."""
+        from optuna.trial import TrialState
+
         trial.set_user_attr(f"{_RUNG}{step}", [float(x) for x in values])
+        # a FAILED trial's rungs do not count: its retry is the same point and would lose to it
         others = [t.user_attrs[f"{_RUNG}{step}"] for t in trial.study.get_trials(deepcopy=False)
-                  if t.number != trial.number and f"{_RUNG}{step}" in t.user_attrs]
+                  if t.number != trial.number and t.state != TrialState.FAIL and f"{_RUNG}{step}" in t.user_attrs]
         return promotable([*others, list(values)], len(others), self.eta, self.directions)
 
 
