@@ -142,7 +142,8 @@ def train_command(t, task: dict) -> list[str]:
     for k, v in _point(t)["settings"].items():
         cmd += ["--set", f"{k}={_value_text(v)}"]
     cmd += ["--lr", f"{tr.get('lr', 5e-4):.6g}", "--steps", str(tr.get("steps", 200))]
-    for flag, key in (("--batch-size", "batch_size"), ("--max-length", "max_length"), ("--metric", "metric")):
+    for flag, key in (("--batch-size", "batch_size"), ("--max-length", "max_length"), ("--max-rows", "max_rows"),
+                      ("--metric", "metric")):
         if key in task:
             cmd += [flag, str(task[key])]
     return cmd + ["-o", f"runs/search-trial{t.number}"]
