@@ -556,8 +556,13 @@ def add_route(sub) -> None:
     add_parser(sub)
 
 
+def add_search(sub) -> None:
+    from .search import add_parser
+    add_parser(sub)
+
+
 from .generate import add_parser as add_generate  # noqa: E402  (argparse only at import)
 from .serve import add_parser as add_serve  # noqa: E402  (argparse only at import)
 
 REGISTER = [add_train, add_eval, add_predict, add_inspect, add_export, add_import_peft, add_merge, add_methods,
-            add_demo, add_bench, add_generate, add_compress, add_library, add_route, add_serve]
+            add_demo, add_bench, add_generate, add_compress, add_library, add_route, add_serve, add_search]
