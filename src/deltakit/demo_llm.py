@@ -6,7 +6,10 @@ answer a word). The base model answers a seeded dev subsample by greedy generati
 loss on the answer tokens only (bf16 autocast), answers the same rows, and both are scored
 by mapping each answer to a label (:func:`deltakit.train.gen_eval.answer_label`). A few
 answers are printed side by side, and the figures go to ``<out>/results.json`` under
-``"generative"`` and the adapter to ``<out>/adapters/llm-<task>``.
+``"generative"`` and the adapter to ``<out>/adapters/llm-<task>``. Last, the serving step
+(:mod:`deltakit.demo_serve`): the same model is served on 127.0.0.1 as the base and as the LoRA,
+a few of those dev prompts go to both at once through the ``openai`` client, and the answers and
+the server's per-adapter metrics are printed.
 
 Data: the real SST-2 from ``$DELTAKIT_GLUE_DIR/sst2`` (default ``/work/shared/data/text``)
 when it is there; otherwise deltakit's synthetic ``sentiment`` task (review sentences with
@@ -46,11 +49,16 @@ class LlmDemoConfig:
     alpha: float = 32.0
     max_new_tokens: int = 6
     show: int = 4
+    serve: int = 3  # dev rows asked of the served base and LoRA each (0: no serving step)
     seed: int = 0
 
 
-def check_available(model: str = "smollm2") -> None:
-    """Raise (one line) before any work when the bundled model's package is missing."""
+def check_available(model: str = "smollm2", serve: bool = True) -> None:
+    """Raise (one line) before any work when the bundled model's package, or a package of the
+    serving step, is missing."""
+    if serve:
+        from .demo_serve import check_serving_available
+        check_serving_available()
     if model == "smollm2":
         from .io.smollm2 import package_dir
         package_dir()
@@ -103,15 +111,22 @@ def _shorten(text: str, width: int = 60) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
+def _changed_first(dev: list[dict], base: dict, lora: dict) -> list[int]:
+    """Dev row indices, those where the LoRA's answer differs from the base's first."""
+    return sorted(range(len(dev)), key=lambda i: (base["outputs"][i] == lora["outputs"][i], i))
+
+
+def _input_text(example: dict) -> str:
+    """The prompt's first ``Field: text`` line (the instruction itself is the same on every row)."""
+    user = example["messages"][0]["content"].split("\n")
+    return _shorten(next((u.split(": ", 1)[1] for u in user if ": " in u), user[-1]))
+
+
 def _examples(dev: list[dict], base: dict, lora: dict, n: int) -> list[dict]:
-    """``n`` dev rows, those where the LoRA's answer differs from the base's first; the input shown
-    is the prompt's first ``Field: text`` line (the instruction itself is the same on every row)."""
-    order = sorted(range(len(dev)), key=lambda i: (base["outputs"][i] == lora["outputs"][i], i))
+    """``n`` dev rows (see :func:`_changed_first`) with both answers and the gold one."""
     rows = []
-    for i in order[:n]:
-        user = dev[i]["messages"][0]["content"].split("\n")
-        text = next((u.split(": ", 1)[1] for u in user if ": " in u), user[-1])
-        rows.append({"input": _shorten(text), "base": _shorten(base["outputs"][i], 24),
+    for i in _changed_first(dev, base, lora)[:n]:
+        rows.append({"input": _input_text(dev[i]), "base": _shorten(base["outputs"][i], 24),
                      "lora": _shorten(lora["outputs"][i], 24), "gold": dev[i]["messages"][1]["content"]})
     return rows
 
@@ -151,8 +166,41 @@ def run_llm(cfg: LlmDemoConfig = LlmDemoConfig()) -> dict:
     print(f"\nGenerative results (dev accuracy by generation, answers mapped to labels; unmapped = wrong)")
     print(table([summary], ["model", "task", "base_acc", "lora_acc", "base_unmapped", "lora_unmapped", "steps",
                             "train_s", "seconds"]))
+    if cfg.serve:
+        summary["serving"] = _serve(model, tok, adapter.name, out, dev, base, lora, cfg)
     _add_to_results(Path(cfg.out) / "results.json", summary, cfg)
     return summary
+
+
+def _serve(model, tok, name: str, path: Path, dev: list[dict], base: dict, lora: dict, cfg: LlmDemoConfig) -> dict:
+    """The serving step: ``cfg.serve`` dev prompts each to the served base and to the LoRA, all at
+    once; the answers are also compared with the in-process greedy ones printed above."""
+    from ._fmt import table
+    from .core.adapter import detach
+    from .demo_serve import ServeJob, serve_and_ask
+
+    detach(model, name)  # the server attaches it again from its saved directory, as any served adapter
+    base_name = Path(cfg.model).name
+    rows = _changed_first(dev, base, lora)[: cfg.serve]
+    jobs = [ServeJob(m, tuple(dev[i]["messages"][:-1])) for i in rows for m in (base_name, name)]
+    print(f"\nServing: deltakit serve on 127.0.0.1 (a free port) with {base_name} and the LoRA as {name!r}; "
+          f"{len(jobs)} chat requests at once through the openai client, {len(rows)} dev prompts to each model")
+    r = serve_and_ask(model, tok, base_name, {name: str(path)}, jobs, cfg.max_new_tokens)
+    shown, same = [], 0
+    for k, i in enumerate(rows):  # jobs (and answers) go base, LoRA for each row
+        pair = r["answers"][2 * k: 2 * k + 2]
+        shown.append({"input": _input_text(dev[i]), **{a["model"]: _shorten(a["answer"], 24) for a in pair},
+                      "gold": dev[i]["messages"][-1]["content"]})
+        same += (pair[0]["answer"] == base["outputs"][i]) + (pair[1]["answer"] == lora["outputs"][i])
+    r.update(rows=rows, same_as_in_process=same)
+    print(table(shown, ["input", base_name, name, "gold"]))
+    print(f"{same} of {len(jobs)} served answers equal the in-process greedy answers of the same model above")
+    print(f"\nThe server's own figures per model (from {r['url']}/metrics; latency = mean seconds from arrival "
+          f"to the last token, first_token = to the first):")
+    metrics = [{"model": m, **r["metrics"][m]} for m in (base_name, name)]
+    print(table(metrics, ["model", "requests", "prompt_tokens", "completion_tokens", "latency_s", "first_token_s"]))
+    print(f"every request answered and counted; server started, asked and stopped in {r['seconds']} s")
+    return r
 
 
 def _add_to_results(path: Path, summary: dict, cfg: LlmDemoConfig) -> None:

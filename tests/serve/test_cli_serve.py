@@ -18,7 +18,7 @@ from tests.serve.helpers import save_adapters, tiny_lm
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["serve", "minilm"], "encoder"),
+    (["serve", "minilm"], "an encoder without a classification head needs at least one --adapter"),
     (["serve", "x", "--adapter", "noequals"], "expects NAME=PATH, found 'noequals'"),
     (["serve", "x", "--adapter", "a=/nonexistent/dir"], "expected an adapter directory, found nothing"),
     (["serve", "x", "--max-batch", "0"], "expected max_batch >= 1, found 0"),

@@ -1,4 +1,4 @@
-"""``deltakit serve BASE``: an OpenAI-compatible server for a causal LM and many adapters."""
+"""``deltakit serve BASE``: an OpenAI-compatible server for a causal LM (or an encoder) and many adapters."""
 from __future__ import annotations
 
 import os
@@ -12,15 +12,17 @@ KEY_ENV = "DELTAKIT_API_KEY"
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "serve", help="serve a causal LM and its adapters over an OpenAI-compatible HTTP API",
+        "serve", help="serve a causal LM or an encoder and its adapters over an OpenAI-compatible HTTP API",
         description="Serve BASE ('smollm2' for the bundled SmolLM2-135M-Instruct, or a model directory) with "
                     "continuous batching: requests for different adapters share every forward. Clients use the "
                     "openai library with model=BASE's name, an adapter name or NAME@VERSION of --library. "
                     "Endpoints: /v1/completions, /v1/chat/completions (streaming or not), /v1/models, "
                     "/v1/load_lora_adapter and /v1/unload_lora_adapter (only with --api-key; paths only inside "
-                    "--adapter-dir), /health, /metrics (Prometheus). Example: deltakit serve smollm2 "
+                    "--adapter-dir), /health, /metrics (Prometheus). An encoder BASE ('minilm', or an encoder "
+                    "directory) answers POST /v1/classify {model, input: [texts]} instead, each adapter with "
+                    "its own classification head. Example: deltakit serve smollm2 "
                     "--adapter sql=runs/sql --api-key $KEY --port 8000")
-    p.add_argument("base", metavar="BASE", help="'smollm2' or a causal LM directory")
+    p.add_argument("base", metavar="BASE", help="'smollm2', 'minilm', or a causal LM or encoder directory")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                    help="serve the adapter directory PATH as NAME (repeatable)")
     p.add_argument("--adapter-dir", action="append", default=[], metavar="DIR",
@@ -86,9 +88,15 @@ def run(args) -> int:
             raise ValueError(f"--threads: expected >= 1, found {args.threads}")
         import torch
         torch.set_num_threads(args.threads)
-    model, tok = _load_base(args.base, args.dtype)
+    from ..serve.classify import is_encoder
     name = args.served_name or args.base
-    app = build_app(model, tok, name, opts, base_path=args.base)
+    if is_encoder(args.base):  # an encoder answers /v1/classify with each adapter's head
+        from ..serve.classify import build_classify_app, load_encoder_base
+        model, tok, base_head = load_encoder_base(args.base, opts.adapters)
+        app = build_classify_app(model, tok, name, opts, base_head=base_head, base_path=args.base)
+    else:
+        model, tok = _load_base(args.base, args.dtype)
+        app = build_app(model, tok, name, opts, base_path=args.base)
     import uvicorn
     print(f"deltakit serve: {name} with {len(opts.adapters)} adapter(s) on http://{args.host}:{args.port}"
           f"{'' if opts.api_key else ' (no --api-key: adapter load/unload disabled)'}", flush=True)
@@ -100,11 +108,8 @@ def run(args) -> int:
 
 
 def _load_base(base: str, dtype: str | None):
-    """(model, tokenizer) of a causal LM; an encoder is refused in one line (not served yet)."""
-    from ..io.models import BUNDLED, load_causal_lm
-    if base == BUNDLED:
-        raise ValueError("BASE 'minilm' is an encoder; only causal LMs are served so far (expected 'smollm2' or "
-                         "a causal LM directory)")
+    """(model, tokenizer) of a causal LM."""
+    from ..io.models import load_causal_lm
     try:
         return load_causal_lm(base, dtype)
     except ValueError as e:

@@ -27,6 +27,7 @@ import contextlib
 import json
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -232,8 +233,12 @@ class _Service:
 
 
 def create_app(engine: Engine, residency: Residency, tokenizer: Any, *, base_name: str,
-               api_key: str | None = None, base_path: str | None = None, drain_timeout: float = 60.0) -> FastAPI:
-    """The app; its lifespan starts the engine and, at shutdown, drains the requests in flight."""
+               api_key: str | None = None, base_path: str | None = None, drain_timeout: float = 60.0,
+               routes: Callable[[FastAPI, _Service], None] | None = None) -> FastAPI:
+    """The app; its lifespan starts the engine and, at shutdown, drains the requests in flight.
+    ``routes`` adds the model's own endpoints (default: completions and chat; an encoder's
+    classification comes from :mod:`.classify`); models, adapters, health, metrics, auth and
+    errors are the same for every kind."""
     svc = _Service(engine, residency, tokenizer, base_name, api_key)
 
     @contextlib.asynccontextmanager
@@ -245,7 +250,7 @@ def create_app(engine: Engine, residency: Residency, tokenizer: Any, *, base_nam
     app = FastAPI(title="deltakit serve", lifespan=lifespan, dependencies=[Depends(_bearer(svc))])
     app.state.service = svc
     _errors(app)
-    _generation_routes(app, svc)
+    (routes or _generation_routes)(app, svc)
     _admin_routes(app, svc, base_path)
     return app
 

@@ -21,7 +21,7 @@ from .api import create_app
 from .engine import Engine, Limits
 from .residency import Residency
 
-__all__ = ["ServeOptions", "build_app", "LiveServer", "context_length"]
+__all__ = ["ServeOptions", "build_app", "make_residency", "LiveServer", "context_length"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,16 @@ def build_app(model: nn.Module, tokenizer: Any, base_name: str, options: ServeOp
               base_path: str | None = None):
     """The FastAPI app serving ``model`` as ``base_name`` with the given adapters. The adapters
     named in ``options.adapters`` are checked now (manifest, tensor file) and attached on first use."""
+    residency = make_residency(model, base_name, options)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    engine = Engine(model, eos_token_ids=eos_ids(model, tokenizer), pad_token_id=int(pad or 0),
+                    limits=options.limits, residency=residency, context_length=context_length(model))
+    return create_app(engine, residency, tokenizer, base_name=base_name, api_key=options.api_key,
+                      base_path=base_path, drain_timeout=options.drain_timeout)
+
+
+def make_residency(model: nn.Module, base_name: str, options: ServeOptions) -> Residency:
+    """The adapter tables for ``options`` (library, allowed roots, the adapters served from the start)."""
     library = None
     if options.library is not None:
         from ..library import AdapterLibrary
@@ -70,11 +80,7 @@ def build_app(model: nn.Module, tokenizer: Any, base_name: str, options: ServeOp
         path = Path(path).absolute()
         residency.allow(path)
         residency.register(name, path)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    engine = Engine(model, eos_token_ids=eos_ids(model, tokenizer), pad_token_id=int(pad or 0),
-                    limits=options.limits, residency=residency, context_length=context_length(model))
-    return create_app(engine, residency, tokenizer, base_name=base_name, api_key=options.api_key,
-                      base_path=base_path, drain_timeout=options.drain_timeout)
+    return residency
 
 
 class LiveServer:
