@@ -16,10 +16,12 @@ def _bound(res: dict, runs: list[dict]) -> dict:
     distinct = [len(keys) for r in runs for keys in r.get("step_keys", [])]
     if not per_step:
         return {}
+    changed = sum(a != b for r in runs for a, b in zip(r["step_keys"], r["step_keys"][1:]) if a)
     extra = statistics.fmean(per_step)
     base = res["base_bytes"]
     return {"bound": base / (base + extra), "mean_adapter_bytes_per_step": round(extra),
-            "mean_distinct_per_step": round(statistics.fmean(distinct), 2), "max_distinct_per_step": max(distinct)}
+            "mean_distinct_per_step": round(statistics.fmean(distinct), 2), "max_distinct_per_step": max(distinct),
+            "decode_steps": len(per_step), "steps_with_a_new_adapter_list": changed}
 
 
 def _agree(a: dict, b: dict) -> dict:
@@ -124,11 +126,13 @@ def _serve_table(s: dict) -> list[str]:
 
 def _bound_table(s: dict, res: dict) -> list[str]:
     lines = ["| distinct adapters | distinct per decode step (mean / max) | adapter MB read per step | "
-             "bound base/(base+adapters) | bound vs single (base+A1)/(base+An) | measured vs single | ratio |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
+             "decode steps (adapter list changed) | bound base/(base+adapters) | bound vs single (base+A1)/(base+An) | "
+             "measured vs single | ratio |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for n, row in sorted(s["table"]["deltakit"].items(), key=lambda kv: int(kv[0])):
         lines.append(f"| {n} | {row['mean_distinct_per_step']} / {row['max_distinct_per_step']} | "
-                     f"{row['mean_adapter_bytes_per_step'] / 1e6:.0f} | {row['bound']:.3f} | {row['bound_vs_single']:.3f} | "
+                     f"{row['mean_adapter_bytes_per_step'] / 1e6:.0f} | {row['decode_steps']} ({row['steps_with_a_new_adapter_list']}) | "
+                     f"{row['bound']:.3f} | {row['bound_vs_single']:.3f} | "
                      f"{row['vs_single']:.3f} | {row['vs_single_over_bound_vs_single']:.2f} |")
     return lines
 

@@ -50,18 +50,21 @@ def _summary(name: str, lat: list[float], tokens: dict[int, list[int]], wall: fl
 
 
 class StepTrace:
-    """Wraps an engine's decode step to record the adapter keys of the rows in each decode."""
+    """Wraps an engine's decode step to record the adapter keys of the rows in each decode (the
+    kernel caches its stacked factors per list of adapters present, so a step whose list differs
+    from the previous step's re-stacks them: counted in the report)."""
 
     def __init__(self, engine):
         self.engine, self.steps = engine, []
         self._orig = engine._decode
 
         def traced():
-            self.steps.append(frozenset(r.adapter for r in engine._reqs if r.adapter is not None))
+            # in row order of first appearance: the order mixed_batch hands the kernel its adapters
+            self.steps.append(tuple(dict.fromkeys(r.adapter for r in engine._reqs if r.adapter is not None)))
             self._orig()
         engine._decode = traced
 
-    def take(self) -> list[frozenset]:
+    def take(self) -> list[tuple]:
         out, self.steps = self.steps, []
         return out
 
@@ -111,7 +114,7 @@ def run_engine(engine, residency, jobs: list[Job], concurrency: int, max_tokens:
     steps = trace.take() if trace is not None else []
     asked = [j.adapter for j in jobs if j.index in start]
     return _summary(name, lat, tokens, wall, load0, count["errors"], adapters=asked, decode_steps=len(steps),
-                    step_keys=[sorted(s) for s in steps])
+                    step_keys=[list(s) for s in steps])
 
 
 def run_peft(model, jobs: list[Job], batch: int, max_tokens: int, pad: int, time_limit: float = 600.0) -> dict:

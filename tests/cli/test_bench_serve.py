@@ -45,3 +45,26 @@ def test_bound_is_base_over_base_plus_the_adapters_read_per_decode_step(monkeypa
     # greedy tokens: request 1 differs at its last token -> 1 of 2 identical, shared prefix (1 + 2/3) / 2
     assert s["agreement"]["deltakit_vs_peft_3"] == {"requests": 2, "identical": 1, "mean_prefix": 0.833}
     assert all("out_tokens" not in r and "step_keys" not in r for r in res["runs"])
+    assert three["steps_with_a_new_adapter_list"] == 1 and three["decode_steps"] == 2
+
+
+def test_report_states_every_target(monkeypatch, tmp_path):
+    """The markdown names each of the issue's targets as met or missed; the plot is written."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    from _common import read_json
+    from serve.report import markdown, plot, summarize
+
+    runs = [_run("deltakit", 1, 10.0, [{"a0~1"}]), _run("deltakit", 32, 5.0, [{"a0~1", "a1~2"}]),
+            _run("peft", 1, 4.0), _run("peft", 32, 6.0), _run("merged", 32, 12.0), _run("http", 32, 4.5)]
+    res = {"base_bytes": 1000, "adapter_bytes": {"a0~1": 100, "a1~2": 300}, "runs": runs,
+           "config": {"quick": False, "requests": 4, "max_tokens": 3, "time_limit": 60, "concurrency": 2,
+                      "threads": 1, "rounds": 1, "minilm": False},
+           "machine": {"cpu": "x", "logical_cpus": 2, "torch": "t"}, "load_start": [1, 1, 1], "load_end": [2, 2, 2],
+           "wall_min": 1.0, "minilm": {"source": "committed", **read_json(BENCH / "results" / "serve_mixed.json")}}
+    res["summary"] = summarize(res)
+    md = markdown(res)
+    # 32 adapters: 0.5 vs single over the bound 1000 / 1400 -> 0.70, missed; slower than peft at 32
+    assert "over the bound >= 0.9: 0.70" in md and "**MISSED**" in md
+    assert "(1: 2.50x, 32: 0.83x): **MISSED**" in md and "1.22x (folded in from the committed JSON): **met**" in md
+    plot(res, tmp_path / "serve.png")
+    assert (tmp_path / "serve.png").stat().st_size > 10_000
