@@ -121,6 +121,7 @@ def _peft_model(dk_model, keys: dict, log: Log):
             shared += 1
         if shared != N_LAYERS:
             raise RuntimeError(f"expected {N_LAYERS} peft LoRA layers for {name}, found {shared}")
+    base.generation_config.eos_token_id = None     # every row generates max_tokens, as the engine's do
     log(f"peft model with {len(keys)} adapters (shared factors) in {elapsed():.0f} s")
     return model.eval()
 

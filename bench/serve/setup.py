@@ -41,7 +41,7 @@ def make_adapters(model, root: Path, n: int, seed: int, log) -> dict[str, Path]:
     stamp = root / "settings.json"
     old = json.loads(stamp.read_text()) if stamp.is_file() else None
     paths = {f"a{k}": root / f"a{k}" for k in range(n)}
-    todo = [k for k in range(n) if old != settings or not (paths[f"a{k}"] / "manifest.json").is_file()]
+    todo = [k for k in range(n) if old != settings or not (paths[f"a{k}"] / "adapter.json").is_file()]
     for k in todo:
         r = rank_of(k)
         ad = dk.attach(model, dk.LoraConfig(r=r, alpha=2.0 * r, targets=("re:" + TARGETS,)), name=f"a{k}")
