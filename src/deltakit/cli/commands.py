@@ -157,7 +157,8 @@ def _export_lora(adapter, model, out: Path, rank: int | None, energy: float | No
 # ----------------------------------------------------------------------------- bench
 BENCHES = {"lora": "bench_lora", "methods": "bench_methods", "merge": "bench_merge",
            "merge-quality": "bench_merge_quality", "llm": "bench_llm", "llm-tasks": "llm_tasks",
-           "compress": "bench_compress", "qbase": "bench_qbase", "routing": "bench_routing"}
+           "compress": "bench_compress", "qbase": "bench_qbase", "routing": "bench_routing",
+           "serve": "bench_serve"}
 
 
 def add_bench(sub) -> None:

@@ -1,0 +1,2 @@
+"""Parts of bench/bench_serve.py: the model and adapters (setup), the contenders (runs) and the
+report (report)."""
