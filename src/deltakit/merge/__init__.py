@@ -8,6 +8,7 @@ from .recipe import Recipe, RecipeError, load_recipe, run_recipe
 from .stats import collect_grams, estimate_fisher, stack_stats
 from ._adamerging import AdaMergingResult, adamerging, prediction_entropy
 from ._evolve import EvolveResult, evolve_coefficients, layer_groups
+from ._graft import GraftResult, localize_skill
 
 __all__ = [
     "register_merge", "get_merge", "list_merges", "build_config", "MergeMethod", "MergeContext",
@@ -15,6 +16,6 @@ __all__ = [
     "MergePlan", "merge_checkpoints", "merge_tensors", "merge_task_vectors",
     "Recipe", "RecipeError", "load_recipe", "run_recipe", "layer_index", "lines_factor",
     "estimate_fisher", "collect_grams", "stack_stats", "adamerging", "AdaMergingResult",
-    "prediction_entropy", "evolve_coefficients", "EvolveResult", "layer_groups",
+    "prediction_entropy", "evolve_coefficients", "EvolveResult", "layer_groups", "localize_skill", "GraftResult",
 ]
 

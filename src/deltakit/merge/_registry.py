@@ -27,6 +27,10 @@ __all__ = ["register_merge", "get_merge", "list_merges", "MergeMethod", "MergeCo
            "MergeConfigError"]
 
 
+# which library function makes each statistic (named in the error when a run has none)
+_STAT_SOURCE = {"gram": "collect_grams", "fisher": "estimate_fisher", "graft_mask": "localize_skill"}
+
+
 class MergeConfigError(ConfigError):
     """A merge configuration value is missing or of the wrong kind."""
 
@@ -70,8 +74,7 @@ class MergeMethod:
         if stats_for is None or not any(stats_for(n) for n in names):
             kind = (self.needs_stats or self.uses_stats)[0]
             raise MergeConfigError(f"{self.name}: expected {kind!r} statistics from data "
-                                   f"(deltakit.merge.{'collect_grams' if kind == 'gram' else 'estimate_fisher'}),"
-                                   f" found none")
+                                   f"(deltakit.merge.{_STAT_SOURCE.get(kind, 'estimate_fisher')}), found none")
 
     def __call__(self, x: torch.Tensor | list[torch.Tensor], base: torch.Tensor, cfg: Any = None,
                  ctx: MergeContext | None = None) -> torch.Tensor:
