@@ -39,6 +39,7 @@ SWEEPS: dict[str, list[dict]] = {
 NOT_APPLICABLE = {
     "slerp": "interpolates the base with exactly ONE model (raises for K=4); pairwise only",
     "graft": "needs each task's graft learned on its data (deltakit.merge.localize_skill); not computed here yet",
+    "lcsc": "combines checkpoints of ONE training run (searched with lcsc_search); at its default it is 'linear'",
     "resta": "safety re-alignment: [fine-tune, unsafe fine-tune] of one aligned base, not a K=4 multi-task merge",
 }
 DATA_METHODS = {"fisher": "fisher", "regmean": "gram"}  # method -> statistic it reads from ctx.stats

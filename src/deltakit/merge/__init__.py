@@ -9,6 +9,7 @@ from .stats import collect_grams, estimate_fisher, stack_stats
 from ._adamerging import AdaMergingResult, adamerging, prediction_entropy
 from ._evolve import EvolveResult, evolve_coefficients, layer_groups
 from ._graft import GraftResult, localize_skill
+from ._lcsc import LcscResult, lcsc_search
 
 __all__ = [
     "register_merge", "get_merge", "list_merges", "build_config", "MergeMethod", "MergeContext",
@@ -17,5 +18,6 @@ __all__ = [
     "Recipe", "RecipeError", "load_recipe", "run_recipe", "layer_index", "lines_factor",
     "estimate_fisher", "collect_grams", "stack_stats", "adamerging", "AdaMergingResult",
     "prediction_entropy", "evolve_coefficients", "EvolveResult", "layer_groups", "localize_skill", "GraftResult",
+    "lcsc_search", "LcscResult",
 ]
 
