@@ -10,6 +10,7 @@ from ._adamerging import AdaMergingResult, adamerging, prediction_entropy
 from ._evolve import EvolveResult, evolve_coefficients, layer_groups
 from ._graft import GraftResult, localize_skill
 from ._lcsc import LcscResult, lcsc_search
+from ._surgery import SurgeryResult, model_surgery, pooled_hidden_states, surgery_delta, train_probe
 
 __all__ = [
     "register_merge", "get_merge", "list_merges", "build_config", "MergeMethod", "MergeContext",
@@ -18,6 +19,7 @@ __all__ = [
     "Recipe", "RecipeError", "load_recipe", "run_recipe", "layer_index", "lines_factor",
     "estimate_fisher", "collect_grams", "stack_stats", "adamerging", "AdaMergingResult",
     "prediction_entropy", "evolve_coefficients", "EvolveResult", "layer_groups", "localize_skill", "GraftResult",
-    "lcsc_search", "LcscResult",
+    "lcsc_search", "LcscResult", "model_surgery", "SurgeryResult", "pooled_hidden_states", "surgery_delta",
+    "train_probe",
 ]
 
