@@ -10,6 +10,7 @@ from ._adamerging import AdaMergingResult, adamerging, prediction_entropy
 from ._evolve import EvolveResult, evolve_coefficients, layer_groups
 from ._graft import GraftResult, localize_skill
 from ._lcsc import LcscResult, lcsc_search
+from ._pleas import PleasResult, match_units, pleas_merge
 from ._surgery import SurgeryResult, model_surgery, pooled_hidden_states, surgery_delta, train_probe
 
 __all__ = [
@@ -20,6 +21,6 @@ __all__ = [
     "estimate_fisher", "collect_grams", "stack_stats", "adamerging", "AdaMergingResult",
     "prediction_entropy", "evolve_coefficients", "EvolveResult", "layer_groups", "localize_skill", "GraftResult",
     "lcsc_search", "LcscResult", "model_surgery", "SurgeryResult", "pooled_hidden_states", "surgery_delta",
-    "train_probe",
+    "train_probe", "pleas_merge", "PleasResult", "match_units",
 ]
 
