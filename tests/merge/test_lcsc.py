@@ -47,6 +47,7 @@ def test_search_recovers_a_known_combination_through_optuna_cmaes():
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.CmaEsSampler(seed=0))
     res = lcsc_search(cks, objective, n_trials=150, seed=0, study=study)
     assert len(study.trials) == 150 and isinstance(study.sampler, optuna.samplers.CmaEsSampler)
+    assert len(study.best_params) == 3  # K - 1 free alphas: the last is 1 - their sum
     uniform = objective({n: sum(ck[n] for ck in cks) / 4 for n in target})
     assert res.history[0] == pytest.approx(uniform, rel=1e-5)  # the first point is the uniform average
     assert res.best_value == max(res.history) and res.best_value > -0.05 > uniform

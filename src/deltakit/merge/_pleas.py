@@ -11,7 +11,8 @@ steps, from activations on data:
    side by side, so layer l of the merged model has ``m_l + 2 (d_l - m_l)`` units
    (ratio 1: the original width; ratio 0: both models side by side).
 2. Least squares, layer by layer: the merged layer's weights solve
-   ``min_W || [X_merged, X_A-only, X_B-only, 1] W^T - [ (Y_A + Y_B) / 2 (merged units), Y_A (A-only), Y_B (B-only) ] ||^2``
+   ``min_W || [X_m, X_A, X_B, 1] W^T - [(Y_A + Y_B) / 2 | Y_A | Y_B] ||^2`` (merged, A-only, B-only
+   units),
    where X are the layer's inputs and Y its pre-activation outputs in the ORIGINAL models
    (permuted into the merged layout; merged input units take the mean of the pair), and the
    blocks that would feed A-only inputs into B-only outputs (and B into A) are held at 0.
