@@ -319,22 +319,22 @@ class Residency:
         return out
 
     # ------------------------------------------------------------------ prefetch (any thread)
-    def prefetch(self, keys: Iterable[str]) -> int:
+    def prefetch(self, keys: Iterable[str]) -> dict[str, Future]:
         """Start reading into host memory the adapters ``keys`` name (the look-ahead window,
-        in queue order) that are only on disk; returns how many reads started. See the module
-        docstring for the capacity policy."""
+        in queue order) that are only on disk; returns the reads started (key -> future, done
+        once the copy is installed or the failure recorded). See the module docstring for the
+        capacity policy."""
         with self._lock:
             want = [k for k in dict.fromkeys(keys) if k in self._sources]
             self._wanted = set(want)
-            started = 0
+            started: dict[str, Future] = {}
             for key in want:
                 if self._closed or not self._fetchable(key):
                     continue
                 if not self._make_room():
                     break
-                self._inflight[key] = self._executor().submit(self._fetch, key, self._sources[key])
+                started[key] = self._inflight[key] = self._executor().submit(self._fetch, key, self._sources[key])
                 self.prefetches["started"] += 1
-                started += 1
             return started
 
     def _fetchable(self, key: str) -> bool:
