@@ -54,7 +54,7 @@ def _limits(p) -> None:
     p.add_argument("--host-resident", type=int, default=32,
                    help="detached adapters kept in host memory (default 32)")
     p.add_argument("--prefetch", type=int, default=4, metavar="N",
-                   help="read the adapters of the next N queued requests from disk before admission (default 4; 0: off)")
+                   help="read the adapters of the next N queued requests before admission (default 4; 0: off)")
 
 
 def parse_adapters(pairs: list[str]) -> dict[str, str]:

@@ -16,7 +16,12 @@ still being read and other rows are running, it waits at the head of the queue (
 it overtakes) instead of stalling their decode step; with no rows running it waits for the read.
 
 Not yet: the newcomers' prefill is its own forward before the decode step (not fused with it,
-as chunked prefill would), so a long prompt delays the running rows by one prefill.
+as chunked prefill would), so a long prompt delays the running rows by one prefill. And the
+attach itself stays on the scheduler thread: prefetch takes the file read and sha256 off it
+(SmolLM2, page-cached files, load ~12 on 2 cores, medians of 18: a rank-16 LoRA's admission
+179 -> 135 ms, rank 64 320 -> 243 ms; ``bench/serve_prefetch.py``), while building the deltas
+(with a random init that the copy then overwrites), the finite and target checks and the copy
+remain, and dominate on a fast disk.
 
 Greedy rows take the argmax; sampled rows draw with :func:`deltakit.train.generate.sample_top_p`
 from their own generator seeded as ``generate_ids`` seeds a lone prompt, so a request's tokens

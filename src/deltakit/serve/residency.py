@@ -475,7 +475,8 @@ class Residency:
             if not same:
                 raise AdapterLoadError(
                     f"base model differs from the one the adapter was trained on (fingerprint {now[:20]}... vs "
-                    f"{man['base_fingerprint'][:20]}...); pass strict_base=False (CLI: --no-strict-base) to load anyway")
+                    f"{man['base_fingerprint'][:20]}...); pass strict_base=False (CLI: --no-strict-base) to load "
+                    f"anyway")
 
     def _same_base(self, recorded: str, exclude: list[str], path: Path) -> bool:
         """Check a whole-base fingerprint against one computed once per kind: the served base
