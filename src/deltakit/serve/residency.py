@@ -4,8 +4,9 @@ Three tiers, as S-LoRA / LoRAX keep them:
 
 * **device**: attached to the model (on its device), at most ``capacity`` of them, least
   recently used evicted first;
-* **host**: detached, their tensors kept as CPU state dicts (``host_capacity`` of them), so
-  coming back costs a copy, not a file read and a sha256;
+* **host**: detached, their tensors kept as CPU state dicts (a compressed one: its codec
+  values) (``host_capacity`` of them), so coming back costs an attach, not a file read and a
+  sha256;
 * **disk**: the adapter directory or the library entry, read on first use.
 
 Two kinds at rest: an adapter directory (``adapter.json``), or a compressed task vector as
@@ -59,7 +60,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from torch import Tensor, nn
+from torch import nn
 
 from ..core.adapter import adapters as attached
 from ..core.adapter import detach, get_adapter
