@@ -1,5 +1,6 @@
 """The demo's reading of the server's /metrics: per-adapter figures from the very text the
 server's Metrics class writes (hand-chosen requests, hand-worked sums and means)."""
+from collections import Counter
 from types import SimpleNamespace
 
 import pytest
@@ -12,7 +13,9 @@ def test_parse_metrics_reads_what_the_server_writes():
     from deltakit.serve._metrics import Metrics
 
     engine = SimpleNamespace(queue_depth=2, running=1)
-    residency = SimpleNamespace(tiers=lambda: {"device": 1, "host": 0, "disk": 3})
+    residency = SimpleNamespace(tiers=lambda: {"device": 1, "host": 0, "disk": 3},
+                                tiers_by_kind=lambda: {("device", "adapter"): 1, ("disk", "adapter"): 3},
+                                loads=Counter(), prefetches=Counter())
     m = Metrics(engine, residency)
     # adapter, outcome, prompt tokens, completion tokens, seconds, seconds to the first token
     m.finished("a", "length", 10, 6, 0.5, 0.25)

@@ -24,7 +24,8 @@ def add_parser(sub) -> None:
                     "--adapter sql=runs/sql --api-key $KEY --port 8000")
     p.add_argument("base", metavar="BASE", help="'smollm2', 'minilm', or a causal LM or encoder directory")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
-                   help="serve the adapter directory PATH as NAME (repeatable)")
+                   help="serve the adapter directory PATH (or a compressed task vector from 'deltakit compress') "
+                        "as NAME (repeatable)")
     p.add_argument("--adapter-dir", action="append", default=[], metavar="DIR",
                    help="a directory /v1/load_lora_adapter may load adapters from (repeatable)")
     p.add_argument("--library", default=None, metavar="DIR", help="an adapter library: NAME or NAME@VERSION")
@@ -52,6 +53,8 @@ def _limits(p) -> None:
     p.add_argument("--resident", type=int, default=8, help="adapters attached at once (default 8)")
     p.add_argument("--host-resident", type=int, default=32,
                    help="detached adapters kept in host memory (default 32)")
+    p.add_argument("--prefetch", type=int, default=4, metavar="N",
+                   help="read the adapters of the next N queued requests before admission (default 4; 0: off)")
 
 
 def parse_adapters(pairs: list[str]) -> dict[str, str]:
@@ -79,7 +82,7 @@ def run(args) -> int:
         raise ValueError(f"--port: expected 0 to 65535, found {args.port}")
     opts = ServeOptions(adapters=parse_adapters(args.adapter), adapter_dirs=args.adapter_dir, library=args.library,
                         api_key=args.api_key or None, limits=limits, resident=args.resident,
-                        host_resident=args.host_resident, strict_base=args.strict_base)
+                        host_resident=args.host_resident, prefetch=args.prefetch, strict_base=args.strict_base)
     for d in args.adapter_dir:
         if not Path(d).is_dir():
             raise FileNotFoundError(f"--adapter-dir {d}: expected a directory, found nothing")

@@ -1,5 +1,6 @@
 """Prometheus metrics of one server: requests and tokens per adapter, latency histograms, queue
-depth, running rows and the adapters resident in each tier.
+depth, running rows, the adapters resident in each tier (also split by kind: adapter directory
+or compressed task vector), where each admission found its adapter, and the prefetch reads.
 
 A registry per server (not prometheus_client's global one), so two servers in one process
 (tests, a benchmark) keep separate counts. The ``adapter`` label is the served name (the base's
@@ -9,7 +10,7 @@ is counted as ``adapter=""``, so clients cannot grow the label set.
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 __all__ = ["Metrics", "CONTENT_TYPE"]
 
@@ -28,6 +29,24 @@ class _Tiers:
         for tier, n in self.residency.tiers().items():
             g.add_metric([tier], n)
         yield g
+        k = GaugeMetricFamily("deltakit_resident_adapters_by_kind", "Adapters held in each residency tier, by "
+                              "what they are at rest (adapter directory or compressed task vector)",
+                              labels=["tier", "kind"])
+        for (tier, kind), n in sorted(self.residency.tiers_by_kind().items()):
+            k.add_metric([tier, kind], n)
+        yield k
+        loads = CounterMetricFamily("deltakit_adapter_admissions", "Admissions by where the adapter was: device, "
+                                    "host (an evicted copy), prefetched (a prefetch hit), waited (its prefetch was "
+                                    "still reading), disk (read at admission)", labels=["source"])
+        for where in ("device", "host", "prefetched", "waited", "disk"):
+            loads.add_metric([where], self.residency.loads[where])
+        yield loads
+        pre = CounterMetricFamily("deltakit_prefetch_reads", "Prefetch reads by outcome: started, failed, dropped "
+                                  "(unloaded first), evicted (pushed out of the host tier before use)",
+                                  labels=["outcome"])
+        for outcome in ("started", "failed", "dropped", "evicted"):
+            pre.add_metric([outcome], self.residency.prefetches[outcome])
+        yield pre
 
 
 class Metrics:

@@ -9,11 +9,19 @@ the per-row work. Only the scheduler thread touches the model (forwards, attachi
 detaching adapters through :class:`~deltakit.serve.residency.Residency`); other threads talk to
 it through :meth:`Engine.submit` / :meth:`Engine.cancel` and each request's ``sink`` callback.
 
+Prefetch (``prefetch=N``): on each submission and each step the engine names the adapters of
+the first ``N`` queued requests to :meth:`Residency.prefetch`, which reads those only on disk
+into host copies on its own thread; admission then only attaches. While a request's adapter is
+still being read and other rows are running, it waits at the head of the queue (nothing behind
+it overtakes) instead of stalling their decode step; with no rows running it waits for the read.
+
 Not yet: the newcomers' prefill is its own forward before the decode step (not fused with it,
-as chunked prefill would), so a long prompt delays the running rows by one prefill; and an
-adapter's first load (disk read, sha256, checks: ~0.06 s for a rank-16 SmolLM2 LoRA once the
-base fingerprint is cached, ~0.035 s back from the host tier) runs on the scheduler thread, not
-prefetched from the queue.
+as chunked prefill would), so a long prompt delays the running rows by one prefill. And the
+attach itself stays on the scheduler thread: prefetch takes the file read and sha256 off it
+(SmolLM2, page-cached files, load ~12 on 2 cores, medians of 18: a rank-16 LoRA's admission
+179 -> 135 ms, rank 64 320 -> 243 ms; ``bench/serve_prefetch.py``), while building the deltas
+(with a random init that the copy then overwrites), the finite and target checks and the copy
+remain, and dominate on a fast disk.
 
 Greedy rows take the argmax; sampled rows draw with :func:`deltakit.train.generate.sample_top_p`
 from their own generator seeded as ``generate_ids`` seeds a lone prompt, so a request's tokens
@@ -115,8 +123,12 @@ class Engine:
     """Continuous batching over one model; see the module docstring."""
 
     def __init__(self, model: nn.Module, *, eos_token_ids: Sequence[int], pad_token_id: int,
-                 limits: Limits | None = None, residency=None, context_length: int | None = None):
+                 limits: Limits | None = None, residency=None, context_length: int | None = None,
+                 prefetch: int = 0):
+        if prefetch < 0:
+            raise ValueError(f"expected a prefetch depth >= 0 (queued requests looked ahead at), found {prefetch}")
         self.model = model.eval()
+        self.prefetch = prefetch
         self.eos = frozenset(int(t) for t in eos_token_ids)
         self.pad = int(pad_token_id)
         self.limits = limits or Limits()
@@ -157,6 +169,16 @@ class Engine:
             if self.residency is not None and req.adapter is not None:
                 self.residency.release(req.adapter)
             raise
+        self._prefetch()
+
+    def _prefetch(self) -> None:
+        """Name the adapters of the first ``prefetch`` queued requests to the residency, which
+        starts reading those only on disk (any thread; the reads run on the residency's own)."""
+        if not self.prefetch or self.residency is None:
+            return
+        with self._cv:
+            keys = [r.adapter for r in itertools.islice(self._queue, self.prefetch) if r.adapter is not None]
+        self.residency.prefetch(keys)
 
     def _enqueue(self, req: Request) -> None:
         self.check(req)
@@ -223,6 +245,8 @@ class Engine:
             self._cv.notify()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self.prefetch and self.residency is not None and not self.alive:
+            self.residency.close()
 
     def _loop(self) -> None:
         while True:
@@ -252,6 +276,7 @@ class Engine:
         self._run_calls()
         self._reap()
         new = self._admitting = self._admit()
+        self._prefetch()
         if new:
             self._prefill(new)
         self._admitting = []
@@ -291,7 +316,10 @@ class Engine:
             with self._cv:
                 if not self._queue:
                     break
-                r = self._queue.popleft()
+                r = self._queue[0]
+                if self._reading(r) and not (r.cancelled or now > r.deadline):
+                    break  # its adapter lands in a step or two; the running rows go on meanwhile
+                self._queue.popleft()
             if r.cancelled or now > r.deadline:
                 self._finish(r, "cancelled" if r.cancelled else "timeout")
                 continue
@@ -303,6 +331,11 @@ class Engine:
                 continue
             new.append(r)
         return new
+
+    def _reading(self, r: Request) -> bool:
+        """Whether admitting ``r`` now would stall running rows on its adapter's prefetch read."""
+        return (bool(self._reqs) and self.residency is not None and r.adapter is not None
+                and self.residency.loading(r.adapter))
 
     @torch.no_grad()
     def _prefill(self, new: list[Request]) -> None:

@@ -31,7 +31,8 @@ class ServeOptions:
     ``adapters``: name -> adapter directory, served from the start (their directories become
     allowed roots). ``adapter_dirs``: directories ``/v1/load_lora_adapter`` may load from.
     ``resident``: adapters attached at once (the device tier); ``host_resident``: detached ones
-    kept in host memory."""
+    kept in host memory; ``prefetch``: queued requests whose adapters are read from disk ahead of
+    their admission (0: off)."""
 
     adapters: Mapping[str, str] = field(default_factory=dict)
     adapter_dirs: Sequence[str] = ()
@@ -40,6 +41,7 @@ class ServeOptions:
     limits: Limits = field(default_factory=Limits)
     resident: int = 8
     host_resident: int = 32
+    prefetch: int = 4
     strict_base: bool = True
     drain_timeout: float = 60.0
 
@@ -57,7 +59,8 @@ def build_app(model: nn.Module, tokenizer: Any, base_name: str, options: ServeOp
     residency = make_residency(model, base_name, options)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     engine = Engine(model, eos_token_ids=eos_ids(model, tokenizer), pad_token_id=int(pad or 0),
-                    limits=options.limits, residency=residency, context_length=context_length(model))
+                    limits=options.limits, residency=residency, context_length=context_length(model),
+                    prefetch=options.prefetch)
     return create_app(engine, residency, tokenizer, base_name=base_name, api_key=options.api_key,
                       base_path=base_path, drain_timeout=options.drain_timeout)
 
