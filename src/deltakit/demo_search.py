@@ -8,7 +8,8 @@ the points; MO-ASHA stops the weaker half at the rung (half the steps). The stud
 is an SQLite file (``<out>/search/search.db``, made afresh by each demo run) and the step
 prints the Pareto front table, the same one ``deltakit search --report`` writes.
 
-A few seconds a trial (24 steps of MiniLM at batch 16, 32 tokens): see the README for the time.
+Eight trials of at most 24 steps of MiniLM at batch 16 x 32 tokens (120 steps in all when six
+stop at the rung): meant to take about half a minute on 2 idle cores.
 """
 from __future__ import annotations
 
