@@ -100,7 +100,13 @@ def search_doc(cfg: BenchConfig, task: str, steps: int, max_length: int, n_fit: 
                     "batch_size": cfg.batch_size, "metric": TASK_METRIC[task]},
            "methods": methods, "training": {"lr": list(cfg.lr), "steps": steps, "warmup": 0.1},
            "objectives": ["metric", "params"], "sampler": cfg.sampler,
-           "fidelity": {"min_steps": max(1, steps // cfg.eta ** 2), "eta": cfg.eta, "kind": "halving"},
+           "fidelity": {"min_steps": _first_rung(steps, cfg.eta), "eta": cfg.eta, "kind": "halving"},
            "seed": cfg.seed}
     key = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:10]
     return {"name": f"bench-{task}-{key}", **doc}
+
+
+def _first_rung(steps: int, eta: int) -> int:
+    """ceil(steps / eta^2): rungs at ~1/9 and ~1/3 of the steps and none after (200 steps: 23 and
+    69; floor division gave 22, 66 and 198, a last rung that saves 1% of a trial)."""
+    return max(1, -(-steps // eta ** 2))

@@ -72,3 +72,14 @@ def test_pick_front_keeps_the_best_under_each_budget_and_spreads_the_rest(monkey
     front = [SimpleNamespace(number=i, values=(0.5 + 0.01 * i, 10.0 ** (i + 1))) for i in range(8)]
     got = pick_front(front, 1_000_000, 3, (0.001,), 1.5)
     assert [t.number for t in got] == [0, 2, 4, 7]
+
+
+def test_rungs_sit_at_a_ninth_and_a_third_of_the_steps(monkeypatch):
+    """200 steps, eta 3: first rung ceil(200 / 9) = 23, then 69; 207 is past the end (floor
+    division gave 22, 66 and 198: a last judgement after 99% of the trial's steps)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    from deltakit.search.fidelity import rungs
+    from search.config import _first_rung
+
+    assert rungs(200, _first_rung(200, 3), 3) == [23, 69]
+    assert rungs(300, _first_rung(300, 3), 3) == [34, 102]
