@@ -22,7 +22,8 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 DEFAULT_DATA = os.environ.get("DELTAKIT_GLUE_DIR", "/work/shared/data/text")
 # GLUE-style tasks and the metric each is scored by
-TASK_METRIC = {"sst2": "accuracy", "rte": "accuracy", "mrpc": "f1", "cola": "mcc", "qnli": "accuracy"}
+TASK_METRIC = {"sst2": "accuracy", "rte": "accuracy", "mrpc": "f1", "cola": "mcc", "qnli": "accuracy",
+               "trec": "accuracy", "subj": "accuracy", "ag_news": "accuracy"}
 
 __all__ = ["HERE", "RESULTS", "DEFAULT_DATA", "TASK_METRIC", "load_avg", "cpu_model", "interleaved", "paired_ratio",
            "machine_info", "timer",

@@ -156,3 +156,16 @@ def test_fail_running_fails_and_requeues_for_a_journal_storage(tmp_path):
     states = [(u.number, u.state.name, u.params, u.system_attrs.get("failed_trial")) for u in study.get_trials()]
     assert states == [(0, "FAIL", {"x": x}, None), (1, "WAITING", {"x": x}, 0)]
     assert fail_running(study) == []  # the WAITING retry is not running: nothing more to fail
+
+
+def test_the_autopeft_preset_with_fidelity_opens_and_runs(tmp_path):
+    """open_study read the fidelity's max steps from a space built without the model's layers,
+    which a per-layer switch refuses: the autopeft preset plus fidelity could not start."""
+    spec = parse_spec({"name": "ap", "task": "toy", "preset": "autopeft", "trials": 4,
+                       "training": {"steps": 200}, "fidelity": {"min_steps": 50, "eta": 3}})
+    study = run_search(spec, f"sqlite:///{tmp_path / 's.db'}")
+    c = counts(study)
+    assert c.get("COMPLETE", 0) + c.get("PRUNED", 0) == 4
+    points = [t.user_attrs["point"] for t in study.trials]
+    assert {p["method"] for p in points} == {"unified"}
+    assert all(set(p["settings"]["layers"]) <= {0, 1} for p in points)  # the toy's 2 stand-in layers

@@ -158,7 +158,7 @@ def _export_lora(adapter, model, out: Path, rank: int | None, energy: float | No
 BENCHES = {"lora": "bench_lora", "methods": "bench_methods", "merge": "bench_merge",
            "merge-quality": "bench_merge_quality", "llm": "bench_llm", "llm-tasks": "llm_tasks",
            "compress": "bench_compress", "qbase": "bench_qbase", "routing": "bench_routing",
-           "serve": "bench_serve"}
+           "serve": "bench_serve", "search": "bench_search"}
 
 
 def add_bench(sub) -> None:
@@ -517,6 +517,8 @@ def run_demo(args) -> int:
     if args.steps is not None:
         cfg = dataclasses.replace(cfg, steps=args.steps)
     run(cfg)
+    from ..demo_search import SearchDemoConfig, run_search_demo
+    run_search_demo(SearchDemoConfig(model=args.model, out=args.out, seed=args.seed))
     if not args.no_llm:
         run_llm(LlmDemoConfig(out=args.out, seed=args.seed))
     return 0

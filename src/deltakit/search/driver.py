@@ -127,7 +127,9 @@ def open_study(spec: SearchSpec, storage, *, create: bool = True):
 
 
 def _max_steps(spec: SearchSpec) -> int:
-    p = next(p for p in spec.space().training.params if p.name == "steps")
+    # the training knobs do not depend on the model: 2 stands in for its layers, which a
+    # per-layer switch (the autopeft preset) needs before any model is loaded
+    p = next(p for p in spec.space(num_layers=2).training.params if p.name == "steps")
     if p.kind == "fixed":
         return int(p.value)
     return int(max(p.choices) if p.kind == "categorical" else p.high)

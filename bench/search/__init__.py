@@ -1,0 +1,1 @@
+"""The search benchmark's parts: protocol and compute budget, the compute-bounded study, the report."""
