@@ -66,6 +66,16 @@ def _complete(client, model: str, prompt: str, n: int):
     return raw.parse().choices[0].text, raw.headers["x-deltakit-replica"], raw.headers["x-deltakit-adapter-resident"]
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["serve", "x", "--ray-address", "auto"], "--ray-address: expected --ray-replicas N with it, found none"),
+    (["serve", "x", "--ray-replicas", "0"], "--ray-replicas: expected >= 1, found 0"),
+])
+def test_ray_flags_fail_in_one_line(argv, message, capsys):
+    from deltakit.cli import main
+    assert main(argv) == 1
+    assert capsys.readouterr().err == f"deltakit serve: error: {message}\n"
+
+
 def test_requests_go_to_the_replica_holding_their_adapter(ray_client, reference, ray_server):
     print(f"Ray, Serve and 2 replicas up in {ray_server[1]:.1f} s")
     home = {}

@@ -119,6 +119,8 @@ def _run_on_ray(args, name: str, opts) -> int:
     from ..serve.classify import is_encoder
     if args.ray_replicas is None:
         raise ValueError("--ray-address: expected --ray-replicas N with it, found none")
+    if args.ray_replicas < 1:
+        raise ValueError(f"--ray-replicas: expected >= 1, found {args.ray_replicas}")
     if is_encoder(args.base):
         raise ValueError(f"--ray-replicas: expected a causal LM BASE, found the encoder {args.base!r}")
     if opts.adapter_dirs or opts.api_key:

@@ -217,12 +217,27 @@ def _router_deployment():
             routing = {"multiplexed_model_id": model} if model and model != self.base_name else {}
             gen = self.engine.options(stream=True, **routing).forward.remote(
                 request.method, path, request.url.query.encode(), list(request.headers.items()), body)
-            head = await gen.__anext__()
-            headers = {k: v for k, v in head["headers"] if k.lower() not in ("content-length", "transfer-encoding")}
-            if "text/event-stream" in headers.get("content-type", ""):
-                return StreamingResponse((m["body"] async for m in gen), status_code=head["status"], headers=headers)
-            data = b"".join([m["body"] async for m in gen])
+            try:
+                head = await gen.__anext__()
+                headers = {k: v for k, v in head["headers"] if k.lower() not in ("content-length", "transfer-encoding")}
+                if "text/event-stream" in headers.get("content-type", ""):
+                    return StreamingResponse(relay(gen), status_code=head["status"], headers=headers)
+                data = b"".join([m["body"] async for m in gen])
+            except BaseException:
+                gen.cancel()  # the client left (or the replica failed): stop the generation there too
+                raise
             return Response(data, status_code=head["status"], headers=headers)
+
+    async def relay(gen):
+        """The SSE body; a client that leaves mid-stream cancels the replica's generation."""
+        finished = False
+        try:
+            async for m in gen:
+                yield m["body"]
+            finished = True
+        finally:
+            if not finished:
+                gen.cancel()
 
     return Router
 
