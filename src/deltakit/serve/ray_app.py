@@ -200,6 +200,18 @@ def _router_deployment():
         model = data.get("model") if isinstance(data, dict) else None
         return model if isinstance(model, str) else ""
 
+    async def relay(gen):
+        """The SSE body; a client that leaves mid-stream cancels the replica's generation."""
+        finished = False
+        try:
+            async for m in gen:
+                yield m["body"]
+            finished = True
+        finally:
+            if not finished:
+                gen.cancel()
+
+    # defined before the class: serve.ingress pickles the app (and the routes' closures) at once
     @serve.ingress(app)
     class Router:
         def __init__(self, engine, base_name: str):
@@ -227,17 +239,6 @@ def _router_deployment():
                 gen.cancel()  # the client left (or the replica failed): stop the generation there too
                 raise
             return Response(data, status_code=head["status"], headers=headers)
-
-    async def relay(gen):
-        """The SSE body; a client that leaves mid-stream cancels the replica's generation."""
-        finished = False
-        try:
-            async for m in gen:
-                yield m["body"]
-            finished = True
-        finally:
-            if not finished:
-                gen.cancel()
 
     return Router
 
@@ -278,11 +279,11 @@ def run_on_ray(base: str, served_name: str, options: ServeOptions, *, replicas: 
     application (replicas drain their engines) and leave Ray."""
     import ray
     from ray import serve
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     start_on_ray(ray_application(base, served_name, options, replicas=replicas, dtype=dtype, threads=threads),
                  address=address, host=host, port=port)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own handlers
+        signal.signal(sig, lambda *_: stop.set())
     print(f"deltakit serve: {served_name} with {len(options.adapters)} adapter(s) on {replicas} Ray replica(s), "
           f"http://{host}:{port}", flush=True)
     try:
