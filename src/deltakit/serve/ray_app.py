@@ -177,16 +177,10 @@ def _engine_deployment(max_adapters: int):
     return EngineReplica
 
 
-def _router_deployment():
-    """The ingress: a FastAPI app whose one catch-all route forwards to an engine replica. It
-    references nothing of deltakit at module level (Ray pickles it by value), so the router's
-    process never imports torch."""
-    from fastapi import FastAPI
-    from fastapi.responses import JSONResponse, Response, StreamingResponse
-    from ray import serve
-
-    app = FastAPI(title="deltakit serve on Ray")
-    generation, management = _MODEL_ROUTES, _MANAGEMENT
+def _router_helpers():
+    """The router's two helpers, as closures (Ray pickles them by value with the router, so the
+    router's process imports nothing of deltakit)."""
+    generation = _MODEL_ROUTES
 
     def model_of(path: str, body: bytes) -> str:
         """The ``model`` field of a generation request ("" for other routes, or a body that is not
@@ -211,7 +205,22 @@ def _router_deployment():
             if not finished:
                 gen.cancel()
 
-    # defined before the class: serve.ingress pickles the app (and the routes' closures) at once
+    return model_of, relay
+
+
+def _router_deployment():
+    """The ingress: a FastAPI app whose one catch-all route forwards to an engine replica. It
+    references nothing of deltakit at module level (Ray pickles it by value), so the router's
+    process never imports torch."""
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
+    from ray import serve
+
+    app = FastAPI(title="deltakit serve on Ray")
+    model_of, relay = _router_helpers()
+    management = _MANAGEMENT
+
+    # bound before the class: serve.ingress pickles the app (and the routes' closures) at once
     @serve.ingress(app)
     class Router:
         def __init__(self, engine, base_name: str):
