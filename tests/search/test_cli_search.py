@@ -17,8 +17,8 @@ def test_help_lists_the_options(capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["search", "--backend", "ray", "x.yaml"], "deltakit search: error: --backend ray: expected Ray Tune installed, "
-                                                "found it missing in this build;"),
+    (["search", "--ray-address", "auto", "x.yaml"], "deltakit search: error: --ray-address: expected --backend ray "
+                                                     "with it, found --backend optuna"),
     (["search"], "deltakit search: error: expected a search YAML (deltakit search SPACE.yaml) or --report, "
                  "found neither"),
     (["search", "missing.yaml"], "deltakit search: error: expected a search YAML file, found nothing at missing.yaml"),

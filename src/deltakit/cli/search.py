@@ -32,7 +32,10 @@ def add_parser(sub) -> None:
                         "journal:FILE")
     p.add_argument("--workers", type=int, default=1, help="parallel worker processes on this machine (default 1)")
     p.add_argument("--backend", choices=["optuna", "ray"], default="optuna",
-                   help="optuna (default); ray is not available in this build")
+                   help="optuna: worker processes on this machine (default); ray: the workers run as Ray Tune "
+                        "trials, locally or on a cluster (--ray-address); the same study either way")
+    p.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="--backend ray: join this Ray cluster ('auto' or HEAD_IP:6379; default: a local Ray)")
     p.add_argument("--heartbeat", type=int, default=10,
                    help="seconds between a running trial's heartbeats (RDB storage); a trial silent for 3x this is "
                         "failed and retried (default 10)")
@@ -51,9 +54,8 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    if args.backend == "ray":
-        raise ValueError("--backend ray: expected Ray Tune installed, found it missing in this build; use "
-                         "--backend optuna (the same study, shared through --storage)")
+    if args.ray_address is not None and args.backend != "ray":
+        raise ValueError(f"--ray-address: expected --backend ray with it, found --backend {args.backend}")
     if args.workers < 1:
         raise ValueError(f"--workers: expected an integer >= 1, found {args.workers}")
     if args.report:
@@ -91,11 +93,13 @@ def _run(args, spec) -> int:
     if args.fail_running:
         failed = fail_running(open_study(spec, open_storage(url, args.heartbeat)))
         print(f"failed and re-enqueued running trials: {failed or 'none'}")
+    where = " on Ray" if args.backend == "ray" else ""
     print(f"search {spec.name!r}: {spec.trials} trials, objectives {', '.join(spec.objectives)}, sampler "
-          f"{spec.sampler}, storage {url}, {args.workers} worker(s); re-run the same command to continue")
+          f"{spec.sampler}, storage {url}, {args.workers} worker(s){where}; re-run the same command to continue")
     bar = Progress(spec.trials)
     try:
-        study = run_search(spec, url, workers=args.workers, heartbeat=args.heartbeat, progress=bar)
+        study = run_search(spec, url, workers=args.workers, heartbeat=args.heartbeat, progress=bar,
+                           backend=args.backend, ray_address=args.ray_address)
     finally:
         bar.close()
     print(front_table(study))

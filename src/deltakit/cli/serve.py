@@ -39,6 +39,11 @@ def add_parser(sub) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's choice; 1 is often fastest on a busy CPU)")
     p.add_argument("--dtype", default=None, help="load the base in this dtype, e.g. bfloat16 (default: as stored)")
+    p.add_argument("--ray-replicas", type=int, default=None, metavar="N",
+                   help="scale out on Ray Serve: N engine replicas of BASE, each request routed to a replica "
+                        "holding its adapter (model multiplexing; causal LMs only)")
+    p.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="with --ray-replicas: join this Ray cluster ('auto' or HEAD_IP:6379; default: a local Ray)")
     from ._common import add_strict_base
     add_strict_base(p)
     p.set_defaults(func=run)
@@ -93,6 +98,8 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     from ..serve.classify import is_encoder
     name = args.served_name or args.base
+    if args.ray_replicas is not None or args.ray_address is not None:
+        return _run_on_ray(args, name, opts)
     if is_encoder(args.base):  # an encoder answers /v1/classify with each adapter's head
         from ..serve.classify import build_classify_app, load_encoder_base
         model, tok, base_head = load_encoder_base(args.base, opts.adapters)
@@ -108,6 +115,23 @@ def run(args) -> int:
     signal.signal(signal.SIGTERM, lambda *_: None)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=None)
     return 0
+
+
+def _run_on_ray(args, name: str, opts) -> int:
+    """``--ray-replicas N``: the same engine as N Ray Serve replicas (see deltakit.serve.ray_app)."""
+    from ..serve.classify import is_encoder
+    if args.ray_replicas is None:
+        raise ValueError("--ray-address: expected --ray-replicas N with it, found none")
+    if args.ray_replicas < 1:
+        raise ValueError(f"--ray-replicas: expected >= 1, found {args.ray_replicas}")
+    if is_encoder(args.base):
+        raise ValueError(f"--ray-replicas: expected a causal LM BASE, found the encoder {args.base!r}")
+    if opts.adapter_dirs or opts.api_key:
+        print("deltakit serve: note: on Ray, /v1/load_lora_adapter and /v1/unload_lora_adapter answer 501; "
+              "--adapter and --library serve adapters", flush=True)
+    from ..serve.ray_app import run_on_ray
+    return run_on_ray(args.base, name, opts, replicas=args.ray_replicas, address=args.ray_address,
+                      host=args.host, port=args.port, dtype=args.dtype, threads=args.threads)
 
 
 def _load_base(base: str, dtype: str | None):

@@ -291,9 +291,17 @@ def _worker_main(raw: dict, name: str, storage_url: str, heartbeat: int, grace: 
 
 
 def run_search(spec: SearchSpec, storage_url: str, *, workers: int = 1, heartbeat: int = 10,
-               grace: int | None = None, progress: Callable | None = None, poll: float = 1.0) -> Any:
+               grace: int | None = None, progress: Callable | None = None, poll: float = 1.0,
+               backend: str = "optuna", ray_address: str | None = None) -> Any:
     """Run (or continue) the study with ``workers`` processes (1: in this process); returns the
-    study. ``progress(study)`` is called after every trial (1 worker) or every ``poll`` seconds."""
+    study. ``progress(study)`` is called after every trial (1 worker) or every ``poll`` seconds.
+    ``backend="ray"``: the workers run as Ray Tune trials (:mod:`.ray_backend`), same study."""
+    if backend == "ray":
+        from .ray_backend import run_search_ray
+        return run_search_ray(spec, storage_url, workers=workers, heartbeat=heartbeat, grace=grace,
+                              address=ray_address, progress=progress, poll=poll)
+    if backend != "optuna":
+        raise ValueError(f"--backend: expected optuna or ray, found {backend!r}")
     storage = open_storage(storage_url, heartbeat, grace)
     study = open_study(spec, storage)  # created once here, before workers race to create it
     if workers == 1:
