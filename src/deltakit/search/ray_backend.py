@@ -88,7 +88,10 @@ def _fit(spec: SearchSpec, study, storage_url: str, *, workers: int, heartbeat: 
 
     started = not ray.is_initialized()
     if started:
-        ray.init(address=address) if address else ray.init(include_dashboard=False)
+        if address:
+            ray.init(address=address)
+        else:  # a local Ray listens on loopback only; a cluster is started with `ray start` and joined
+            ray.init(include_dashboard=False, _node_ip_address="127.0.0.1")
     try:
         _tune(spec, study, storage_url, workers, heartbeat, grace, cpus_per_worker, tune_dir, progress, poll)
     finally:

@@ -277,7 +277,8 @@ def start_on_ray(app, *, address: str | None, host: str, port: int, num_cpus: in
         if address:
             ray.init(address=address)
         else:
-            ray.init(num_cpus=num_cpus, include_dashboard=False)
+            # a local Ray listens on loopback only; a cluster is started with `ray start` and joined
+            ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
     serve.start(http_options={"host": host, "port": port})
     serve.run(app, name=APP_NAME, route_prefix="/")
 
