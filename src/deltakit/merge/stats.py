@@ -12,6 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 
+# one collector for every data-statistics user (RegMean here, CorDA in methods/)
+from ..core.stats import collect_grams
+
 __all__ = ["estimate_fisher", "collect_grams", "stack_stats"]
 
 
@@ -43,44 +46,6 @@ def estimate_fisher(model: nn.Module, batches: Iterable[Any],
     if count == 0:
         raise ValueError("estimate_fisher: expected at least one batch, found none")
     return {n: a / count for n, a in acc.items()}
-
-
-def collect_grams(model: nn.Module, batches: Iterable[Any],
-                  forward: Callable[[nn.Module, Any], Any] | None = None) -> dict[str, torch.Tensor]:
-    """Input Gram matrices ``G = X^T X`` (in, in) for every ``nn.Linear``, keyed ``<module>.weight``
-    (RegMean, Jin et al., 2023, https://arxiv.org/abs/2212.09849). Inputs (..., in) are flattened
-    over batch and sequence; G is summed over all batches (fp64 accumulation, fp32 result).
-    Padding does not count: when a batch is a mapping with an ``attention_mask`` (B, T),
-    a linear layer's (B, T, in) inputs keep only the rows where the mask is set.
-    """
-    grams: dict[str, torch.Tensor] = {}
-    hooks = []
-    current: dict[str, torch.Tensor | None] = {"mask": None}
-
-    def hook(name: str):
-        def fn(mod: nn.Module, args: tuple) -> None:
-            x = args[0].detach()
-            mask = current["mask"]
-            if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
-                x = x[mask.to(x.device).bool()]  # (tokens, in), padding dropped
-            x = x.reshape(-1, x.shape[-1]).double().cpu()
-            g = x.T @ x
-            grams[name] = grams[name] + g if name in grams else g
-        return fn
-
-    for n, m in model.named_modules():
-        if isinstance(m, nn.Linear):
-            hooks.append(m.register_forward_pre_hook(hook(f"{n}.weight")))
-    fwd = forward or (lambda mod, b: mod(**b) if isinstance(b, Mapping) else mod(b))
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                current["mask"] = batch.get("attention_mask") if isinstance(batch, Mapping) else None
-                fwd(model, batch)
-    finally:
-        for h in hooks:
-            h.remove()
-    return {k: v.float() for k, v in grams.items()}
 
 
 def stack_stats(kind: str, per_model: Sequence[Mapping[str, torch.Tensor]]) -> Callable[[str], dict[str, torch.Tensor]]:
