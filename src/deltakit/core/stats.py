@@ -1,18 +1,18 @@
-"""Activation statistics from data: input Gram matrices of linear layers.
+"""Statistics from data: input Gram matrices of linear layers, diagonal Fisher of parameters.
 
-One forward-hook collector shared by everything that needs ``X^T X`` of a layer's inputs:
-RegMean (merge), CorDA's context covariance (methods). It lives in core so that both the
-merge package and PEFT methods (which import core only) use the same code.
+One implementation each, shared by everything that needs them: RegMean and Fisher merging
+(merge), CorDA's context covariance and SPT's gradient sensitivity (methods). They live in
+core so that both the merge package and PEFT methods (which import core only) use the same code.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["collect_grams"]
+__all__ = ["collect_grams", "estimate_fisher"]
 
 
 def collect_grams(model: nn.Module, batches: Iterable[Any],
@@ -59,3 +59,33 @@ def collect_grams(model: nn.Module, batches: Iterable[Any],
     if mean:
         return {k: (v / max(rows[k], 1)).float() for k, v in grams.items()}
     return {k: v.float() for k, v in grams.items()}
+
+
+def _default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    out = model(**batch) if isinstance(batch, Mapping) else model(batch)
+    return out.loss if hasattr(out, "loss") else out
+
+
+def estimate_fisher(model: nn.Module, batches: Iterable[Any],
+                    loss_fn: Callable[[nn.Module, Any], torch.Tensor] = _default_loss,
+                    names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    """Diagonal empirical Fisher ``F = mean_b (d loss_b / d theta)^2`` (Matena & Raffel, 2022,
+    https://arxiv.org/abs/2111.09832). Use batches of one example for the per-example estimate.
+
+    Returns fp32 CPU tensors shaped like each parameter; the model's grads are cleared after.
+    """
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad and (names is None or n in names)}
+    acc = {n: torch.zeros(p.shape, dtype=torch.float32) for n, p in params.items()}
+    count = 0
+    for batch in batches:
+        model.zero_grad(set_to_none=True)
+        loss = loss_fn(model, batch)
+        loss.backward()
+        for n, p in params.items():
+            if p.grad is not None:
+                acc[n] += p.grad.detach().float().cpu() ** 2
+        count += 1
+    model.zero_grad(set_to_none=True)
+    if count == 0:
+        raise ValueError("estimate_fisher: expected at least one batch, found none")
+    return {n: a / count for n, a in acc.items()}
