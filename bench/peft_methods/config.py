@@ -25,6 +25,8 @@ KNOBS: dict[str, tuple] = {
     "lora": (lambda v: {"r": v, "alpha": 2.0 * v}, 1, 512, _INT),
     "dora": (lambda v: {"r": v, "alpha": 2.0 * v}, 1, 512, _INT),
     "pissa": (lambda v: {"r": v, "alpha": 2.0 * v}, 1, 512, _INT),
+    "corda": (lambda v: {"r": v, "alpha": 2.0 * v}, 1, 384, _INT),     # r <= min(out, in) = 384 on MiniLM
+    "c_lora": (lambda v: {"r": v, "alpha": 2.0 * v}, 1, 512, _INT),
     "lora_fa": (lambda v: {"r": v, "alpha": 2.0 * v}, 1, 1024, _INT),
     "tied_lora": (lambda v: {"r": v, "alpha": 2.0 * v}, 1, 384, _INT),
     "adalora": (lambda v: {"init_r": v + (v + 1) // 2, "target_r": v, "alpha": 1.5 * v}, 1, 256, _INT),

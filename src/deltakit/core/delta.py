@@ -78,6 +78,11 @@ class Delta(nn.Module):
         data-driven masks override it."""
         return None, []
 
+    def adopt_state(self, state: Mapping[str, Tensor]) -> None:
+        """Before a saved state is loaded into this freshly built delta (keys as its own
+        ``state_dict()``): take the shapes that training chose and the config cannot say, e.g. a
+        mask of data-chosen size (LT-SFT). Default: nothing (shapes follow from the config)."""
+
     def extra_repr(self) -> str:
         return f"kind={self.kind}"
 

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .adapter import SHARED, Adapter, adapters, build_deltas, insert
+from .delta import Delta
 from .registry import DeltaConfig, get_method
 
 __all__ = ["AdapterLoadError", "attach_state"]
@@ -37,6 +38,9 @@ def attach_state(model: nn.Module, config: DeltaConfig, state: Mapping[str, Tens
     shared, deltas = build_deltas(model, config, spec, list(targets), list(full_targets))
     groups: dict[str, nn.Module] = {SHARED: shared} if shared is not None else {}
     groups.update({p: d for p, (_, d) in deltas.items()})
+    for prefix, module in groups.items():
+        if isinstance(module, Delta):
+            module.adopt_state({k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")})
     filled = {prefix: _take(module, prefix, state, source) for prefix, module in groups.items()}
     expected = {f"{prefix}.{k}" for prefix, sub in filled.items() for k in sub}
     extra = sorted(set(state) - expected)
