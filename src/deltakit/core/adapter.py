@@ -210,20 +210,25 @@ def _resolve_targets(model: nn.Module, config: DeltaConfig, spec: MethodSpec) ->
 def _check_tied(model: nn.Module, paths: Sequence[str]) -> None:
     """Refuse targets whose parameters other modules also use (tied weights): an unmerged
     delta would reach one user, a merged one all of them."""
-    owners: dict[int, list[str]] = {}
+    owners: dict[int, list[tuple[str, nn.Module]]] = {}
     for mpath, module in model.named_modules(remove_duplicate=False):
         if isinstance(module, DeltaLayer):
             continue
         for k, p in module.named_parameters(recurse=False):
-            owners.setdefault(id(p), []).append(mpath)
+            owners.setdefault(id(p), []).append((mpath, module))
     for path in paths:
         base = _unwrap(model.get_submodule(path))
         for k, p in base.named_parameters(recurse=False):
-            others = [o for o in owners.get(id(p), []) if o != path and not o.startswith(path + ".base")
-                      and o != path + ".base"]
+            # the target itself, seen through the ".base" of its own and its parents' DeltaLayers
+            # (a target inside another target: q/v projections of an attention module with prefixes)
+            others = [o for o, m in owners.get(id(p), []) if not (m is base and _no_base(o) == _no_base(path))]
             if others:
                 raise TargetError(f"target {path}.{k} is tied to {others[0]} (shared weights): a delta on one "
                                   "user would reach the other only once merged; untie them or pick another target")
+
+
+def _no_base(path: str) -> str:
+    return ".".join(part for part in path.split(".") if part != "base")
 
 
 def _unwrap(m: nn.Module) -> nn.Module:
@@ -305,7 +310,9 @@ def insert(model: nn.Module, name: str, config: DeltaConfig, spec: MethodSpec, b
 
 def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
     parent, _, leaf = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+    # A parent that is itself a target (an attention module wrapped for prefixes, whose q/v
+    # projections carry LoRA) is a DeltaLayer: the child belongs to its base, which is what runs.
+    setattr(_unwrap(model.get_submodule(parent)) if parent else model, leaf, module)
 
 
 def detach(model: nn.Module, name: str) -> None:

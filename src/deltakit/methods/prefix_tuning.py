@@ -194,7 +194,8 @@ def prefixed_attention(inner, module: nn.Module, deltas: Sequence[Any], row: Ten
     """Run attention ``module`` (through ``inner``) with per-row prefixes.
 
     row (B,) indexes ``deltas`` (-1 = no prefix); each delta offers ``n``, ``heads``,
-    ``head_dim`` and ``key_value() -> (K, V)``, each (H_kv, n, hd).
+    ``head_dim`` and ``key_value() -> (K, V)``, each (H_kv, n, hd), or (B, H_kv, n, hd) when
+    the prefixes differ per row (UniPELT scales them by a gate computed from each row).
     """
     first, call = _arguments(module, x, args, kwargs)
     call.pop(first, None)  # the hidden states travel as x
@@ -210,8 +211,8 @@ def prefixed_attention(inner, module: nn.Module, deltas: Sequence[Any], row: Ten
         pad = n_max - d.n
         pk = torch.nn.functional.pad(pk, (0, 0, 0, pad)).to(x.device, x.dtype)
         pv = torch.nn.functional.pad(pv, (0, 0, 0, pad)).to(x.device, x.dtype)
-        keys = torch.where(sel, pk.unsqueeze(0), keys)
-        values = torch.where(sel, pv.unsqueeze(0), values)
+        keys = torch.where(sel, pk if pk.dim() == 4 else pk.unsqueeze(0), keys)
+        values = torch.where(sel, pv if pv.dim() == 4 else pv.unsqueeze(0), values)
     key = cache_key(module, call)
     cache = _PrefixCache(call.get(key), keys, values)
     past = cache.past_length(getattr(module, "layer_idx", None))
