@@ -43,7 +43,7 @@ from deltakit.io.tensors import save_tensors
 from deltakit.taskvec import TaskVector
 
 from ._adamerging import forward_with
-from .stats import _default_loss
+from ..core.stats import _default_loss
 
 __all__ = ["localize_skill", "GraftResult", "base_patch"]
 
