@@ -251,9 +251,9 @@ def test_all_distinct_rows_read_the_bank_without_copying(monkeypatch, shape, cas
     seen = []
     real = _mixed._factors
 
-    def spy(g, ks, device):
-        got = real(g, ks, device)
-        seen.append(got[0].untyped_storage().data_ptr() == g.At.untyped_storage().data_ptr()
+    def spy(g, ks):
+        got = real(g, ks)
+        seen.append(isinstance(got, tuple) and got[0].untyped_storage().data_ptr() == g.At.untyped_storage().data_ptr()
                     and got[1].untyped_storage().data_ptr() == g.Bt.untyped_storage().data_ptr())
         return got
     monkeypatch.setattr(_mixed, "_factors", spy)
@@ -277,11 +277,12 @@ def test_decode_rows_sharing_adapters_pack_over_a_view_of_the_bank(monkeypatch):
     when they are consecutive in the bank, a copy of just those otherwise; both equal each row alone."""
     seen = []
     real = _mixed._factors
-    monkeypatch.setattr(_mixed, "_factors", lambda g, ks, d: seen.append(list(ks)) or real(g, ks, d))
+    monkeypatch.setattr(_mixed, "_factors", lambda g, ks: seen.append((list(ks), isinstance(real(g, ks), tuple)))
+                        or real(g, ks))
     base = _base("linear")
     deltas = _adapters(base, ranks=(8, 8, 8, 8))
     x = _input("linear", "2d", 8)
-    for rows, ks in (([2, 1, 1, 2, -1, 1, 2, 2], [1, 2]), ([3, 0, 0, 3, 3, 0, -1, 0], [0, 3])):
+    for rows, ks in (([2, 1, 1, 2, -1, 1, 2, 2], ([1, 2], True)), ([3, 0, 0, 3, 3, 0, -1, 0], ([0, 3], False))):
         seen.clear()
         with torch.no_grad():
             got = LoRA.mixed_residual(base, deltas, torch.tensor(rows), x)
@@ -319,3 +320,23 @@ def test_all_distinct_decode_through_mixed_batch_equals_each_row_alone():
                 dk.set_active(model, [n])
                 want = model(x[i:i + 1])
             torch.testing.assert_close(got[i:i + 1], want, rtol=1e-5, atol=1e-5)
+
+
+def test_row_plans_are_kept_per_rows_and_follow_a_rebuilt_bank():
+    """The per-group plan is made once per (rows, tokens per row) and reused by the next call
+    with the same rows (a decode step); other rows plan anew; an in-place factor update
+    rebuilds the bank and with it the plans. Every answer equals each row alone."""
+    base = _base("linear")
+    deltas = _adapters(base)
+    x = _input("linear", "2d", 5)
+    with torch.no_grad():
+        for rows in ([3, 0, 4, 2, 1], [1, 1, -1, 4, 1], [3, 0, 4, 2, 1]):
+            got = LoRA.mixed_residual(base, deltas, torch.tensor(rows), x)
+            torch.testing.assert_close(got, _alone(base, deltas, rows, x), rtol=1e-5, atol=1e-5)
+        bank = base.__dict__[CACHE_PREFIX + "mixed_bank"][1]
+        assert len(bank.plans) == 2                                  # the repeated rows reused their plan
+        deltas[0].lora_A.mul_(3.0)
+        rows = [3, 0, 4, 2, 1]
+        got = LoRA.mixed_residual(base, deltas, torch.tensor(rows), x)
+        assert base.__dict__[CACHE_PREFIX + "mixed_bank"][1] is not bank
+        torch.testing.assert_close(got, _alone(base, deltas, rows, x), rtol=1e-5, atol=1e-5)

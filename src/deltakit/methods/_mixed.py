@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -74,6 +74,7 @@ class _Group:
 class _Bank:
     groups: tuple[_Group, ...]
     where: tuple[tuple[int, int], ...]   # adapter k -> (group, index in the group)
+    plans: dict = field(default_factory=dict, compare=False)   # (rows, L, device) -> runs (_runs)
 
 
 def mixed_lora_residual(base: nn.Module, deltas: Sequence, row: Tensor, x: Tensor,
@@ -123,25 +124,70 @@ def _batched(bank: _Bank, rows: list[int], x: Tensor, into: Tensor | None = None
     xc = x if _autocast_keeps(x) else _cast(x, like)
     x3 = xc.reshape(x.shape[0], -1, x.shape[-1])        # (B, L, in)
     acc = None if into is None else into.view(x3.shape[0], x3.shape[1], into.shape[-1])
-    plan = _plan(bank, rows)
-    dev = x.device
-    if len(plan) == 1 and plan[0][1] == list(range(len(rows))):  # one group, every row in order: no gather
-        g, sel, loc = plan[0]
-        y = _group_residual(x3, bank.groups[g], loc, acc)
+    runs = _runs(bank, rows, x3.shape[1], x.device)
+    if len(runs) == 1 and runs[0].sel is None:            # one group, every row in order: no gather
+        y = _group_residual(x3, runs[0], acc)
         return y.reshape(*x.shape[:-1], y.shape[-1])
     out = acc
-    for g, sel, loc in plan:
-        idx = torch.tensor(sel, device=dev)
-        y = _group_residual(x3.index_select(0, idx), bank.groups[g], loc)
+    for run in runs:
+        y = _group_residual(x3.index_select(0, run.sel), run)
         if out is None:
             out = y.new_zeros((x3.shape[0], *y.shape[1:]))
         if acc is not None:
-            out.index_add_(0, idx, y)
+            out.index_add_(0, run.sel, y)
         else:
-            out.index_copy_(0, idx, y)
+            out.index_copy_(0, run.sel, y)
     if out is None:                                       # every row is the base
         out = x3.new_zeros((x3.shape[0], x3.shape[1], bank.groups[0].Bt.shape[-1]), dtype=like.dtype)
     return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+@dataclass(frozen=True)
+class _Run:
+    """One rank group's share of a batch, decided once per (rows, tokens per row) and kept on
+    the bank: a decode step repeats the previous step's rows, and re-planning them on every
+    one of a model's layers was most of the single-adapter decode overhead."""
+
+    group: _Group
+    sel: Tensor | None            # (n,) the batch rows it takes; None: every row, in order
+    loc: list[int]                # each row's adapter, as an index into the group
+    form: str                     # "one" (a single adapter), "padded" or "gathered"
+    factors: tuple[Tensor, Tensor, Tensor] | Tensor   # views of the bank, or indices to gather
+    slot: Tensor | None = None    # "padded": each row's place in the (U * maxc) block
+    maxc: int = 0
+
+
+def _runs(bank: _Bank, rows: list[int], L: int, dev: torch.device) -> tuple[_Run, ...]:
+    """The batch's :class:`_Run` per rank group, cached on the bank (a few row lists at a time:
+    the prefill and the decode rows of a serving step)."""
+    key = (tuple(rows), L, dev)
+    hit = bank.plans.get(key)
+    if hit is None:
+        if len(bank.plans) >= 8:
+            bank.plans.clear()
+        plan = _plan(bank, rows)
+        whole = len(plan) == 1 and plan[0][1] == list(range(len(rows)))
+        hit = bank.plans[key] = tuple(_make_run(bank.groups[g], None if whole else torch.tensor(sel, device=dev),
+                                                loc, L, dev) for g, sel, loc in plan)
+    return hit
+
+
+def _make_run(g: _Group, sel: Tensor | None, loc: list[int], L: int, dev: torch.device) -> _Run:
+    """Choose the group's form by the cost model of the module docstring."""
+    n, uniq = len(loc), sorted(set(loc))
+    if len(uniq) == 1:
+        k = uniq[0]
+        return _Run(g, sel, loc, "one", (g.At[k], g.Bt[k], g.scales[k]))
+    maxc = max(loc.count(k) for k in uniq)
+    if (len(uniq) * maxc + n) * L < 2 * g.At.shape[-1] * (n - len(uniq)):
+        seg = {k: s for s, k in enumerate(uniq)}
+        fill = [0] * len(uniq)
+        slots = []
+        for k in loc:
+            slots.append(seg[k] * maxc + fill[seg[k]])
+            fill[seg[k]] += 1
+        return _Run(g, sel, loc, "padded", _factors(g, uniq), torch.tensor(slots, device=dev), maxc)
+    return _Run(g, sel, loc, "gathered", _factors(g, loc))
 
 
 def _plan(bank: _Bank, rows: list[int]) -> list[tuple[int, list[int], list[int]]]:
@@ -162,23 +208,20 @@ def _plan(bank: _Bank, rows: list[int]) -> list[tuple[int, list[int], list[int]]
     return plan
 
 
-def _group_residual(x3: Tensor, g: _Group, loc: list[int], acc: Tensor | None = None) -> Tensor:
-    """``(n, L, in) -> (n, L, out)``: row ``i`` through the group's adapter ``loc[i]``; added
-    into ``acc`` (n, L, out) in place when given."""
-    n, L = x3.shape[0], x3.shape[1]
-    uniq = sorted(set(loc))
-    if len(uniq) == 1:                                    # one adapter: plain matmuls, as LoRA.residual
-        k = uniq[0]
-        h = _scaled(x3 @ g.At[k], g.scales[k])
+def _group_residual(x3: Tensor, run: _Run, acc: Tensor | None = None) -> Tensor:
+    """``(n, L, in) -> (n, L, out)``: row ``i`` through the group's adapter ``run.loc[i]``;
+    added into ``acc`` (n, L, out) in place when given."""
+    if run.form == "one":                                 # one adapter: plain matmuls, as LoRA.residual
+        At, Bt, s = run.factors
+        h = _scaled(x3 @ At, s)
         if acc is None:
-            return h @ g.Bt[k]
-        acc.view(-1, acc.shape[-1]).addmm_(h.view(-1, h.shape[-1]), g.Bt[k])
+            return h @ Bt
+        acc.view(-1, acc.shape[-1]).addmm_(h.view(-1, h.shape[-1]), Bt)
         return acc
-    maxc = max(loc.count(k) for k in uniq)
-    if (len(uniq) * maxc + n) * L < 2 * g.At.shape[-1] * (n - len(uniq)):
-        y = _padded(x3, g, loc, uniq, maxc)
+    if run.form == "padded":
+        y = _padded(x3, run)
         return y if acc is None else acc.add_(y)
-    At, Bt, s = _factors(g, loc, x3.device)
+    At, Bt, s = _take(run.group, run.factors)
     h = _scaled(torch.bmm(x3, At), s[:, None, None])
     return torch.bmm(h, Bt) if acc is None else acc.baddbmm_(h, Bt)
 
@@ -188,39 +231,39 @@ def _span(ks: list[int]) -> slice | None:
     return slice(ks[0], ks[0] + len(ks)) if ks == list(range(ks[0], ks[0] + len(ks))) else None
 
 
-def _factors(g: _Group, ks: list[int], device) -> tuple[Tensor, Tensor, Tensor]:
-    """``(At, Bt, scales)`` of the group's adapters ``ks``, one per batch entry of the ``bmm``.
+def _factors(g: _Group, ks: list[int]) -> tuple[Tensor, Tensor, Tensor] | Tensor:
+    """The group's adapters ``ks``, one per batch entry of the ``bmm``: ``(At, Bt, scales)``
+    views of the bank when ``ks`` is consecutive, else the indices to gather them by.
 
-    Why a view when it can: at decode with every row its own adapter (a serving batch whose
+    Why a view when it can: at decode with every row its own adapter (a serving batch, whose
     bank holds exactly the batch's adapters), ``ks`` is the whole group in order, and
     ``index_select`` would copy every factor only for ``bmm`` to read the copy again: three
     times the adapter bytes of the memory-traffic bound instead of once."""
     span = _span(ks)
     if span is not None:
         return g.At[span], g.Bt[span], g.scales[span]
-    idx = torch.tensor(ks, device=device)
-    return g.At.index_select(0, idx), g.Bt.index_select(0, idx), g.scales.index_select(0, idx)
+    return torch.tensor(ks, device=g.At.device)
 
 
-def _padded(x3: Tensor, g: _Group, loc: list[int], uniq: list[int], maxc: int) -> Tensor:
+def _take(g: _Group, factors: tuple[Tensor, Tensor, Tensor] | Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(At, Bt, scales)`` from :func:`_factors`: the views, or a fresh gather (never cached:
+    a kept copy would hold ``n * r * (in + out)`` values per layer between calls)."""
+    if isinstance(factors, tuple):
+        return factors
+    return g.At.index_select(0, factors), g.Bt.index_select(0, factors), g.scales.index_select(0, factors)
+
+
+def _padded(x3: Tensor, run: _Run) -> Tensor:
     """Rows packed per distinct adapter, zero-padded to the largest count: each adapter
     present is read once (decode, where a row is one token)."""
     n, L, fan_in = x3.shape
-    seg = {k: s for s, k in enumerate(uniq)}
-    fill = [0] * len(uniq)
-    slots = []
-    for k in loc:
-        s = seg[k]
-        slots.append(s * maxc + fill[s])
-        fill[s] += 1
-    dev = x3.device
-    slot = torch.tensor(slots, device=dev)
-    At, Bt, s = _factors(g, uniq, dev)
-    xp = x3.new_zeros((len(uniq) * maxc, L, fan_in)).index_copy(0, slot, x3)
-    h = torch.bmm(xp.view(len(uniq), maxc * L, fan_in), At)                         # (U, maxc*L, r)
+    At, Bt, s = _take(run.group, run.factors)
+    U = At.shape[0]
+    xp = x3.new_zeros((U * run.maxc, L, fan_in)).index_copy(0, run.slot, x3)
+    h = torch.bmm(xp.view(U, run.maxc * L, fan_in), At)                              # (U, maxc*L, r)
     h = _scaled(h, s[:, None, None])
     y = torch.bmm(h, Bt)                                                             # (U, maxc*L, out)
-    return y.view(len(uniq) * maxc, L, y.shape[-1]).index_select(0, slot)
+    return y.view(U * run.maxc, L, y.shape[-1]).index_select(0, run.slot)
 
 
 def _scaled(h: Tensor, s: Tensor) -> Tensor:
