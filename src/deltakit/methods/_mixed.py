@@ -129,8 +129,13 @@ def _batched(bank: _Bank, rows: list[int], x: Tensor, into: Tensor | None = None
         y = _group_residual(x3, runs[0], acc)
         return y.reshape(*x.shape[:-1], y.shape[-1])
     out = acc
+    xz = None                                             # x3 and a zero row: the padded form's source
     for run in runs:
-        y = _group_residual(x3.index_select(0, run.sel), run)
+        if run.form == "padded":
+            xz = _with_zero_row(x3) if xz is None else xz
+            y = _padded(xz, run)
+        else:
+            y = _group_residual(x3.index_select(0, run.sel), run)
         if out is None:
             out = y.new_zeros((x3.shape[0], *y.shape[1:]))
         if acc is not None:
@@ -152,9 +157,9 @@ class _Run:
     sel: Tensor | None            # (n,) the batch rows it takes; None: every row, in order
     loc: list[int]                # each row's adapter, as an index into the group
     form: str                     # "one" (a single adapter), "padded" or "gathered"
-    factors: tuple[Tensor, Tensor, Tensor] | Tensor   # views of the bank, or indices to gather
+    factors: tuple[Tensor, Tensor, Tensor] | Tensor   # views of the bank (scales (K, 1, 1)), or indices
     slot: Tensor | None = None    # "padded": each row's place in the (U * maxc) block
-    maxc: int = 0
+    src: Tensor | None = None     # "padded": each place's batch row (B: the zero row after the batch)
 
 
 def _runs(bank: _Bank, rows: list[int], L: int, dev: torch.device) -> tuple[_Run, ...]:
@@ -167,17 +172,19 @@ def _runs(bank: _Bank, rows: list[int], L: int, dev: torch.device) -> tuple[_Run
             bank.plans.clear()
         plan = _plan(bank, rows)
         whole = len(plan) == 1 and plan[0][1] == list(range(len(rows)))
-        hit = bank.plans[key] = tuple(_make_run(bank.groups[g], None if whole else torch.tensor(sel, device=dev),
-                                                loc, L, dev) for g, sel, loc in plan)
+        hit = bank.plans[key] = tuple(_make_run(bank.groups[g], sel, whole, loc, len(rows), L, dev)
+                                      for g, sel, loc in plan)
     return hit
 
 
-def _make_run(g: _Group, sel: Tensor | None, loc: list[int], L: int, dev: torch.device) -> _Run:
+def _make_run(g: _Group, sel: list[int], whole: bool, loc: list[int], batch: int, L: int,
+              dev: torch.device) -> _Run:
     """Choose the group's form by the cost model of the module docstring."""
     n, uniq = len(loc), sorted(set(loc))
+    sel_t = None if whole else torch.tensor(sel, device=dev)
     if len(uniq) == 1:
         k = uniq[0]
-        return _Run(g, sel, loc, "one", (g.At[k], g.Bt[k], g.scales[k]))
+        return _Run(g, sel_t, loc, "one", (g.At[k], g.Bt[k], g.scales[k]))
     maxc = max(loc.count(k) for k in uniq)
     if (len(uniq) * maxc + n) * L < 2 * g.At.shape[-1] * (n - len(uniq)):
         seg = {k: s for s, k in enumerate(uniq)}
@@ -186,8 +193,12 @@ def _make_run(g: _Group, sel: Tensor | None, loc: list[int], L: int, dev: torch.
         for k in loc:
             slots.append(seg[k] * maxc + fill[seg[k]])
             fill[seg[k]] += 1
-        return _Run(g, sel, loc, "padded", _factors(g, uniq), torch.tensor(slots, device=dev), maxc)
-    return _Run(g, sel, loc, "gathered", _factors(g, loc))
+        src = [batch] * (len(uniq) * maxc)               # padding reads the zero row after the batch
+        for i, sl in zip(sel, slots):
+            src[sl] = i
+        return _Run(g, sel_t, loc, "padded", _factors(g, uniq), torch.tensor(slots, device=dev),
+                    torch.tensor(src, device=dev))
+    return _Run(g, sel_t, loc, "gathered", _factors(g, loc))
 
 
 def _plan(bank: _Bank, rows: list[int]) -> list[tuple[int, list[int], list[int]]]:
@@ -219,10 +230,10 @@ def _group_residual(x3: Tensor, run: _Run, acc: Tensor | None = None) -> Tensor:
         acc.view(-1, acc.shape[-1]).addmm_(h.view(-1, h.shape[-1]), Bt)
         return acc
     if run.form == "padded":
-        y = _padded(x3, run)
+        y = _padded(_with_zero_row(x3), run)
         return y if acc is None else acc.add_(y)
     At, Bt, s = _take(run.group, run.factors)
-    h = _scaled(torch.bmm(x3, At), s[:, None, None])
+    h = _scaled(torch.bmm(x3, At), s)
     return torch.bmm(h, Bt) if acc is None else acc.baddbmm_(h, Bt)
 
 
@@ -241,7 +252,7 @@ def _factors(g: _Group, ks: list[int]) -> tuple[Tensor, Tensor, Tensor] | Tensor
     times the adapter bytes of the memory-traffic bound instead of once."""
     span = _span(ks)
     if span is not None:
-        return g.At[span], g.Bt[span], g.scales[span]
+        return g.At[span], g.Bt[span], g.scales[span, None, None]
     return torch.tensor(ks, device=g.At.device)
 
 
@@ -250,20 +261,23 @@ def _take(g: _Group, factors: tuple[Tensor, Tensor, Tensor] | Tensor) -> tuple[T
     a kept copy would hold ``n * r * (in + out)`` values per layer between calls)."""
     if isinstance(factors, tuple):
         return factors
-    return g.At.index_select(0, factors), g.Bt.index_select(0, factors), g.scales.index_select(0, factors)
+    return g.At.index_select(0, factors), g.Bt.index_select(0, factors), g.scales.index_select(0, factors)[:, None, None]
 
 
-def _padded(x3: Tensor, run: _Run) -> Tensor:
+def _padded(xz: Tensor, run: _Run) -> Tensor:
     """Rows packed per distinct adapter, zero-padded to the largest count: each adapter
-    present is read once (decode, where a row is one token)."""
-    n, L, fan_in = x3.shape
+    present is read once (decode, where a row is one token). ``xz``: the batch's (B, L, in)
+    rows and a zero row after them (the padding's source); returns the run's rows (n, L, out)."""
     At, Bt, s = _take(run.group, run.factors)
-    U = At.shape[0]
-    xp = x3.new_zeros((U * run.maxc, L, fan_in)).index_copy(0, run.slot, x3)
-    h = torch.bmm(xp.view(U, run.maxc * L, fan_in), At)                              # (U, maxc*L, r)
-    h = _scaled(h, s[:, None, None])
+    U, fan_in = At.shape[0], xz.shape[-1]
+    xp = xz.index_select(0, run.src)                                                 # (U*maxc, L, in)
+    h = _scaled(torch.bmm(xp.view(U, -1, fan_in), At), s)                           # (U, maxc*L, r)
     y = torch.bmm(h, Bt)                                                             # (U, maxc*L, out)
-    return y.view(U * run.maxc, L, y.shape[-1]).index_select(0, run.slot)
+    return y.view(run.src.shape[0], xz.shape[1], y.shape[-1]).index_select(0, run.slot)
+
+
+def _with_zero_row(x3: Tensor) -> Tensor:
+    return torch.cat([x3, x3.new_zeros((1, *x3.shape[1:]))])
 
 
 def _scaled(h: Tensor, s: Tensor) -> Tensor:
