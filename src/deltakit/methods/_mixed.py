@@ -25,6 +25,19 @@ through every adapter's factors concatenated (rank ``sum_k r_k``) and masked the
   several rows per adapter packs, reading each distinct adapter's factors once. A group whose
   rows all use one adapter runs two plain matmuls. No form depends on how many adapters
   exist, only on the rows in the batch.
+* No factor copy where the rows line up with the bank. A group's rows are ordered by their
+  adapter's place in the stack (the small activations are permuted, not the factors); when
+  the adapters a form needs are then consecutive there, ``bmm`` reads a view of the bank
+  instead of an ``index_select`` copy, which the cost model above still charges (so it stays
+  conservative). That is the serving decode step: :class:`~deltakit.core.layer.DeltaLayer`
+  hands the kernel exactly the batch's adapters, so with every row its own adapter each group
+  is its whole stack, read once (the copy made it three times: copy out, write, read back),
+  and the padded form reads the ``U`` adapters present as a view too.
+* The plan per rank group (its rows, form, factor views or indices, padding slots) is made
+  once per ``(rows, tokens per row)`` and kept on the cached bank: decode repeats the last
+  step's rows on every layer, and re-planning them in Python was most of the single-adapter
+  overhead. A change of the batch's adapters re-stacks the bank once per layer (a step that
+  costs about what the copying form did).
 * Without autograd or autocast, the last matmul accumulates straight into the base output
   (``baddbmm_`` / ``addmm_`` / ``index_add_``; ``into=``), saving a full-size residual, its
   read-back and the sum's allocation: on MiniLM that add cost as much as the kernel itself.
