@@ -340,3 +340,22 @@ def test_row_plans_are_kept_per_rows_and_follow_a_rebuilt_bank():
         got = LoRA.mixed_residual(base, deltas, torch.tensor(rows), x)
         assert base.__dict__[CACHE_PREFIX + "mixed_bank"][1] is not bank
         torch.testing.assert_close(got, _alone(base, deltas, rows, x), rtol=1e-5, atol=1e-5)
+
+
+def test_rows_are_reordered_only_where_the_activations_are_the_smaller_copy():
+    """One rank group holding the whole batch, each row its own adapter, out of order: at decode
+    (L = 1 < r) the rows are permuted to line up with the bank (a view, no factor copy); with
+    long rows (L = 12 >= r = 8) they keep their order (the activations would be the bigger copy)
+    and the factors are gathered. Both equal each row alone."""
+    base = _base("linear")
+    deltas = _adapters(base, ranks=(8, 8, 8, 8))
+    rows = [2, 0, 3, 1]
+    g = torch.Generator().manual_seed(4)
+    for L, sel_none, view in ((1, False, True), (12, True, False)):
+        x = torch.randn(4, L, 12, generator=g)
+        with torch.no_grad():
+            got = LoRA.mixed_residual(base, deltas, torch.tensor(rows), x)
+        plans = base.__dict__[CACHE_PREFIX + "mixed_bank"][1].plans          # (rows, L, device) -> runs
+        (run,) = next(v for k, v in plans.items() if k[1] == L)
+        assert (run.sel is None, isinstance(run.factors, tuple)) == (sel_none, view), L
+        torch.testing.assert_close(got, _alone(base, deltas, rows, x), rtol=1e-5, atol=1e-5)

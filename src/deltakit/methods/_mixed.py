@@ -183,7 +183,7 @@ def _runs(bank: _Bank, rows: list[int], L: int, dev: torch.device) -> tuple[_Run
     if hit is None:
         if len(bank.plans) >= 8:
             bank.plans.clear()
-        plan = _plan(bank, rows)
+        plan = _plan(bank, rows, L)
         whole = len(plan) == 1 and plan[0][1] == list(range(len(rows)))
         hit = bank.plans[key] = tuple(_make_run(bank.groups[g], sel, whole, loc, len(rows), L, dev)
                                       for g, sel, loc in plan)
@@ -214,21 +214,28 @@ def _make_run(g: _Group, sel: list[int], whole: bool, loc: list[int], batch: int
     return _Run(g, sel_t, loc, "gathered", _factors(g, loc))
 
 
-def _plan(bank: _Bank, rows: list[int]) -> list[tuple[int, list[int], list[int]]]:
-    """Per rank group present: ``(group, the batch rows in it, each row's index in the group)``,
-    the rows ordered by their index in the group (stable): rows that name each of the group's
-    adapters once, in any order, then line up with the stacked bank itself, so the kernel
-    permutes the small activations instead of copying the big factors (see :func:`_factors`)."""
-    by_group: dict[int, list[tuple[int, int]]] = {}
+def _plan(bank: _Bank, rows: list[int], L: int) -> list[tuple[int, list[int], list[int]]]:
+    """Per rank group present: ``(group, the batch rows in it, each row's index in the group)``.
+
+    A group whose rows name distinct adapters is ordered by their place in the stack, so that
+    they line up with the bank itself and the kernel permutes the small activations instead of
+    copying the big factors (see :func:`_factors`). Only where the activations are the smaller
+    copy: a group that is the whole batch in order and has long rows (``L >= r``, prefill)
+    keeps its order, since permuting it would gather ``n * L`` rows to save ``n * r``."""
+    by_group: dict[int, tuple[list[int], list[int]]] = {}
     for i, k in enumerate(rows):
         if k < 0:
             continue
         g, j = bank.where[k]
-        by_group.setdefault(g, []).append((j, i))
+        sel, loc = by_group.setdefault(g, ([], []))
+        sel.append(i)
+        loc.append(j)
     plan = []
-    for g, pairs in by_group.items():
-        pairs.sort(key=lambda p: p[0])                    # stable: rows of one adapter keep their order
-        plan.append((g, [i for _, i in pairs], [j for j, _ in pairs]))
+    for g, (sel, loc) in by_group.items():
+        whole = len(by_group) == 1 and len(sel) == len(rows)
+        if len(set(loc)) == len(loc) and (L < bank.groups[g].At.shape[-1] or not whole):
+            sel, loc = map(list, zip(*sorted(zip(sel, loc), key=lambda p: p[1])))
+        plan.append((g, sel, loc))
     return plan
 
 
