@@ -17,12 +17,20 @@ model step: ``base`` (adapters disabled) and ``N=<n>`` for every count. Per coun
   the memory traffic allows; the issue's target is 0.9 relative to the single adapter);
 * ``vs single / bound``: (1-adapter time / step time) / bound, the issue's own figure.
 
-The 1-minute load average is recorded with every round. ``--threads`` (default 1: on this
-2-core machine shared with other agents two OpenMP threads wait on each other whenever one is
-descheduled). Before/after comparisons of a kernel change run this script from two source trees
-(PYTHONPATH) alternately and keep both JSON files.
+Each figure is given for wall time and for the process's CPU time: on a loaded machine the
+wall clock mostly measures the other users (a process there gets a fraction of a core), and the
+CPU time is the steadier figure. The 1-minute load average is recorded with every round.
+``--threads`` (default 1: on this 2-core machine shared with other agents two OpenMP threads
+wait on each other whenever one is descheduled). Each round runs every contender for one
+untimed *cold* step (right after another contender: caches keyed by the batch's adapters miss,
+as when a serving batch changes composition; its wall time is kept) and ``--warm`` timed steps.
 
-    python bench/serve_decode.py [--counts 1,8,32] [--batch 32] [--ctx 32] [--steps 9] [--out PATH]
+Before/after comparisons of a kernel change run this script from two source trees (PYTHONPATH)
+alternately; ``--before OLD.json`` puts the older run's figures beside this one's in the
+markdown written next to the JSON.
+
+    python bench/serve_decode.py [--counts 1,8,32] [--batch 32] [--ctx 32] [--steps 7] [--out PATH]
+                                 [--before OLD.json]
 """
 from __future__ import annotations
 
@@ -34,7 +42,7 @@ import time
 
 import torch
 
-from _common import RESULTS, interleaved, machine_info, paired_ratio, write_json
+from _common import RESULTS, interleaved, machine_info, paired_ratio, read_json, write_json, write_text
 from serve.setup import N_LAYERS, TARGETS, _randomize, param_bytes, rank_of
 
 DEFAULT_OUT = RESULTS / "serve_decode.json"
@@ -120,14 +128,16 @@ def run(counts=(1, 8, 32), *, batch: int = 32, ctx: int = 32, steps: int = 7, wa
     out = {"machine": machine_info("transformers"),
            "settings": {"batch": batch, "ctx": ctx, "steps": steps, "warmup": warmup, "warm": warm, "threads": threads,
                         "dtype": "fp32", "ranks": "cycling 32/8/64/16", "counts": list(counts)},
-           "base_bytes": base_bytes, "base_median_s": res["median_s"]["base"], "cases": cases,
+           "base_bytes": base_bytes, "base_median_s": res["median_s"]["base"], "base_median_cpu_s": res["median_cpu_s"]["base"], "cases": cases,
            "loadavg_1m": loads, "load_range": [round(min(loads), 2), round(max(loads), 2)],
-           "times_s": res["times_s"], "wall_s": round(time.time() - t0, 1)}
+           "times_s": res["times_s"], "cpu_s": res["cpu_s"], "wall_s": round(time.time() - t0, 1)}
     for c in cases:
-        log(f"N={c['distinct']}: {c['median_s'] * 1e3:.1f} ms/step, {c['ratio']:.3f}x base, bound {c['bound']:.3f}, "
-            f"vs bound {c['vs_bound']:.2f}, vs single/bound {c['vs_single_over_bound']}; "
-            f"cold step {c['cold_median_s'] * 1e3:.0f} ms ({c['cold_ratio']:.2f}x base)")
-    log(f"base {res['median_s']['base'] * 1e3:.1f} ms/step; load {out['load_range']}; threads {threads}")
+        log(f"N={c['distinct']}: wall {c['median_s'] * 1e3:.0f} ms/step = {c['ratio']:.3f}x base; CPU "
+            f"{c['median_cpu_s'] * 1e3:.0f} ms = {c['cpu_ratio']:.3f}x base; bound {c['bound']:.3f}; vs bound "
+            f"{c['vs_bound']:.2f} (CPU {c['vs_bound_cpu']:.2f}); vs single/bound {c['vs_single_over_bound']} "
+            f"(CPU {c['vs_single_over_bound_cpu']}); cold step {c['cold_median_s'] * 1e3:.0f} ms ({c['cold_ratio']:.2f}x)")
+    log(f"base wall {res['median_s']['base'] * 1e3:.0f} ms/step, CPU {res['median_cpu_s']['base'] * 1e3:.0f} ms; "
+        f"load {out['load_range']}; threads {threads}")
     if out_path is not None:
         write_json(out_path, out)
     return out
@@ -138,16 +148,43 @@ def _case(res: dict, n: int, rows: list[str], base_bytes: int, sizes: dict, coun
     adapter_bytes = sum(sizes[a] for a in distinct)
     bound = base_bytes / (base_bytes + adapter_bytes)
     ratio = paired_ratio(res, f"N={n}", "base")
-    vs_single = None
-    if 1 in counts:
-        r1 = paired_ratio(res, f"N={n}", "N=1")                  # step time / single-adapter step time
-        vs_single = round(1 / r1 / bound, 3)
+    cpu_ratio = paired_ratio(res, f"N={n}", "base", "cpu_s")
+    vs_single = vs_single_cpu = None
+    if 1 in counts:                                              # step time / single-adapter step time
+        vs_single = round(1 / paired_ratio(res, f"N={n}", "N=1") / bound, 3)
+        vs_single_cpu = round(1 / paired_ratio(res, f"N={n}", "N=1", "cpu_s") / bound, 3)
     return {"distinct": n, "adapter_bytes": adapter_bytes, "bound": round(bound, 4),
             "median_s": res["median_s"][f"N={n}"], "ratio": round(ratio, 4),
-            "cpu_ratio": round(paired_ratio(res, f"N={n}", "base", "cpu_s"), 4),
+            "cpu_ratio": round(cpu_ratio, 4), "median_cpu_s": res["median_cpu_s"][f"N={n}"],
             "vs_bound": round(1 / ratio / bound, 3), "vs_single_over_bound": vs_single,
+            "vs_bound_cpu": round(1 / cpu_ratio / bound, 3), "vs_single_over_bound_cpu": vs_single_cpu,
             "spread_s": [round(min(res["times_s"][f"N={n}"]), 4), round(statistics.median(res["times_s"][f"N={n}"]), 4),
                          round(max(res["times_s"][f"N={n}"]), 4)]}
+
+
+def markdown(res: dict, before: dict | None = None) -> str:
+    """The run as a table, with an earlier run (``before``: another source tree) beside it."""
+    s = res["settings"]
+    lines = ["# One SmolLM2 decode step with many adapters (bench/serve_decode.py)", "",
+             f"SmolLM2-135M-Instruct, fp32, {s['batch']} rows x 1 token after {s['ctx']} cached, LoRA on all 210 "
+             f"linears (ranks {s['ranks']}), row i -> adapter i mod N; `torch.set_num_threads({s['threads']})`; "
+             f"medians over {s['steps']} interleaved rounds of paired ratios to the base step ({s['warm']} warm steps "
+             "per round). *bound*: base bytes / (base + the N adapters' factor bytes); *vs bound*: (base time / "
+             "step time) / bound. The base step at 32 rows is not purely memory-bound on this CPU, so *vs bound* "
+             "can exceed 1. CPU-time figures first (the steadier under load), wall time in brackets.", ""]
+    runs = [("before", before), ("after", res)] if before else [("this run", res)]
+    lines += ["| run | N distinct | bound | step / base (CPU) | vs bound (CPU) | vs single / bound (CPU) | "
+              "cold step / base (wall) | base CPU ms | load 1m |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for name, r in runs:
+        for c in r["cases"]:
+            lines.append(f"| {name} | {c['distinct']} | {c['bound']:.3f} | {c['cpu_ratio']:.2f}x ({c['ratio']:.2f}x) | "
+                         f"{c['vs_bound_cpu']:.2f} ({c['vs_bound']:.2f}) | {c['vs_single_over_bound_cpu']} "
+                         f"({c['vs_single_over_bound']}) | {c['cold_ratio']:.2f}x | "
+                         f"{r['base_median_cpu_s'] * 1e3:.0f} | {r['load_range'][0]}-{r['load_range'][1]} |")
+    m = res["machine"]
+    lines += ["", f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, torch {m['torch']}, "
+                  f"transformers {m.get('transformers')}."]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
@@ -160,11 +197,15 @@ def main(argv=None) -> int:
     p.add_argument("--warm", type=int, default=2, help="timed steps per round after the untimed cold one")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(DEFAULT_OUT))
+    p.add_argument("--before", default=None, help="an earlier run's JSON to set beside this one in the markdown")
     a = p.parse_args(argv)
     import deltakit
     print(f"deltakit from {deltakit.__file__}")
-    run(tuple(int(c) for c in a.counts.split(",")), batch=a.batch, ctx=a.ctx, steps=a.steps, warmup=a.warmup,
+    res = run(tuple(int(c) for c in a.counts.split(",")), batch=a.batch, ctx=a.ctx, steps=a.steps, warmup=a.warmup,
         warm=a.warm, threads=a.threads, out_path=a.out)
+    text = markdown(res, read_json(a.before) if a.before else None)
+    write_text(os.path.splitext(a.out)[0] + ".md", text)
+    print(text)
     return 0
 
 
