@@ -231,3 +231,131 @@ def test_adding_into_the_base_output_in_place(shape, case):
     got = LoRA.mixed_residual(base, deltas, torch.tensor(rows), x, into=y1)
     assert got.data_ptr() != y1.data_ptr() and got.requires_grad
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# all-distinct decode: every row its own adapter (the bank holds exactly the batch's adapters,
+# as under DeltaLayer), in bank order, permuted, with base rows between, over mixed ranks
+DISTINCT = {
+    "in_order": [0, 1, 2, 3, 4],
+    "permuted": [3, 0, 4, 2, 1],
+    "base_rows": [4, -1, 1, 0, -1, 3, 2],
+}
+
+
+@pytest.mark.parametrize("shape", ["2d", "3d"])
+@pytest.mark.parametrize("case", sorted(DISTINCT))
+@pytest.mark.parametrize("into", [False, True])
+def test_all_distinct_rows_read_the_bank_without_copying(monkeypatch, shape, case, into):
+    """Each rank group's rows line up with its stacked factors, so the bmm reads the bank itself
+    (a view: same storage), never an ``index_select`` copy; outputs equal each row alone."""
+    seen = []
+    real = _mixed._factors
+
+    def spy(g, ks):
+        got = real(g, ks)
+        seen.append(isinstance(got, tuple) and got[0].untyped_storage().data_ptr() == g.At.untyped_storage().data_ptr()
+                    and got[1].untyped_storage().data_ptr() == g.Bt.untyped_storage().data_ptr())
+        return got
+    monkeypatch.setattr(_mixed, "_factors", spy)
+    base = _base("linear")
+    deltas = _adapters(base)                             # ranks 4, 8, 16, 8, 4: groups {0, 4}, {1, 3}, {2}
+    rows = DISTINCT[case]
+    x = _input("linear", shape, len(rows))
+    with torch.no_grad():
+        y0 = base(x)
+        want = _alone(base, deltas, rows, x)
+        got = LoRA.mixed_residual(base, deltas, torch.tensor(rows), x, into=y0.clone() if into else None)
+    torch.testing.assert_close(got, y0 + want if into else want, rtol=1e-5, atol=1e-5)
+    assert seen == [True, True]                          # the two groups of two; rank 16 is one adapter
+    for i, k in enumerate(rows):
+        if k < 0:
+            assert torch.equal(got[i], y0[i] if into else torch.zeros_like(got[i])), i
+
+
+def test_decode_rows_sharing_adapters_pack_over_a_view_of_the_bank(monkeypatch):
+    """The padded form (decode, several rows per adapter) reads each adapter present once: a view
+    when they are consecutive in the bank, a copy of just those otherwise; both equal each row alone."""
+    seen = []
+    real = _mixed._factors
+    monkeypatch.setattr(_mixed, "_factors", lambda g, ks: seen.append((list(ks), isinstance(real(g, ks), tuple)))
+                        or real(g, ks))
+    base = _base("linear")
+    deltas = _adapters(base, ranks=(8, 8, 8, 8))
+    x = _input("linear", "2d", 8)
+    for rows, ks in (([2, 1, 1, 2, -1, 1, 2, 2], ([1, 2], True)), ([3, 0, 0, 3, 3, 0, -1, 0], ([0, 3], False))):
+        seen.clear()
+        with torch.no_grad():
+            got = LoRA.mixed_residual(base, deltas, torch.tensor(rows), x)
+        assert seen == [ks]
+        torch.testing.assert_close(got, _alone(base, deltas, rows, x), rtol=1e-5, atol=1e-5)
+    assert _mixed._span([1, 2]) == slice(1, 3) and _mixed._span([0, 3]) is None
+
+
+def test_all_distinct_decode_through_mixed_batch_equals_each_row_alone():
+    """Model level, as the serving engine runs decode: a mixed batch of one-token rows, each
+    row its own adapter (mixed ranks, permuted against attach order, base rows), equals every
+    row run alone with its adapter active."""
+    import deltakit as dk
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 12)).eval()
+    names = [f"a{k}" for k in range(5)]
+    for k, n in enumerate(names):
+        ad = dk.attach(model, dk.LoraConfig(r=RANKS[k], alpha=2.0 * RANKS[k] + k, targets=("0", "2")), name=n)
+        g = torch.Generator().manual_seed(20 + k)
+        with torch.no_grad():
+            for _, d in ad.deltas():
+                for p in (d.lora_A, d.lora_B):
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    rows = ["a3", None, "a0", "a4", "a2", None, "a1"]
+    x = _input("linear", "3d", len(rows))[:, :1]         # (B, 1, in): one token per row
+    with torch.no_grad():
+        with dk.mixed_batch(model, rows):
+            got = model(x)
+        for i, n in enumerate(rows):
+            if n is None:
+                with dk.disabled(model):
+                    want = model(x[i:i + 1])
+            else:
+                dk.set_active(model, [n])
+                want = model(x[i:i + 1])
+            torch.testing.assert_close(got[i:i + 1], want, rtol=1e-5, atol=1e-5)
+
+
+def test_row_plans_are_kept_per_rows_and_follow_a_rebuilt_bank():
+    """The per-group plan is made once per (rows, tokens per row) and reused by the next call
+    with the same rows (a decode step); other rows plan anew; an in-place factor update
+    rebuilds the bank and with it the plans. Every answer equals each row alone."""
+    base = _base("linear")
+    deltas = _adapters(base)
+    x = _input("linear", "2d", 5)
+    with torch.no_grad():
+        for rows in ([3, 0, 4, 2, 1], [1, 1, -1, 4, 1], [3, 0, 4, 2, 1]):
+            got = LoRA.mixed_residual(base, deltas, torch.tensor(rows), x)
+            torch.testing.assert_close(got, _alone(base, deltas, rows, x), rtol=1e-5, atol=1e-5)
+        bank = base.__dict__[CACHE_PREFIX + "mixed_bank"][1]
+        assert len(bank.plans) == 2                                  # the repeated rows reused their plan
+        deltas[0].lora_A.mul_(3.0)
+        rows = [3, 0, 4, 2, 1]
+        got = LoRA.mixed_residual(base, deltas, torch.tensor(rows), x)
+        assert base.__dict__[CACHE_PREFIX + "mixed_bank"][1] is not bank
+        torch.testing.assert_close(got, _alone(base, deltas, rows, x), rtol=1e-5, atol=1e-5)
+
+
+def test_rows_are_reordered_only_where_the_activations_are_the_smaller_copy():
+    """One rank group holding the whole batch, each row its own adapter, out of order: at decode
+    (L = 1 < r) the rows are permuted to line up with the bank (a view, no factor copy); with
+    long rows (L = 12 >= r = 8) they keep their order (the activations would be the bigger copy)
+    and the factors are gathered. Both equal each row alone."""
+    base = _base("linear")
+    deltas = _adapters(base, ranks=(8, 8, 8, 8))
+    rows = [2, 0, 3, 1]
+    g = torch.Generator().manual_seed(4)
+    for L, sel_none, view in ((1, False, True), (12, True, False)):
+        x = torch.randn(4, L, 12, generator=g)
+        with torch.no_grad():
+            got = LoRA.mixed_residual(base, deltas, torch.tensor(rows), x)
+        plans = base.__dict__[CACHE_PREFIX + "mixed_bank"][1].plans          # (rows, L, device) -> runs
+        (run,) = next(v for k, v in plans.items() if k[1] == L)
+        assert (run.sel is None, isinstance(run.factors, tuple)) == (sel_none, view), L
+        torch.testing.assert_close(got, _alone(base, deltas, rows, x), rtol=1e-5, atol=1e-5)

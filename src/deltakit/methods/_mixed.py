@@ -25,6 +25,19 @@ through every adapter's factors concatenated (rank ``sum_k r_k``) and masked the
   several rows per adapter packs, reading each distinct adapter's factors once. A group whose
   rows all use one adapter runs two plain matmuls. No form depends on how many adapters
   exist, only on the rows in the batch.
+* No factor copy where the rows line up with the bank. A group's rows are ordered by their
+  adapter's place in the stack (the small activations are permuted, not the factors); when
+  the adapters a form needs are then consecutive there, ``bmm`` reads a view of the bank
+  instead of an ``index_select`` copy, which the cost model above still charges (so it stays
+  conservative). That is the serving decode step: :class:`~deltakit.core.layer.DeltaLayer`
+  hands the kernel exactly the batch's adapters, so with every row its own adapter each group
+  is its whole stack, read once (the copy made it three times: copy out, write, read back),
+  and the padded form reads the ``U`` adapters present as a view too.
+* The plan per rank group (its rows, form, factor views or indices, padding slots) is made
+  once per ``(rows, tokens per row)`` and kept on the cached bank: decode repeats the last
+  step's rows on every layer, and re-planning them in Python was most of the single-adapter
+  overhead. A change of the batch's adapters re-stacks the bank once per layer (a step that
+  costs about what the copying form did).
 * Without autograd or autocast, the last matmul accumulates straight into the base output
   (``baddbmm_`` / ``addmm_`` / ``index_add_``; ``into=``), saving a full-size residual, its
   read-back and the sum's allocation: on MiniLM that add cost as much as the kernel itself.
@@ -50,7 +63,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -74,6 +87,7 @@ class _Group:
 class _Bank:
     groups: tuple[_Group, ...]
     where: tuple[tuple[int, int], ...]   # adapter k -> (group, index in the group)
+    plans: dict = field(default_factory=dict, compare=False)   # (rows, L, device) -> runs (_runs)
 
 
 def mixed_lora_residual(base: nn.Module, deltas: Sequence, row: Tensor, x: Tensor,
@@ -123,29 +137,91 @@ def _batched(bank: _Bank, rows: list[int], x: Tensor, into: Tensor | None = None
     xc = x if _autocast_keeps(x) else _cast(x, like)
     x3 = xc.reshape(x.shape[0], -1, x.shape[-1])        # (B, L, in)
     acc = None if into is None else into.view(x3.shape[0], x3.shape[1], into.shape[-1])
-    plan = _plan(bank, rows)
-    dev = x.device
-    if len(plan) == 1 and len(plan[0][1]) == len(rows):  # one group, every row: no gather, no scatter
-        g, sel, loc = plan[0]
-        y = _group_residual(x3, bank.groups[g], loc, acc)
+    runs = _runs(bank, rows, x3.shape[1], x.device)
+    if len(runs) == 1 and runs[0].sel is None:            # one group, every row in order: no gather
+        y = _group_residual(x3, runs[0], acc)
         return y.reshape(*x.shape[:-1], y.shape[-1])
     out = acc
-    for g, sel, loc in plan:
-        idx = torch.tensor(sel, device=dev)
-        y = _group_residual(x3.index_select(0, idx), bank.groups[g], loc)
+    xz = None                                             # x3 and a zero row: the padded form's source
+    for run in runs:
+        if run.form == "padded":
+            xz = _with_zero_row(x3) if xz is None else xz
+            y = _padded(xz, run)
+        else:
+            y = _group_residual(x3.index_select(0, run.sel), run)
         if out is None:
             out = y.new_zeros((x3.shape[0], *y.shape[1:]))
         if acc is not None:
-            out.index_add_(0, idx, y)
+            out.index_add_(0, run.sel, y)
         else:
-            out.index_copy_(0, idx, y)
+            out.index_copy_(0, run.sel, y)
     if out is None:                                       # every row is the base
         out = x3.new_zeros((x3.shape[0], x3.shape[1], bank.groups[0].Bt.shape[-1]), dtype=like.dtype)
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
-def _plan(bank: _Bank, rows: list[int]) -> list[tuple[int, list[int], list[int]]]:
-    """Per rank group present: ``(group, the batch rows in it, each row's index in the group)``."""
+@dataclass(frozen=True)
+class _Run:
+    """One rank group's share of a batch, decided once per (rows, tokens per row) and kept on
+    the bank: a decode step repeats the previous step's rows, and re-planning them on every
+    one of a model's layers was most of the single-adapter decode overhead."""
+
+    group: _Group
+    sel: Tensor | None            # (n,) the batch rows it takes; None: every row, in order
+    loc: list[int]                # each row's adapter, as an index into the group
+    form: str                     # "one" (a single adapter), "padded" or "gathered"
+    factors: tuple[Tensor, Tensor, Tensor] | Tensor   # views of the bank (scales (K, 1, 1)), or indices
+    slot: Tensor | None = None    # "padded": each row's place in the (U * maxc) block
+    src: Tensor | None = None     # "padded": each place's batch row (B: the zero row after the batch)
+
+
+def _runs(bank: _Bank, rows: list[int], L: int, dev: torch.device) -> tuple[_Run, ...]:
+    """The batch's :class:`_Run` per rank group, cached on the bank (a few row lists at a time:
+    the prefill and the decode rows of a serving step)."""
+    key = (tuple(rows), L, dev)
+    hit = bank.plans.get(key)
+    if hit is None:
+        if len(bank.plans) >= 8:
+            bank.plans.clear()
+        plan = _plan(bank, rows, L)
+        whole = len(plan) == 1 and plan[0][1] == list(range(len(rows)))
+        hit = bank.plans[key] = tuple(_make_run(bank.groups[g], sel, whole, loc, len(rows), L, dev)
+                                      for g, sel, loc in plan)
+    return hit
+
+
+def _make_run(g: _Group, sel: list[int], whole: bool, loc: list[int], batch: int, L: int,
+              dev: torch.device) -> _Run:
+    """Choose the group's form by the cost model of the module docstring."""
+    n, uniq = len(loc), sorted(set(loc))
+    sel_t = None if whole else torch.tensor(sel, device=dev)
+    if len(uniq) == 1:
+        k = uniq[0]
+        return _Run(g, sel_t, loc, "one", (g.At[k], g.Bt[k], g.scales[k]))
+    maxc = max(loc.count(k) for k in uniq)
+    if (len(uniq) * maxc + n) * L < 2 * g.At.shape[-1] * (n - len(uniq)):
+        seg = {k: s for s, k in enumerate(uniq)}
+        fill = [0] * len(uniq)
+        slots = []
+        for k in loc:
+            slots.append(seg[k] * maxc + fill[seg[k]])
+            fill[seg[k]] += 1
+        src = [batch] * (len(uniq) * maxc)               # padding reads the zero row after the batch
+        for i, sl in zip(sel, slots):
+            src[sl] = i
+        return _Run(g, sel_t, loc, "padded", _factors(g, uniq), torch.tensor(slots, device=dev),
+                    torch.tensor(src, device=dev))
+    return _Run(g, sel_t, loc, "gathered", _factors(g, loc))
+
+
+def _plan(bank: _Bank, rows: list[int], L: int) -> list[tuple[int, list[int], list[int]]]:
+    """Per rank group present: ``(group, the batch rows in it, each row's index in the group)``.
+
+    A group whose rows name distinct adapters is ordered by their place in the stack, so that
+    they line up with the bank itself and the kernel permutes the small activations instead of
+    copying the big factors (see :func:`_factors`). Only where the activations are the smaller
+    copy: a group that is the whole batch in order and has long rows (``L >= r``, prefill)
+    keeps its order, since permuting it would gather ``n * L`` rows to save ``n * r``."""
     by_group: dict[int, tuple[list[int], list[int]]] = {}
     for i, k in enumerate(rows):
         if k < 0:
@@ -154,51 +230,74 @@ def _plan(bank: _Bank, rows: list[int]) -> list[tuple[int, list[int], list[int]]
         sel, loc = by_group.setdefault(g, ([], []))
         sel.append(i)
         loc.append(j)
-    return [(g, sel, loc) for g, (sel, loc) in by_group.items()]
+    plan = []
+    for g, (sel, loc) in by_group.items():
+        whole = len(by_group) == 1 and len(sel) == len(rows)
+        if len(set(loc)) == len(loc) and (L < bank.groups[g].At.shape[-1] or not whole):
+            sel, loc = map(list, zip(*sorted(zip(sel, loc), key=lambda p: p[1])))
+        plan.append((g, sel, loc))
+    return plan
 
 
-def _group_residual(x3: Tensor, g: _Group, loc: list[int], acc: Tensor | None = None) -> Tensor:
-    """``(n, L, in) -> (n, L, out)``: row ``i`` through the group's adapter ``loc[i]``; added
-    into ``acc`` (n, L, out) in place when given."""
-    n, L = x3.shape[0], x3.shape[1]
-    uniq = sorted(set(loc))
-    dev = x3.device
-    if len(uniq) == 1:                                    # one adapter: plain matmuls, as LoRA.residual
-        k = uniq[0]
-        h = _scaled(x3 @ g.At[k], g.scales[k])
+def _group_residual(x3: Tensor, run: _Run, acc: Tensor | None = None) -> Tensor:
+    """``(n, L, in) -> (n, L, out)``: row ``i`` through the group's adapter ``run.loc[i]``;
+    added into ``acc`` (n, L, out) in place when given."""
+    if run.form == "one":                                 # one adapter: plain matmuls, as LoRA.residual
+        At, Bt, s = run.factors
+        h = _scaled(x3 @ At, s)
         if acc is None:
-            return h @ g.Bt[k]
-        acc.view(-1, acc.shape[-1]).addmm_(h.view(-1, h.shape[-1]), g.Bt[k])
+            return h @ Bt
+        acc.view(-1, acc.shape[-1]).addmm_(h.view(-1, h.shape[-1]), Bt)
         return acc
-    maxc = max(loc.count(k) for k in uniq)
-    if (len(uniq) * maxc + n) * L < 2 * g.At.shape[-1] * (n - len(uniq)):
-        y = _padded(x3, g, loc, uniq, maxc)
+    if run.form == "padded":
+        y = _padded(_with_zero_row(x3), run)
         return y if acc is None else acc.add_(y)
-    idx = torch.tensor(loc, device=dev)
-    h = _scaled(torch.bmm(x3, g.At.index_select(0, idx)), g.scales.index_select(0, idx)[:, None, None])
-    Bt = g.Bt.index_select(0, idx)                        # (n, r, out)
+    At, Bt, s = _take(run.group, run.factors)
+    h = _scaled(torch.bmm(x3, At), s)
     return torch.bmm(h, Bt) if acc is None else acc.baddbmm_(h, Bt)
 
 
-def _padded(x3: Tensor, g: _Group, loc: list[int], uniq: list[int], maxc: int) -> Tensor:
+def _span(ks: list[int]) -> slice | None:
+    """The slice ``ks`` covers when it is consecutive and ascending (a view of the bank), else None."""
+    return slice(ks[0], ks[0] + len(ks)) if ks == list(range(ks[0], ks[0] + len(ks))) else None
+
+
+def _factors(g: _Group, ks: list[int]) -> tuple[Tensor, Tensor, Tensor] | Tensor:
+    """The group's adapters ``ks``, one per batch entry of the ``bmm``: ``(At, Bt, scales)``
+    views of the bank when ``ks`` is consecutive, else the indices to gather them by.
+
+    Why a view when it can: at decode with every row its own adapter (a serving batch, whose
+    bank holds exactly the batch's adapters), ``ks`` is the whole group in order, and
+    ``index_select`` would copy every factor only for ``bmm`` to read the copy again: three
+    times the adapter bytes of the memory-traffic bound instead of once."""
+    span = _span(ks)
+    if span is not None:
+        return g.At[span], g.Bt[span], g.scales[span, None, None]
+    return torch.tensor(ks, device=g.At.device)
+
+
+def _take(g: _Group, factors: tuple[Tensor, Tensor, Tensor] | Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(At, Bt, scales)`` from :func:`_factors`: the views, or a fresh gather (never cached:
+    a kept copy would hold ``n * r * (in + out)`` values per layer between calls)."""
+    if isinstance(factors, tuple):
+        return factors
+    return g.At.index_select(0, factors), g.Bt.index_select(0, factors), g.scales.index_select(0, factors)[:, None, None]
+
+
+def _padded(xz: Tensor, run: _Run) -> Tensor:
     """Rows packed per distinct adapter, zero-padded to the largest count: each adapter
-    present is read once (decode, where a row is one token)."""
-    n, L, fan_in = x3.shape
-    seg = {k: s for s, k in enumerate(uniq)}
-    fill = [0] * len(uniq)
-    slots = []
-    for k in loc:
-        s = seg[k]
-        slots.append(s * maxc + fill[s])
-        fill[s] += 1
-    dev = x3.device
-    slot = torch.tensor(slots, device=dev)
-    u = torch.tensor(uniq, device=dev)
-    xp = x3.new_zeros((len(uniq) * maxc, L, fan_in)).index_copy(0, slot, x3)
-    h = torch.bmm(xp.view(len(uniq), maxc * L, fan_in), g.At.index_select(0, u))    # (U, maxc*L, r)
-    h = _scaled(h, g.scales.index_select(0, u)[:, None, None])
-    y = torch.bmm(h, g.Bt.index_select(0, u))                                        # (U, maxc*L, out)
-    return y.view(len(uniq) * maxc, L, y.shape[-1]).index_select(0, slot)
+    present is read once (decode, where a row is one token). ``xz``: the batch's (B, L, in)
+    rows and a zero row after them (the padding's source); returns the run's rows (n, L, out)."""
+    At, Bt, s = _take(run.group, run.factors)
+    U, fan_in = At.shape[0], xz.shape[-1]
+    xp = xz.index_select(0, run.src)                                                 # (U*maxc, L, in)
+    h = _scaled(torch.bmm(xp.view(U, -1, fan_in), At), s)                           # (U, maxc*L, r)
+    y = torch.bmm(h, Bt)                                                             # (U, maxc*L, out)
+    return y.view(run.src.shape[0], xz.shape[1], y.shape[-1]).index_select(0, run.slot)
+
+
+def _with_zero_row(x3: Tensor) -> Tensor:
+    return torch.cat([x3, x3.new_zeros((1, *x3.shape[1:]))])
 
 
 def _scaled(h: Tensor, s: Tensor) -> Tensor:
