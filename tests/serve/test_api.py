@@ -168,6 +168,9 @@ def test_disconnect_cancels_and_shutdown_drains(adapter_root, reference):
     srv = start_server(adapter_root, max_batch=2, max_tokens=120)
     engine = _engine(srv)
     client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key=KEY, max_retries=0, timeout=30)
+    # each forward >= 20 ms, so 120 tokens take >= 2.4 s: a disconnect noticed late under load
+    # (two test workers, a Ray start beside) still lands before the generation could finish
+    slow = engine.model.register_forward_pre_hook(lambda *_: time.sleep(0.02))
     stream = client.completions.create(model="a", prompt="w1", max_tokens=120, temperature=0, stream=True)
     next(iter(stream))
     stream.close()                                              # the client goes away mid-generation
@@ -176,7 +179,6 @@ def test_disconnect_cancels_and_shutdown_drains(adapter_root, reference):
     assert m[("deltakit_requests_total", ("adapter", "a"), ("status", "cancelled"))] == 1
     assert m[("deltakit_tokens_total", ("adapter", "a"), ("kind", "completion"))] < 120   # stopped early
     srv.config.app.state.service.disconnect_poll = 0.02
-    slow = engine.model.register_forward_pre_hook(lambda *_: time.sleep(0.01))   # >= 1.2 s for 120 tokens
     with pytest.raises(httpx.ReadTimeout):                      # a non-streaming client that gives up
         httpx.post(f"{srv.url}/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=0.15,
                    json={"model": "c", "prompt": "w1", "max_tokens": 120, "temperature": 0})
