@@ -99,17 +99,9 @@ class ClassifyEngine(Engine):
                 if not self._queue or n + len(self._queue[0].rows) > self.limits.max_batch:
                     break
                 r = self._queue.popleft()
-            if r.cancelled or now > r.deadline:
-                self._finish(r, "cancelled" if r.cancelled else "timeout")
-                continue
-            try:
-                if self.residency is not None and r.adapter is not None:
-                    self.residency.ensure(r.adapter)
-            except Exception as e:
-                self._finish(r, "error", e)
-                continue
-            out.append(r)
-            n += len(r.rows)
+            if self._ready(r, now):
+                out.append(r)
+                n += len(r.rows)
         return out
 
     @torch.no_grad()

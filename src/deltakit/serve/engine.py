@@ -320,17 +320,23 @@ class Engine:
                 if self._reading(r) and not (r.cancelled or now > r.deadline):
                     break  # its adapter lands in a step or two; the running rows go on meanwhile
                 self._queue.popleft()
-            if r.cancelled or now > r.deadline:
-                self._finish(r, "cancelled" if r.cancelled else "timeout")
-                continue
-            try:
-                if self.residency is not None and r.adapter is not None:
-                    self.residency.ensure(r.adapter)
-            except Exception as e:
-                self._finish(r, "error", e)
-                continue
-            new.append(r)
+            if self._ready(r, now):
+                new.append(r)
         return new
+
+    def _ready(self, r, now: float) -> bool:
+        """Admit ``r`` (a generation or a classification request): finish it as cancelled, timed
+        out or failed (its adapter would not attach) and say False, else attach its adapter."""
+        if r.cancelled or now > r.deadline:
+            self._finish(r, "cancelled" if r.cancelled else "timeout")
+            return False
+        try:
+            if self.residency is not None and r.adapter is not None:
+                self.residency.ensure(r.adapter)
+        except Exception as e:
+            self._finish(r, "error", e)
+            return False
+        return True
 
     def _reading(self, r: Request) -> bool:
         """Whether admitting ``r`` now would stall running rows on its adapter's prefetch read."""
