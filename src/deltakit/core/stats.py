@@ -6,11 +6,15 @@ core so that both the merge package and PEFT methods (which import core only) us
 """
 from __future__ import annotations
 
+import itertools
+
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
+
+from .registry import ConfigError
 
 __all__ = ["collect_grams", "estimate_fisher"]
 
@@ -89,3 +93,13 @@ def estimate_fisher(model: nn.Module, batches: Iterable[Any],
     if count == 0:
         raise ValueError("estimate_fisher: expected at least one batch, found none")
     return {n: a / count for n, a in acc.items()}
+
+
+def first_batches(model: nn.Module, loader: Iterable[Any] | None, n: int, *, method: str, purpose: str) -> list[Any]:
+    """The first ``n`` batches of ``loader`` on ``model``'s device: what data-initialised methods
+    (CorDA, SPT) calibrate on inside ``training_hooks``; one line naming ``method`` without data."""
+    if loader is None:
+        raise ConfigError(f"{method}: expected training data to {purpose}, found none")
+    device = next(model.parameters()).device
+    return [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
+            for b in itertools.islice(iter(loader), n)]

@@ -47,7 +47,6 @@ and GPT-2's ``Conv1D`` (as peft).
 """
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -60,7 +59,7 @@ from ..core.delta import BuildContext
 from ..core.fields import knob
 from ..core.layer import DeltaStateError
 from ..core.registry import ConfigError, register_method
-from ..core.stats import collect_grams
+from ..core.stats import collect_grams, first_batches
 from ._base_ops import Conv1D
 from .lora import LoRA, LoraConfig
 from .pissa import PiSSA
@@ -174,12 +173,8 @@ class CorDA(PiSSA):
     @classmethod
     def training_hooks(cls, adapter, *, loader=None, total_steps: int | None = None):
         """C comes from the inputs of the first ``calibration_batches`` training batches."""
-        if loader is None:
-            raise ConfigError("corda: expected training data to estimate its input covariance, found none")
-        device = next(adapter.model.parameters()).device
-        batches = [{k: v.to(device) if isinstance(v, Tensor) else v for k, v in b.items()}
-                   for b in itertools.islice(iter(loader), adapter.config.calibration_batches)]
-        calibrate(adapter, batches)
+        calibrate(adapter, first_batches(adapter.model, loader, adapter.config.calibration_batches,
+                                         method="corda", purpose="estimate its input covariance"))
         return None, []
 
     @classmethod

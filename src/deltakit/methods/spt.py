@@ -37,7 +37,6 @@ True
 """
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -51,7 +50,7 @@ from ..core.delta import BuildContext, WeightDelta, param_dtype
 from ..core.fields import knob
 from ..core.layer import DeltaStateError
 from ..core.registry import ConfigError, DeltaConfig, register_method
-from ..core.stats import estimate_fisher
+from ..core.stats import estimate_fisher, first_batches
 from ._base_ops import Conv1D, device_of, in_out
 from ._sparse_common import ALL_LINEAR
 
@@ -226,12 +225,8 @@ class Spt(WeightDelta):
     @classmethod
     def training_hooks(cls, adapter, *, loader=None, total_steps: int | None = None):
         """The allocation comes from gradients on the first ``calibration_batches`` training batches."""
-        if loader is None:
-            raise ConfigError("spt: expected training data to measure parameter sensitivity, found none")
-        device = next(adapter.model.parameters()).device
-        batches = [{k: v.to(device) if isinstance(v, Tensor) else v for k, v in b.items()}
-                   for b in itertools.islice(iter(loader), adapter.config.calibration_batches)]
-        calibrate(adapter, batches)
+        calibrate(adapter, first_batches(adapter.model, loader, adapter.config.calibration_batches,
+                                         method="spt", purpose="measure parameter sensitivity"))
         return None, []
 
     @classmethod
